@@ -1,0 +1,1 @@
+"""attest component (see docs/architecture.md)."""

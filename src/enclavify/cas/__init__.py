@@ -1,0 +1,1 @@
+"""cas component (see docs/architecture.md)."""

@@ -1,0 +1,5 @@
+import sys
+
+from enclavify.cli import main
+
+sys.exit(main())

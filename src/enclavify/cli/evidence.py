@@ -1,0 +1,17 @@
+"""`enclavify evidence`: command-line front end."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser("evidence", help="(not yet available)")
+    parser.set_defaults(handler=_not_available)
+
+
+def _not_available(args: argparse.Namespace) -> int:
+    from enclavify.errors import UsageError
+
+    raise UsageError("'enclavify evidence' is not available yet")

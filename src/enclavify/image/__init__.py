@@ -1,0 +1,1 @@
+"""image component (see docs/architecture.md)."""

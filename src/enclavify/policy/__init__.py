@@ -1,0 +1,1 @@
+"""policy component (see docs/architecture.md)."""

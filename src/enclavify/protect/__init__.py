@@ -1,0 +1,1 @@
+"""protect component (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""runtime component (see docs/architecture.md)."""

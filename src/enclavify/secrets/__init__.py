@@ -1,0 +1,1 @@
+"""secrets component (see docs/architecture.md)."""
