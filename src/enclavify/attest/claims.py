@@ -6,8 +6,9 @@ whether the claims are good enough for a service is decided by the session's pol
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 # Evidence types, as named on the wire and in sessions.
 SIMULATION = "simulation"
