@@ -1,0 +1,131 @@
+"""Shared fixtures: podman, the local Python base image, the test registry, the native example.
+
+Every fixture that needs a tool or service the machine lacks skips with the reason, so a
+missing podman shows up as skipped tests, never as passing ones.
+
+    podman               path of a podman that can run a container (session)
+    python_base_image    "localhost/enclavify/python-base:bookworm", built by
+                         scripts/build-base-image on first use (session)
+    registry             host:port of the loopback registry in $ENCLAVIFY_TEST_REGISTRY (session)
+    native_flask_image   "localhost/native_flask_restapi_image:latest", the Flask example's
+                         native image built by its create_native_image.sh (session)
+    flask_example_dir    path of examples/flask-restapi
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TOP = Path(__file__).resolve().parent.parent
+CONTAINERS_CONF = TOP / "tests" / "fixtures" / "containers.conf"
+FLASK_EXAMPLE = TOP / "examples" / "flask-restapi"
+BASE_IMAGE = "localhost/enclavify/python-base:bookworm"
+NATIVE_FLASK_IMAGE = "localhost/native_flask_restapi_image:latest"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Same rule as scripts/env: machines without systemd need the test containers.conf.
+    if not os.environ.get("CONTAINERS_CONF") and not Path("/run/systemd/system").is_dir():
+        os.environ["CONTAINERS_CONF"] = str(CONTAINERS_CONF)
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _probe_rootfs(directory: Path) -> None:
+    """Fill ``directory`` with /bin/true and the libraries it loads, for a run probe."""
+    true = Path(shutil.which("true") or "/bin/true").resolve()
+    needed = [true]
+    ldd = subprocess.run(["ldd", str(true)], capture_output=True, text=True, check=False)
+    for line in ldd.stdout.splitlines():
+        for word in line.split():
+            if word.startswith("/"):
+                needed.append(Path(word))
+    for source in needed:
+        target = directory / source.relative_to("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source.resolve(), target)
+    (directory / "true").symlink_to(true)
+
+
+@pytest.fixture(scope="session")
+def podman() -> str:
+    """The podman executable, once it has started a container on this machine."""
+    path = shutil.which("podman")
+    if path is None:
+        pytest.skip("podman is not installed")
+    with tempfile.TemporaryDirectory(prefix="enclavify-probe-") as tmp:
+        rootfs = Path(tmp)
+        _probe_rootfs(rootfs)
+        probe = subprocess.run(
+            [path, "run", "--rm", "--network=none", "--rootfs", str(rootfs), "/true"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    if probe.returncode != 0:
+        pytest.skip(f"podman cannot run a container here: {_tail(probe.stderr, 3)}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def python_base_image(podman: str) -> str:
+    """The Debian-based Python image from scripts/build-base-image (built once, then cached)."""
+    build = subprocess.run(
+        [str(TOP / "scripts" / "build-base-image")],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    if build.returncode != 0:
+        pytest.skip(f"scripts/build-base-image failed:\n{_tail(build.stderr)}")
+    return os.environ.get("ENCLAVIFY_BASE_IMAGE", BASE_IMAGE)
+
+
+@pytest.fixture(scope="session")
+def registry() -> str:
+    """host:port of the loopback test registry (started by scripts/services)."""
+    address = os.environ.get("ENCLAVIFY_TEST_REGISTRY")
+    if not address:
+        pytest.skip("ENCLAVIFY_TEST_REGISTRY is not set (source scripts/services)")
+    try:
+        with urllib.request.urlopen(f"http://{address}/v2/", timeout=5):  # noqa: S310
+            pass
+    except (urllib.error.URLError, OSError) as error:
+        pytest.skip(f"the test registry at {address} does not answer: {error}")
+    return address
+
+
+@pytest.fixture(scope="session")
+def flask_example_dir() -> Path:
+    return FLASK_EXAMPLE
+
+
+@pytest.fixture(scope="session")
+def native_flask_image(podman: str, python_base_image: str) -> Iterator[str]:
+    """The Flask example's native image, built with podman from the local base image."""
+    env = dict(os.environ, ENGINE=podman, BASE=python_base_image)
+    build = subprocess.run(
+        [str(FLASK_EXAMPLE / "create_native_image.sh")],
+        cwd=FLASK_EXAMPLE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if build.returncode != 0:
+        pytest.fail(f"create_native_image.sh failed:\n{_tail(build.stdout + build.stderr, 30)}")
+    yield NATIVE_FLASK_IMAGE
