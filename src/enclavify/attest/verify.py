@@ -16,6 +16,7 @@ from typing import Protocol
 from enclavify.attest import report_data as report_data_module
 from enclavify.attest.claims import REPORT_DATA_SIZE, Claims
 from enclavify.attest.collateral import Collateral
+from enclavify.attest.dcap import SgxVerifier, TdxVerifier
 from enclavify.attest.simulation import SimulationVerifier
 from enclavify.errors import AttestationError
 
@@ -85,3 +86,5 @@ def check_report_data(claims: Claims, nonce: bytes, public_key: bytes) -> None:
 
 
 register(SimulationVerifier())
+register(SgxVerifier())
+register(TdxVerifier())
