@@ -1,0 +1,268 @@
+"""The cryptographic primitives enclavify uses: AES-256-GCM, X25519 and HKDF-SHA256.
+
+Two backends provide AES-GCM and X25519: pyca/cryptography (``"cryptography"``) when it is
+importable, otherwise the system's OpenSSL libcrypto through ctypes (``"libcrypto"``, see
+:mod:`enclavify.runtime.libcrypto`). The environment variable ``ENCLAVIFY_CRYPTO_BACKEND`` or
+:func:`select_backend` forces one of them. HKDF is built on the standard library's HMAC and
+needs no backend.
+
+A failed authentication check raises :class:`AuthenticationError`, which carries no detail.
+
+This module is carried into confidential images, so it uses only the standard library (plus
+pyca/cryptography when present) and Python 3.8 syntax.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import threading
+from typing import Any
+
+BACKEND_ENV = "ENCLAVIFY_CRYPTO_BACKEND"
+BACKENDS = ("cryptography", "libcrypto")
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+X25519_KEY_SIZE = 32
+
+
+class AuthenticationError(Exception):
+    """AES-GCM decryption failed: wrong key, nonce, associated data, or altered ciphertext."""
+
+    def __init__(self) -> None:
+        super().__init__("authentication failed")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested crypto backend, or every backend, cannot be used here."""
+
+
+class _CryptographyBackend:
+    name = "cryptography"
+
+    def __init__(self) -> None:
+        # Imported here so that an image without pyca/cryptography never touches it.
+        from cryptography.exceptions import InvalidTag  # noqa: PLC0415
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+        from cryptography.hazmat.primitives.asymmetric import x25519  # noqa: PLC0415
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
+
+        self._aesgcm = AESGCM
+        self._invalid_tag = InvalidTag
+        self._serialization = serialization
+        self._x25519 = x25519
+
+    def aes_gcm(self, key: bytes) -> Any:
+        return _CryptographyAesGcm(self._aesgcm(bytes(key)), self._invalid_tag)
+
+    def x25519_generate(self) -> tuple[bytes, bytes]:
+        s = self._serialization
+        private = self._x25519.X25519PrivateKey.generate()
+        # private_bytes(Raw) rather than private_bytes_raw(), which needs cryptography >= 40.
+        private_raw = private.private_bytes(
+            s.Encoding.Raw, s.PrivateFormat.Raw, s.NoEncryption()
+        )
+        public_raw = private.public_key().public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
+        return private_raw, public_raw
+
+    def x25519_exchange(self, private: bytes, peer_public: bytes) -> bytes:
+        own = self._x25519.X25519PrivateKey.from_private_bytes(bytes(private))
+        peer = self._x25519.X25519PublicKey.from_public_bytes(bytes(peer_public))
+        return own.exchange(peer)
+
+
+class _CryptographyAesGcm:
+    def __init__(self, cipher: Any, invalid_tag: type[Exception]) -> None:
+        self._cipher = cipher
+        self._invalid_tag = invalid_tag
+
+    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        return self._cipher.encrypt(nonce, plaintext, aad)  # type: ignore[no-any-return]
+
+    def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        try:
+            return self._cipher.decrypt(nonce, data, aad)  # type: ignore[no-any-return]
+        except self._invalid_tag:
+            raise AuthenticationError() from None
+
+
+class _LibcryptoBackend:
+    name = "libcrypto"
+
+    def __init__(self) -> None:
+        # Imported here because loading it is only needed when it is the backend in use.
+        from enclavify.runtime import libcrypto  # noqa: PLC0415
+
+        self._module = libcrypto
+        try:
+            self._lib = libcrypto.load()
+        except libcrypto.LibcryptoUnavailableError as exc:
+            raise BackendUnavailableError(str(exc)) from exc
+
+    def aes_gcm(self, key: bytes) -> Any:
+        return _LibcryptoAesGcm(self._module.AesGcm(key, self._lib), self._module.TagMismatchError)
+
+    def x25519_generate(self) -> tuple[bytes, bytes]:
+        return self._module.x25519_generate(self._lib)
+
+    def x25519_exchange(self, private: bytes, peer_public: bytes) -> bytes:
+        return self._module.x25519_exchange(private, peer_public, self._lib)
+
+
+class _LibcryptoAesGcm:
+    def __init__(self, cipher: Any, tag_mismatch: type[Exception]) -> None:
+        self._cipher = cipher
+        self._tag_mismatch = tag_mismatch
+
+    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        return self._cipher.encrypt(nonce, plaintext, aad)  # type: ignore[no-any-return]
+
+    def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        try:
+            return self._cipher.decrypt(nonce, data, aad)  # type: ignore[no-any-return]
+        except self._tag_mismatch:
+            raise AuthenticationError() from None
+
+
+_lock = threading.Lock()
+_instances: dict[str, Any] = {}
+# The backend forced by select_backend(); None means the environment or automatic choice.
+_selected: dict[str, str | None] = {"name": None}
+
+
+def _instance(name: str) -> Any:
+    with _lock:
+        if name not in _instances:
+            if name == "cryptography":
+                try:
+                    _instances[name] = _CryptographyBackend()
+                except ImportError as exc:
+                    raise BackendUnavailableError(
+                        f"pyca/cryptography is not importable: {exc}"
+                    ) from exc
+            elif name == "libcrypto":
+                _instances[name] = _LibcryptoBackend()
+            else:
+                raise ValueError(f"unknown crypto backend {name!r}; expected one of {BACKENDS}")
+        return _instances[name]
+
+
+def _backend(name: str | None = None) -> Any:
+    if name is None:
+        name = _selected["name"] or os.environ.get(BACKEND_ENV) or None
+    if name is not None:
+        return _instance(name)
+    try:
+        return _instance("cryptography")
+    except BackendUnavailableError:
+        return _instance("libcrypto")
+
+
+def select_backend(name: str | None) -> None:
+    """Force backend ``name`` for later calls, or restore automatic choice with ``None``.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`BACKENDS`.
+        BackendUnavailableError: that backend cannot be loaded here.
+    """
+    if name is not None:
+        _instance(name)
+    _selected["name"] = name
+
+
+def backend_name(name: str | None = None) -> str:
+    """Return the name of the backend that calls would use now (or that ``name`` loads)."""
+    return str(_backend(name).name)
+
+
+def _check_key(key: bytes) -> None:
+    if len(key) != KEY_SIZE:
+        raise ValueError(f"AES-256-GCM needs a {KEY_SIZE}-byte key, got {len(key)} bytes")
+
+
+def _check_nonce(nonce: bytes) -> None:
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError(f"AES-GCM nonce must be {NONCE_SIZE} bytes, got {len(nonce)} bytes")
+
+
+class AesGcm:
+    """AES-256-GCM under one key, for sealing many chunks without setting up the key each time.
+
+    ``backend`` names a backend for this object alone; by default the current choice applies.
+    """
+
+    def __init__(self, key: bytes, *, backend: str | None = None) -> None:
+        _check_key(key)
+        self._cipher = _backend(backend).aes_gcm(key)
+
+    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        """Return ``ciphertext || 16-byte tag``."""
+        _check_nonce(nonce)
+        return self._cipher.encrypt(nonce, plaintext, aad)  # type: ignore[no-any-return]
+
+    def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        """Return the plaintext of ``ciphertext || tag``.
+
+        Raises:
+            AuthenticationError: the tag does not verify.
+        """
+        _check_nonce(nonce)
+        if len(data) < TAG_SIZE:
+            raise AuthenticationError()
+        return self._cipher.decrypt(nonce, data, aad)  # type: ignore[no-any-return]
+
+
+def aes_gcm_encrypt(
+    key: bytes, nonce: bytes, plaintext: bytes, aad: bytes, *, backend: str | None = None
+) -> bytes:
+    """Encrypt with AES-256-GCM; return ``ciphertext || 16-byte tag``."""
+    return AesGcm(key, backend=backend).encrypt(nonce, plaintext, aad)
+
+
+def aes_gcm_decrypt(
+    key: bytes, nonce: bytes, data: bytes, aad: bytes, *, backend: str | None = None
+) -> bytes:
+    """Decrypt ``ciphertext || tag`` with AES-256-GCM.
+
+    Raises:
+        AuthenticationError: the tag does not verify.
+    """
+    return AesGcm(key, backend=backend).decrypt(nonce, data, aad)
+
+
+def x25519_generate(*, backend: str | None = None) -> tuple[bytes, bytes]:
+    """Generate an X25519 key pair; return ``(private, public)`` as 32-byte raw keys."""
+    private, public = _backend(backend).x25519_generate()
+    return bytes(private), bytes(public)
+
+
+def x25519_exchange(private: bytes, peer_public: bytes, *, backend: str | None = None) -> bytes:
+    """Return the 32-byte X25519 shared secret.
+
+    Raises:
+        ValueError: a key is not 32 bytes, or the peer key has small order (all-zero secret).
+    """
+    if len(private) != X25519_KEY_SIZE or len(peer_public) != X25519_KEY_SIZE:
+        raise ValueError(f"X25519 keys are {X25519_KEY_SIZE} bytes")
+    secret = bytes(_backend(backend).x25519_exchange(private, peer_public))
+    if hmac.compare_digest(secret, bytes(X25519_KEY_SIZE)):
+        raise ValueError("X25519 exchange produced the all-zero secret (peer key of small order)")
+    return secret
+
+
+def hkdf_sha256(secret: bytes, *, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """Derive ``length`` bytes from ``secret`` with HKDF-SHA256 (RFC 5869)."""
+    if not 0 < length <= 255 * 32:
+        raise ValueError(f"HKDF-SHA256 length must be 1..{255 * 32}, got {length}")
+    prk = hmac.new(salt if salt else bytes(32), secret, hashlib.sha256).digest()
+    output = b""
+    block = b""
+    counter = 1
+    while len(output) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        output += block
+        counter += 1
+    return output[:length]

@@ -1,0 +1,310 @@
+"""The protected file system format, version 1: constants, sizes, chunk layout and the manifest.
+
+A sealed volume is one fspf file plus one ciphertext object per regular file.
+
+* Plaintext is cut into chunks of :data:`CHUNK_SIZE` bytes. Each file has a random 32-byte
+  key and a random 16-byte file id. Chunk ``i`` is sealed with AES-256-GCM under the file key
+  with nonce :func:`chunk_nonce` and associated data :func:`chunk_aad`, which binds the chunk
+  to its file, its position and whether it is the last one, so chunks cannot be reordered,
+  moved between files, dropped or appended. An empty file is one empty last chunk.
+* The object is the concatenation of the sealed chunks (:func:`sealed_size`).
+* The fspf is :data:`FSPF_HEADER` (magic and format version), a 12-byte nonce and the
+  AES-256-GCM encryption, under the volume key with the header as associated data, of the
+  manifest as JSON with sorted keys. The volume key and the fspf's GCM tag (its last 16 bytes)
+  are kept outside the image, so the tag pins one exact fspf and an older one is rejected.
+
+This module is carried into confidential images, so it uses only the standard library and
+Python 3.8 syntax.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from enclavify.errors import ProtectError
+
+FORMAT_VERSION = 1
+CHUNK_SIZE = 65536
+TAG_SIZE = 16
+NONCE_SIZE = 12
+KEY_SIZE = 32
+FILE_ID_SIZE = 16
+OBJECT_NAME_SIZE = 16  # random bytes; the object's name is their hex form
+
+FSPF_MAGIC = b"ENCLAVIFY-FSPF\x00"
+FSPF_HEADER = FSPF_MAGIC + bytes([FORMAT_VERSION])
+FSPF_HEADER_SIZE = len(FSPF_HEADER)
+CHUNK_AAD_PREFIX = b"enclavify-chunk-v1"
+
+# Bounds on chunk_size read from an fspf. The lower one keeps the per-chunk tag overhead sane;
+# the upper one keeps a hostile fspf from making the unsealer allocate huge buffers.
+MIN_CHUNK_SIZE = 512
+MAX_CHUNK_SIZE = 1 << 24
+
+ENTRY_TYPES = ("dir", "file", "symlink", "hardlink")
+
+_HEX_OBJECT_NAME = re.compile(r"[0-9a-f]{" + str(2 * OBJECT_NAME_SIZE) + r"}\Z")
+_MAX_ID = (1 << 32) - 1
+
+
+def chunk_count(plain_size: int, chunk_size: int = CHUNK_SIZE) -> int:
+    """Return the number of chunks of a file of ``plain_size`` bytes (at least one)."""
+    if plain_size < 0:
+        raise ValueError(f"file size must not be negative, got {plain_size}")
+    return max(1, -(-plain_size // chunk_size))
+
+
+def sealed_size(plain_size: int, chunk_size: int = CHUNK_SIZE) -> int:
+    """Return the size of the object that seals a file of ``plain_size`` bytes."""
+    return plain_size + TAG_SIZE * chunk_count(plain_size, chunk_size)
+
+
+def chunk_nonce(index: int) -> bytes:
+    """Return the GCM nonce of chunk ``index``: 4 zero bytes and the index as 8 bytes big-endian.
+
+    Nonces repeat across files, which is safe because every file has its own key.
+    """
+    return b"\x00\x00\x00\x00" + struct.pack(">Q", index)
+
+
+def chunk_aad(file_id: bytes, index: int, last: bool) -> bytes:
+    """Return the associated data of chunk ``index`` of the file with id ``file_id``."""
+    return CHUNK_AAD_PREFIX + file_id + struct.pack(">QB", index, 1 if last else 0)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file system object of a protected region.
+
+    ``type`` is one of :data:`ENTRY_TYPES`. ``mode`` holds permission bits only (no file
+    type bits). Files carry ``size``, ``object`` (the object's name), ``key`` and ``file_id``;
+    symlinks and hardlinks carry ``target``. A hardlink's metadata is that of its target, so
+    its ``mode``, ``uid``, ``gid`` and ``mtime`` are unused and zero.
+    """
+
+    type: str
+    path: str
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    mtime: float = 0.0
+    size: int = 0
+    object: str = ""
+    key: bytes = b""
+    file_id: bytes = b""
+    target: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the entry as stored in the manifest."""
+        if self.type == "hardlink":
+            return {"type": self.type, "path": self.path, "target": self.target}
+        data: dict[str, Any] = {
+            "type": self.type,
+            "path": self.path,
+            "mode": self.mode,
+            "uid": self.uid,
+            "gid": self.gid,
+            "mtime": self.mtime,
+        }
+        if self.type == "file":
+            data["size"] = self.size
+            data["object"] = self.object
+            data["key"] = self.key.hex()
+            data["file_id"] = self.file_id.hex()
+        elif self.type == "symlink":
+            data["target"] = self.target
+        return data
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The verified content of an fspf: protected regions and their entries in sealing order."""
+
+    regions: tuple[str, ...]
+    entries: tuple[Entry, ...]
+    chunk_size: int = CHUNK_SIZE
+    format: int = FORMAT_VERSION
+
+    def to_json_bytes(self) -> bytes:
+        """Return the manifest as canonical JSON (sorted keys, ASCII only)."""
+        document = {
+            "format": self.format,
+            "chunk_size": self.chunk_size,
+            "regions": list(self.regions),
+            "entries": [entry.to_json() for entry in self.entries],
+        }
+        return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def check_path(path: str, what: str = "path") -> str:
+    """Return ``path`` if it is absolute and normalized, else raise :class:`ProtectError`.
+
+    Normalized means no empty, ``.`` or ``..`` component, no trailing slash and no NUL, so
+    that joining it under a target root can never leave that root.
+    """
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ProtectError(f"{what} {path!r} is not an absolute path")
+    if "\x00" in path:
+        raise ProtectError(f"{what} {path!r} contains a NUL byte")
+    if path == "/":
+        return path
+    for part in path[1:].split("/"):
+        if part in ("", ".", ".."):
+            raise ProtectError(f"{what} {path!r} is not normalized (empty, '.' or '..' component)")
+    return path
+
+
+def is_within(path: str, region: str) -> bool:
+    """Return whether ``path`` is ``region`` or lies below it (both normalized)."""
+    return region in ("/", path) or path.startswith(region + "/")
+
+
+def region_of(path: str, regions: tuple[str, ...] | list[str]) -> str | None:
+    """Return the region that contains ``path``, or None."""
+    for region in regions:
+        if is_within(path, region):
+            return region
+    return None
+
+
+def _field(raw: dict[str, Any], name: str, kind: type, where: str) -> Any:
+    value = raw.get(name)
+    # bool is an int subclass, and JSON true must not pass as a mode or an owner.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtectError(f"invalid fspf: {where}: field {name!r} missing or not {kind.__name__}")
+    return value
+
+
+def _hex_field(raw: dict[str, Any], name: str, size: int, where: str) -> bytes:
+    text = _field(raw, name, str, where)
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if len(value) != size or value.hex() != text:
+        raise ProtectError(f"invalid fspf: {where}: field {name!r} is not {size} bytes of hex")
+    return value
+
+
+def _metadata(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    mode = _field(raw, "mode", int, where)
+    uid = _field(raw, "uid", int, where)
+    gid = _field(raw, "gid", int, where)
+    mtime = raw.get("mtime")
+    if isinstance(mtime, bool) or not isinstance(mtime, (int, float)):
+        raise ProtectError(f"invalid fspf: {where}: field 'mtime' missing or not a number")
+    if not 0 <= mode <= 0o7777:
+        raise ProtectError(f"invalid fspf: {where}: mode {mode:o} is not permission bits")
+    if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
+        raise ProtectError(f"invalid fspf: {where}: owner {uid}:{gid} out of range")
+    return {"mode": mode, "uid": uid, "gid": gid, "mtime": float(mtime)}
+
+
+def _parse_entry(raw: Any, regions: tuple[str, ...], index: int) -> Entry:
+    if not isinstance(raw, dict):
+        raise ProtectError(f"invalid fspf: entry {index} is not an object")
+    path = check_path(_field(raw, "path", str, f"entry {index}"), "entry path")
+    if region_of(path, regions) is None:
+        raise ProtectError(f"invalid fspf: entry {path!r} lies outside every protected region")
+    kind = raw.get("type")
+    if kind == "hardlink":
+        target = check_path(_field(raw, "target", str, path), "hardlink target")
+        return Entry(type="hardlink", path=path, target=target)
+    if kind == "dir":
+        return Entry(type="dir", path=path, **_metadata(raw, path))
+    if kind == "symlink":
+        target = _field(raw, "target", str, path)
+        if not target or "\x00" in target:
+            raise ProtectError(f"invalid fspf: symlink {path!r} has an empty or NUL target")
+        return Entry(type="symlink", path=path, target=target, **_metadata(raw, path))
+    if kind == "file":
+        size = _field(raw, "size", int, path)
+        if size < 0:
+            raise ProtectError(f"invalid fspf: file {path!r} has negative size")
+        name = _field(raw, "object", str, path)
+        if not _HEX_OBJECT_NAME.match(name):
+            raise ProtectError(f"invalid fspf: file {path!r} has an invalid object name")
+        return Entry(
+            type="file",
+            path=path,
+            size=size,
+            object=name,
+            key=_hex_field(raw, "key", KEY_SIZE, path),
+            file_id=_hex_field(raw, "file_id", FILE_ID_SIZE, path),
+            **_metadata(raw, path),
+        )
+    raise ProtectError(f"invalid fspf: entry {path!r} has unknown type {kind!r}")
+
+
+def parse_manifest(plaintext: bytes) -> Manifest:
+    """Parse and validate the decrypted manifest JSON.
+
+    Besides types and ranges this checks that every path is absolute and normalized, lies
+    within a region, occurs once, that every hardlink names an earlier file entry and that
+    no two files share an object.
+
+    Raises:
+        ProtectError: the manifest is malformed or of an unsupported format version.
+    """
+    try:
+        document = json.loads(plaintext.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtectError("invalid fspf: manifest is not JSON") from exc
+    if not isinstance(document, dict):
+        raise ProtectError("invalid fspf: manifest is not a JSON object")
+    version = document.get("format")
+    if version != FORMAT_VERSION:
+        raise ProtectError(
+            f"unsupported fspf format version {version!r}; this version reads {FORMAT_VERSION}"
+        )
+    chunk_size = _field(document, "chunk_size", int, "manifest")
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ProtectError(f"invalid fspf: chunk size {chunk_size} out of range")
+    raw_regions = document.get("regions")
+    if not isinstance(raw_regions, list):
+        raise ProtectError("invalid fspf: 'regions' is not a list")
+    regions = tuple(check_path(region, "region") for region in raw_regions)
+    raw_entries = document.get("entries")
+    if not isinstance(raw_entries, list):
+        raise ProtectError("invalid fspf: 'entries' is not a list")
+
+    entries = []
+    kinds: dict[str, str] = {}
+    objects: set[str] = set()
+    for index, raw in enumerate(raw_entries):
+        entry = _parse_entry(raw, regions, index)
+        if entry.path in kinds:
+            raise ProtectError(f"invalid fspf: entry {entry.path!r} occurs twice")
+        if entry.type == "hardlink" and kinds.get(entry.target) != "file":
+            raise ProtectError(
+                f"invalid fspf: hardlink {entry.path!r} does not name an earlier file"
+            )
+        if entry.type == "file":
+            if entry.object in objects:
+                raise ProtectError(f"invalid fspf: file {entry.path!r} reuses an object")
+            objects.add(entry.object)
+        kinds[entry.path] = entry.type
+        entries.append(entry)
+    return Manifest(regions=regions, entries=tuple(entries), chunk_size=chunk_size)
+
+
+def split_fspf(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """Split an fspf into (header, nonce, ciphertext with tag) after checking the header.
+
+    Raises:
+        ProtectError: not an fspf, or one of another format version.
+    """
+    if len(data) < FSPF_HEADER_SIZE + NONCE_SIZE + TAG_SIZE or not data.startswith(FSPF_MAGIC):
+        raise ProtectError("not an enclavify fspf (bad magic or too short)")
+    version = data[len(FSPF_MAGIC)]
+    if version != FORMAT_VERSION:
+        raise ProtectError(
+            f"unsupported fspf format version {version}; this version reads {FORMAT_VERSION}"
+        )
+    header = data[:FSPF_HEADER_SIZE]
+    nonce = data[FSPF_HEADER_SIZE : FSPF_HEADER_SIZE + NONCE_SIZE]
+    return header, nonce, data[FSPF_HEADER_SIZE + NONCE_SIZE :]

@@ -1,0 +1,337 @@
+"""Unsealing: verify an fspf and restore the protected files it describes.
+
+:func:`open_fspf` checks the fspf against the volume key and the expected tag before
+anything else is read. :func:`unseal_tree` then restores every entry below a target root.
+Each file is decrypted into a temporary file next to its destination and renamed into place
+only after every chunk verified, so a tampered object leaves no plaintext of that file.
+
+The manifest may come from a hostile source that holds the key, so writing never follows a
+symlink: every directory is opened relative to its parent with ``O_NOFOLLOW``, and entries are
+created and renamed through those directory descriptors. Symlink targets are restored as
+stored because they are resolved only inside the container.
+
+This module is carried into confidential images, so it uses only the standard library,
+:mod:`enclavify.crypto` and Python 3.8 syntax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hmac
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from enclavify import crypto
+from enclavify.errors import IntegrityError, ProtectError
+from enclavify.protect.format import (
+    KEY_SIZE,
+    TAG_SIZE,
+    Entry,
+    Manifest,
+    chunk_aad,
+    chunk_count,
+    chunk_nonce,
+    parse_manifest,
+    sealed_size,
+    split_fspf,
+)
+
+log = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_WRITE_BUFFER = 1 << 20
+# Directory descriptors kept open while restoring; entries arrive grouped by directory.
+_DIR_CACHE_SIZE = 32
+
+
+def open_fspf(data: bytes, key: bytes, tag: bytes, *, name: str = "fspf") -> Manifest:
+    """Verify an fspf against the volume ``key`` and expected ``tag`` and return its manifest.
+
+    ``name`` is how messages refer to the fspf (its path, usually).
+
+    Raises:
+        IntegrityError: the fspf's tag is not ``tag`` (altered, or another version such as
+            an older one put back), or it does not decrypt under ``key``.
+        ProtectError: not an fspf, an unsupported format version, or a malformed manifest.
+    """
+    if len(key) != KEY_SIZE or len(tag) != TAG_SIZE:
+        raise ProtectError(f"an fspf key is {KEY_SIZE} bytes and its tag {TAG_SIZE} bytes")
+    header, nonce, sealed = split_fspf(data)
+    if not hmac.compare_digest(sealed[-TAG_SIZE:], tag):
+        raise IntegrityError(f"{name} failed verification: it is not the expected fspf")
+    try:
+        plaintext = crypto.aes_gcm_decrypt(key, nonce, sealed, header)
+    except crypto.AuthenticationError:
+        raise IntegrityError(f"{name} failed verification") from None
+    return parse_manifest(plaintext)
+
+
+def unseal_tree(sealed: Path, key: bytes, tag: bytes, target_root: Path) -> Manifest:
+    """Verify ``sealed/fspf`` and restore its entries at ``target_root/<path>``.
+
+    ``sealed`` holds ``fspf`` and ``objects/``. Owners are restored only when running as
+    root. Modes and mtimes are restored, those of directories after their contents.
+
+    Raises:
+        IntegrityError: the fspf or a file's object failed verification; the message names
+            the fspf or the file's path. No plaintext of that file is left behind.
+        ProtectError: the fspf is malformed, or an entry cannot be restored (for example a
+            symlink or a non-directory stands where a directory is needed).
+    """
+    sealed = Path(sealed)
+    fspf_path = sealed / "fspf"
+    try:
+        data = fspf_path.read_bytes()
+    except OSError as exc:
+        raise ProtectError(f"cannot read {str(fspf_path)!r}: {exc.strerror}") from exc
+    manifest = open_fspf(data, key, tag, name=str(fspf_path))
+    log.debug("fspf %s verified: %d entries", fspf_path, len(manifest.entries))
+    with _Restorer(Path(target_root), sealed / "objects", manifest) as restorer:
+        restorer.restore()
+    return manifest
+
+
+def _components(path: str) -> tuple[str, ...]:
+    return tuple(path[1:].split("/")) if path != "/" else ()
+
+
+def _split(path: str) -> tuple[tuple[str, ...], str]:
+    """Split an absolute normalized path into parent components and the last name."""
+    parts = _components(path)
+    if not parts:
+        return (), ""
+    return parts[:-1], parts[-1]
+
+
+class _Restorer:
+    def __init__(self, target_root: Path, objects: Path, manifest: Manifest) -> None:
+        self._manifest = manifest
+        self._as_root = os.geteuid() == 0
+        self._dirs: OrderedDict[tuple[str, ...], int] = OrderedDict()
+        self._root_fd = -1
+        self._objects_fd = -1
+        try:
+            self._root_fd = os.open(str(target_root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ProtectError(
+                f"target root {str(target_root)!r} is not a directory: {exc.strerror}"
+            ) from exc
+        try:
+            self._objects_fd = os.open(str(objects), _DIR_FLAGS)
+        except OSError as exc:
+            self.close()
+            raise ProtectError(f"cannot open {str(objects)!r}: {exc.strerror}") from exc
+
+    def __enter__(self) -> _Restorer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        for fd in (self._root_fd, self._objects_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._root_fd = self._objects_fd = -1
+
+    def _directory(self, parts: tuple[str, ...], path: str) -> int:
+        """Return a descriptor of ``target_root/<parts>``, creating missing directories.
+
+        No component is followed if it is a symlink; the descriptor stays owned by the cache.
+        """
+        if not parts:
+            return self._root_fd
+        cached = self._dirs.get(parts)
+        if cached is not None:
+            self._dirs.move_to_end(parts)
+            return cached
+        parent = self._directory(parts[:-1], path)
+        name = parts[-1]
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise self._cannot(path, parts, exc) from exc
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            raise self._cannot(path, parts, exc) from exc
+        self._dirs[parts] = fd
+        if len(self._dirs) > _DIR_CACHE_SIZE:
+            _, oldest = self._dirs.popitem(last=False)
+            os.close(oldest)
+        return fd
+
+    @staticmethod
+    def _cannot(path: str, parts: tuple[str, ...], exc: OSError) -> ProtectError:
+        where = "/" + "/".join(parts)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            return ProtectError(
+                f"cannot restore {path!r}: {where!r} is a symlink or not a directory"
+            )
+        return ProtectError(f"cannot restore {path!r}: {where!r}: {exc.strerror}")
+
+    def restore(self) -> None:
+        for region in self._manifest.regions:
+            self._directory(_components(region), region)
+        directories: list[Entry] = []
+        for entry in self._manifest.entries:
+            try:
+                if entry.type == "dir":
+                    self._restore_directory(entry)
+                    directories.append(entry)
+                elif entry.type == "file":
+                    self._restore_file(entry)
+                elif entry.type == "symlink":
+                    self._restore_symlink(entry)
+                else:
+                    self._restore_hardlink(entry)
+            except OSError as exc:
+                raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
+        # Deepest first, so that setting a child's metadata cannot disturb its parent's mtime
+        # and a read-only directory is made read-only only after its contents exist.
+        directories.sort(key=lambda item: item.path.count("/"), reverse=True)
+        for entry in directories:
+            try:
+                self._apply_directory_metadata(entry)
+            except OSError as exc:
+                raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
+
+    def _restore_directory(self, entry: Entry) -> None:
+        parents, name = _split(entry.path)
+        if name:
+            self._directory((*parents, name), entry.path)
+
+    def _apply_directory_metadata(self, entry: Entry) -> None:
+        parents, name = _split(entry.path)
+        if name:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=self._directory(parents, entry.path))
+        else:
+            fd = os.dup(self._root_fd)
+        try:
+            self._apply_metadata(fd, entry)
+        finally:
+            os.close(fd)
+
+    def _apply_metadata(self, fd: int, entry: Entry) -> None:
+        # chown before chmod, because chown clears the set-user-ID and set-group-ID bits.
+        if self._as_root:
+            os.fchown(fd, entry.uid, entry.gid)
+        os.fchmod(fd, entry.mode)
+        os.utime(fd, times=(entry.mtime, entry.mtime))
+
+    def _restore_file(self, entry: Entry) -> None:
+        parents, name = _split(entry.path)
+        parent = self._directory(parents, entry.path)
+        failed = IntegrityError(f"protected file {entry.path!r} failed verification")
+        try:
+            source = os.open(entry.object, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self._objects_fd)
+        except OSError:
+            raise failed from None
+        temporary: str | None = None
+        try:
+            chunk_size = self._manifest.chunk_size
+            if os.fstat(source).st_size != sealed_size(entry.size, chunk_size):
+                raise failed
+            temporary = f".{name}.enclavify-{os.urandom(6).hex()}"
+            sink = os.open(
+                temporary,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=parent,
+            )
+            with open(sink, "wb", buffering=_WRITE_BUFFER) as writer:
+                self._decrypt_object(source, writer, entry, failed)
+                writer.flush()
+                self._apply_metadata(writer.fileno(), entry)
+            os.rename(temporary, name, src_dir_fd=parent, dst_dir_fd=parent)
+            temporary = None
+        finally:
+            os.close(source)
+            if temporary is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary, dir_fd=parent)
+
+    def _decrypt_object(self, source: int, writer: BinaryIO, entry: Entry,
+                        failed: IntegrityError) -> None:
+        chunk_size = self._manifest.chunk_size
+        cipher = crypto.AesGcm(entry.key)
+        count = chunk_count(entry.size, chunk_size)
+        remaining = entry.size
+        write = writer.write
+        for index in range(count):
+            want = min(chunk_size, remaining) + TAG_SIZE
+            data = _read_exactly(source, want)
+            if len(data) != want:
+                raise failed
+            last = index == count - 1
+            try:
+                write(cipher.decrypt(chunk_nonce(index), data, chunk_aad(entry.file_id, index,
+                                                                          last)))
+            except crypto.AuthenticationError:
+                raise failed from None
+            remaining -= want - TAG_SIZE
+        if os.read(source, 1):
+            raise failed
+
+    @staticmethod
+    def _replace_with(parent: int, name: str, create: Callable[[str], None]) -> None:
+        """Create an entry under a temporary name with ``create(temporary)``, then rename it."""
+        temporary = f".{name}.enclavify-{os.urandom(6).hex()}"
+        create(temporary)
+        try:
+            os.rename(temporary, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException:
+            os.unlink(temporary, dir_fd=parent)
+            raise
+
+    def _restore_symlink(self, entry: Entry) -> None:
+        parents, name = _split(entry.path)
+        parent = self._directory(parents, entry.path)
+
+        def create(temporary: str) -> None:
+            os.symlink(entry.target, temporary, dir_fd=parent)
+            if self._as_root:
+                os.chown(temporary, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+            os.utime(temporary, times=(entry.mtime, entry.mtime), dir_fd=parent,
+                     follow_symlinks=False)
+
+        self._replace_with(parent, name, create)
+
+    def _restore_hardlink(self, entry: Entry) -> None:
+        source_parents, source_name = _split(entry.target)
+        source_parent = self._directory(source_parents, entry.target)
+        parents, name = _split(entry.path)
+        parent = self._directory(parents, entry.path)
+
+        def create(temporary: str) -> None:
+            os.link(source_name, temporary, src_dir_fd=source_parent, dst_dir_fd=parent,
+                    follow_symlinks=False)
+
+        self._replace_with(parent, name, create)
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = os.read(fd, size)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    remaining = size - len(data)
+    while remaining:
+        more = os.read(fd, remaining)
+        if not more:
+            break
+        parts.append(more)
+        remaining -= len(more)
+    return b"".join(parts)
+
