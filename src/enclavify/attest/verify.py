@@ -18,6 +18,7 @@ from enclavify.attest.claims import REPORT_DATA_SIZE, Claims
 from enclavify.attest.collateral import Collateral
 from enclavify.attest.dcap import SgxVerifier, TdxVerifier
 from enclavify.attest.simulation import SimulationVerifier
+from enclavify.attest.snp import SnpVerifier
 from enclavify.errors import AttestationError
 
 
@@ -88,3 +89,4 @@ def check_report_data(claims: Claims, nonce: bytes, public_key: bytes) -> None:
 register(SimulationVerifier())
 register(SgxVerifier())
 register(TdxVerifier())
+register(SnpVerifier())
