@@ -1,17 +1,131 @@
-"""`enclavify session`: command-line front end."""
+"""`enclavify session`: create, update and read sessions on a CAS."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 from typing import Any
+
+from enclavify.cas.client import CasClient
+from enclavify.cas.identity import load_or_create_identity
+from enclavify.cas.paths import CA_CERT, default_data_dir
+from enclavify.errors import UsageError
+from enclavify.policy import parse_session
 
 
 def register(subparsers: Any) -> None:
-    parser: argparse.ArgumentParser = subparsers.add_parser("session", help="(not yet available)")
-    parser.set_defaults(handler=_not_available)
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "session", help="create, update and read sessions on a CAS"
+    )
+    commands = parser.add_subparsers(dest="session_command", metavar="COMMAND", required=True)
+    specs = (
+        ("create", "upload a new session from FILE", "FILE", _create),
+        ("update", "upload FILE as the next revision (predecessor filled in)", "FILE", _update),
+        ("show", "print the session NAME (secrets redacted) as JSON", "NAME", _show),
+        ("history", "print the revisions of session NAME as JSON", "NAME", _history),
+        ("values", "print the exported public values of session NAME as JSON", "NAME", _values),
+    )
+    for name, help_text, metavar, handler in specs:
+        command = commands.add_parser(name, help=help_text)
+        add_cas_flags(command)
+        command.add_argument("target", metavar=metavar)
+        command.set_defaults(handler=handler)
 
 
-def _not_available(args: argparse.Namespace) -> int:
-    from enclavify.errors import UsageError
+def add_cas_flags(parser: argparse.ArgumentParser) -> None:
+    """Add ``--cas``, ``--cas-cert`` and ``--identity``, shared by commands that talk to a CAS."""
+    parser.add_argument(
+        "--cas", default=os.environ.get("ENCLAVIFY_CAS", "localhost:8081"), metavar="ADDR",
+        help="CAS address HOST[:PORT] (default $ENCLAVIFY_CAS or localhost:8081)",
+    )
+    parser.add_argument(
+        "--cas-cert", type=Path, metavar="FILE",
+        help="the CAS CA certificate (default $ENCLAVIFY_CAS_CERT, else the local CAS's)",
+    )
+    parser.add_argument(
+        "--identity", type=Path, metavar="FILE",
+        help="client key and certificate (default ~/.config/enclavify/identity.pem; made on"
+        " first use)",
+    )
 
-    raise UsageError("'enclavify session' is not available yet")
+
+def make_client(args: argparse.Namespace, *, with_identity: bool = True) -> CasClient:
+    """Build a CasClient from the ``--cas``, ``--cas-cert`` and ``--identity`` flags."""
+
+    cert_path: Path | None = args.cas_cert
+    if cert_path is None and os.environ.get("ENCLAVIFY_CAS_CERT"):
+        cert_path = Path(os.environ["ENCLAVIFY_CAS_CERT"])
+    if cert_path is None:
+        local = default_data_dir() / CA_CERT
+        if local.exists():
+            cert_path = local
+    if cert_path is None:
+        raise UsageError(
+            "no CAS certificate: pass --cas-cert FILE or set $ENCLAVIFY_CAS_CERT"
+            " (the output of 'enclavify cas show-certificate')"
+        )
+    try:
+        ca_pem = cert_path.read_bytes()
+    except OSError as error:
+        raise UsageError(f"cannot read the CAS certificate {cert_path}: {error}") from error
+    identity = load_or_create_identity(args.identity) if with_identity else None
+    return CasClient(args.cas, ca_pem=ca_pem, identity=identity)
+
+
+def _read(path_text: str) -> str:
+    path = Path(path_text)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read session file {path}: {error}") from error
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _create(args: argparse.Namespace) -> int:
+    print(make_client(args).create_session(_read(args.target)))
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    text = _read(args.target)
+    client = make_client(args)
+    name = parse_session(text).name
+    current = client.get_session(name)["hash"]
+    print(client.update_session(set_predecessor(text, current)))
+    return 0
+
+
+def set_predecessor(text: str, predecessor: str) -> str:
+    """Return the session document with ``predecessor`` set, keeping the rest of the text."""
+    if text.lstrip().startswith("{"):
+        try:
+            document = json.loads(text)
+        except ValueError as error:
+            raise UsageError(f"session file is not valid JSON: {error}") from error
+        document["predecessor"] = predecessor
+        return json.dumps(document, indent=2)
+    lines = text.splitlines(keepends=True)
+    kept = [line for line in lines if not line.startswith("predecessor:")]
+    if kept and not kept[-1].endswith("\n"):
+        kept[-1] += "\n"
+    return "".join(kept) + f"predecessor: {predecessor}\n"
+
+
+def _show(args: argparse.Namespace) -> int:
+    _print(make_client(args).get_session(args.target))
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    _print(make_client(args).session_history(args.target))
+    return 0
+
+
+def _values(args: argparse.Namespace) -> int:
+    _print(make_client(args, with_identity=False).public_values(args.target))
+    return 0

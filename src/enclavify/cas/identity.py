@@ -1,0 +1,71 @@
+"""Client identities: a private key and a self-signed certificate in one PEM file.
+
+The CAS names a client by the SHA-256 of its public key, so the certificate's subject and
+validity carry no meaning; they exist because TLS needs a certificate to present the key.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from enclavify.cas.client import Identity
+from enclavify.cas.pki import client_key_hash, write_private
+from enclavify.errors import CasError
+
+
+def default_identity_path() -> Path:
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "enclavify" / "identity.pem"
+
+
+def load_or_create_identity(path: Path | None = None) -> Identity:
+    """Return the identity stored at ``path``, creating the key and certificate on first use.
+
+    Raises:
+        CasError: the file exists but holds no private key and certificate.
+    """
+    path = path or default_identity_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(path, _new_identity_pem())
+    data = path.read_bytes()
+    if b"PRIVATE KEY-----" not in data or b"BEGIN CERTIFICATE-----" not in data:
+        raise CasError(f"{path}: expected a PEM private key and certificate")
+    return Identity(str(path))
+
+
+def identity_key_hash(identity: Identity) -> str:
+    """Return the client key hash the CAS will see for ``identity`` (hex SHA-256 of its SPKI)."""
+    data = Path(identity.path).read_bytes()
+    try:
+        certificate = x509.load_pem_x509_certificate(data)
+    except ValueError as error:
+        raise CasError(f"{identity.path}: no readable certificate: {error}") from error
+    return client_key_hash(certificate.public_bytes(serialization.Encoding.DER))
+
+
+def _new_identity_pem() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "enclavify client")])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem + certificate.public_bytes(serialization.Encoding.PEM)
