@@ -1,1 +1,51 @@
-"""policy component (see docs/architecture.md)."""
+"""Sessions: the model, strict parsing, hashing, templates, rendering and claim checks.
+
+Public surface:
+
+- :func:`parse_session` turns session YAML into a :class:`Session`, or raises
+  :class:`~enclavify.errors.PolicyError` naming the YAML path of the fault.
+- :func:`session_to_dict`, :func:`session_hash` and :func:`redacted` give the normalized
+  form, its SHA-256 and a view without key material.
+- :func:`render_configuration` fills a service's configuration with secret values.
+"""
+
+from enclavify.policy.canonical import redacted, session_hash, session_to_dict
+from enclavify.policy.loader import Limits, load_yaml
+from enclavify.policy.model import (
+    AccessPolicy,
+    AttestationPolicy,
+    Image,
+    InjectionFile,
+    SecretDefinition,
+    SecretImport,
+    Service,
+    ServiceAttestation,
+    Session,
+    Volume,
+    VolumeMount,
+)
+from enclavify.policy.parse import parse_session, session_from_dict
+from enclavify.policy.render import render_configuration, render_text
+
+__all__ = [
+    "AccessPolicy",
+    "AttestationPolicy",
+    "Image",
+    "InjectionFile",
+    "Limits",
+    "SecretDefinition",
+    "SecretImport",
+    "Service",
+    "ServiceAttestation",
+    "Session",
+    "Volume",
+    "VolumeMount",
+    "load_yaml",
+    "parse_session",
+    "redacted",
+    "render_configuration",
+    "render_text",
+    "session_from_dict",
+    "session_hash",
+    "session_to_dict",
+]
