@@ -1,0 +1,108 @@
+"""Evidence from Linux configfs-tsm (``/sys/kernel/config/tsm/report``).
+
+The kernel's TSM report interface (Linux 6.7 and later) is one interface for TDX, SEV-SNP and
+other guests: create a report directory, write 64 bytes of report data to ``inblob``, read the
+evidence from ``outblob`` and, for SEV-SNP, the certificate table from ``auxblob``. The
+``generation`` file counts writes to the directory; if another writer changed ``inblob`` between
+our write and our read, the generation moves by more than one and the read is retried.
+
+This module is carried into confidential images: standard library and Python 3.8 syntax only.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+REPORT_DIRECTORY = "/sys/kernel/config/tsm/report"
+ATTEMPTS = 5
+
+
+class TsmError(Exception):
+    """configfs-tsm is unusable or kept changing under us."""
+
+
+@dataclass(frozen=True)
+class TsmReport:
+    """What one configfs-tsm report directory returned."""
+
+    provider: str
+    outblob: bytes
+    auxblob: bytes | None
+    generation: int
+
+
+def read_report(report_data: bytes, *, root: str = "/", attempts: int = ATTEMPTS) -> TsmReport:
+    """Produce a report over ``report_data`` through configfs-tsm under ``root``.
+
+    Raises:
+        TsmError: configfs-tsm is missing, refuses the request, or a concurrent writer changed
+            the report directory on every attempt.
+    """
+    base = os.path.join(root, REPORT_DIRECTORY.lstrip("/"))
+    if not os.path.isdir(base):
+        raise TsmError(f"configfs-tsm is not available at {base}")
+    try:
+        entry = tempfile.mkdtemp(prefix="enclavify-", dir=base)
+    except OSError as error:
+        raise TsmError(f"cannot create a configfs-tsm report entry in {base}: {error}") from error
+    try:
+        for attempt in range(1, attempts + 1):
+            report = _read_once(entry, report_data)
+            if report is not None:
+                return report
+            log.debug("configfs-tsm entry %s changed during attempt %d, retrying", entry, attempt)
+        raise TsmError(
+            f"configfs-tsm entry {entry} kept changing; gave up after {attempts} attempts"
+        )
+    finally:
+        try:
+            os.rmdir(entry)
+        except OSError as error:
+            # configfs removes the entry's attribute files itself; a failure leaves an empty
+            # entry behind, which is harmless but worth a trace.
+            if error.errno != errno.ENOENT:
+                log.debug("cannot remove configfs-tsm entry %s: %s", entry, error)
+
+
+def _read_once(entry: str, report_data: bytes) -> TsmReport | None:
+    before = _read_generation(entry)
+    _write(os.path.join(entry, "inblob"), report_data)
+    outblob = _read(os.path.join(entry, "outblob"))
+    auxblob_path = os.path.join(entry, "auxblob")
+    auxblob = _read(auxblob_path) if os.path.exists(auxblob_path) else None
+    provider = _read(os.path.join(entry, "provider")).decode("ascii", "replace").strip()
+    after = _read_generation(entry)
+    # Our own write bumps the generation by exactly one; more means someone else wrote too.
+    if after != before + 1:
+        return None
+    return TsmReport(provider=provider, outblob=outblob, auxblob=auxblob or None, generation=after)
+
+
+def _read_generation(entry: str) -> int:
+    text = _read(os.path.join(entry, "generation")).decode("ascii", "replace").strip()
+    try:
+        return int(text)
+    except ValueError as error:
+        raise TsmError(f"configfs-tsm generation {text!r} in {entry} is not a number") from error
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read()
+    except OSError as error:
+        raise TsmError(f"cannot read {path}: {error}") from error
+
+
+def _write(path: str, data: bytes) -> None:
+    try:
+        with open(path, "wb") as stream:
+            stream.write(data)
+    except OSError as error:
+        raise TsmError(f"cannot write {path}: {error}") from error
