@@ -1,0 +1,684 @@
+"""Build the runtime carried into a confidential image (``/opt/enclavify``).
+
+The launcher must start while every protected directory is encrypted and absent from the
+image, the interpreter's own standard library included, so it carries everything it needs:
+
+    bin/python3                  a copy of the image's Python interpreter
+    lib/<loader>                 the ELF loader named by the interpreter's PT_INTERP
+    lib/<soname>                 every shared library the interpreter and the carried
+                                 extension modules need (DT_NEEDED closure)
+    lib/python3.X/               the standard library modules the launcher imports
+    lib/python3.X/lib-dynload/   the extension modules among them that are not built in
+    lib/python3.X/enclavify/     the carried enclavify modules, as source
+
+The interpreter is started as ``lib/<loader> --library-path /opt/enclavify/lib bin/python3``.
+The loader hands the program ``/opt/enclavify/bin/python3`` as ``argv[0]``, and Python looks
+for its prefix from there: it walks up from ``bin/`` until it finds ``lib/python3.X/os.py``
+(and ``lib-dynload`` for the exec prefix), which is why the standard library subset keeps
+the layout of a normal installation. ``-I -S`` keeps environment variables, the user site
+directory and ``site`` out of it, so nothing outside ``/opt/enclavify`` is read before the
+launcher has decrypted the protected regions.
+
+The interpreter is never run on the host: the image may be for another libc or
+architecture. Its version is read from file names and the ELF, and the module list is
+computed by importing the launcher on the host's own Python, then closed over the image's
+standard library by reading its module-level imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.dynamic import DynamicSection
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+
+from enclavify import __version__
+from enclavify.attest.measurement import RootFiles
+from enclavify.errors import ImageError
+
+log = logging.getLogger(__name__)
+
+RUNTIME_ROOT = "/opt/enclavify"
+LIBRARY_DIR = f"{RUNTIME_ROOT}/lib"
+INTERPRETER = f"{RUNTIME_ROOT}/bin/python3"
+DEFAULT_INTERPRETERS = ("/usr/local/bin/python3", "/usr/bin/python3")
+
+# The enclavify modules the launcher may import. Some are imported only on one path (the
+# ctypes crypto backend when pyca/cryptography is absent, a TEE evidence producer), so all
+# are imported explicitly when the module list is computed.
+CARRIED_MODULES = (
+    "enclavify.runtime.launcher",
+    "enclavify.runtime.config",
+    "enclavify.runtime.libcrypto",
+    "enclavify.errors",
+    "enclavify.crypto",
+    "enclavify.protect.format",
+    "enclavify.protect.unseal",
+    "enclavify.protect.aead",
+    "enclavify.attest.measurement",
+    "enclavify.attest.report_data",
+    "enclavify.attest.producers",
+    "enclavify.attest.configfs_tsm",
+    "enclavify.cas.client",
+)
+# Runtime package files copied even though importing them has side effects.
+CARRIED_FILES = ("enclavify/runtime/__main__.py",)
+
+# Standard library modules needed beyond what importing the launcher shows: the codecs the
+# interpreter and the socket and ssl modules look up by name at run time.
+EXTRA_STDLIB = (
+    "runpy",
+    "encodings",
+    "encodings.aliases",
+    "encodings.utf_8",
+    "encodings.utf_8_sig",
+    "encodings.ascii",
+    "encodings.latin_1",
+    "encodings.idna",
+    "encodings.punycode",
+    "encodings.raw_unicode_escape",
+    "encodings.unicode_escape",
+    "stringprep",
+)
+# Extension modules without which the launcher cannot work; the others have pure Python
+# fallbacks or exist only in some Python versions.
+REQUIRED_EXTENSIONS = ("_socket", "_ssl", "select", "_ctypes", "_struct", "binascii", "math")
+# Loaded with dlopen by glibc before 2.34 to resolve host names; harmless to carry.
+EXTRA_LIBRARIES = ("libnss_files.so.2", "libnss_dns.so.2", "libresolv.so.2")
+
+_MACHINES = {
+    "EM_X86_64": ("x86_64", "x86_64-linux-gnu"),
+    "EM_AARCH64": ("aarch64", "aarch64-linux-gnu"),
+    "EM_386": ("i386", "i386-linux-gnu"),
+    "EM_ARM": ("arm", "arm-linux-gnueabihf"),
+    "EM_PPC64": ("ppc64le", "powerpc64le-linux-gnu"),
+    "EM_S390": ("s390x", "s390x-linux-gnu"),
+    "EM_RISCV": ("riscv64", "riscv64-linux-gnu"),
+}
+_VERSION_NAME = re.compile(r"python(3\.\d+)")
+_FULL_VERSION = re.compile(rb"(?<![0-9.])(3\.\d{1,2}\.\d{1,2})(?:(?:a|b|rc)\d+)?\+?\x00")
+
+
+class ImageFiles(Protocol):
+    """The read-only file access the builder needs; an image's merged file system has it."""
+
+    def entry(self, path: str) -> Any: ...
+    def resolve(self, path: str) -> str | None: ...
+    def open(self, path: str) -> BinaryIO: ...
+    def walk(self, top: str) -> Iterator[Any]: ...
+    def listdir(self, path: str) -> list[str]: ...
+
+
+class DirectoryFiles(RootFiles):
+    """A host directory seen as an image root, with the merged file system's methods."""
+
+    def walk(self, top: str) -> Iterator[Any]:
+        """Yield the entries under ``top`` (itself included), directories before contents."""
+        first = self.entry(top)
+        if first is None:
+            return
+        yield first
+        if first.type != "dir":
+            return
+        for name in self.listdir(top):
+            yield from self.walk(posixpath.join(first.path, name))
+
+    def listdir(self, path: str) -> list[str]:
+        """Return the sorted names in the directory ``path`` (a final symlink is followed)."""
+        resolved = self.resolve(path)
+        if resolved is None:
+            raise FileNotFoundError(path)
+        return sorted(os.listdir(self.host_path(resolved)))
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What :func:`build_runtime` produced, recorded in the conversion result."""
+
+    size: int
+    files: int
+    python_version: str
+    interpreter: str
+    interpreter_sha256: str
+    source: str
+    libc: str
+    arch: str
+    loader: str
+    stdlib: str
+    entrypoint: list[str] = field(default_factory=list)
+    runtime_version: str = __version__
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Elf:
+    path: str
+    machine: str
+    elfclass: int
+    interp: str | None
+    needed: list[str]
+    search: list[str]
+    symbols: set[str]
+
+
+def build_runtime(
+    files: ImageFiles, output: Path, *, python: str | None = None, source: str
+) -> RuntimeInfo:
+    """Build the carried runtime from the image ``files`` into the new directory ``output``.
+
+    ``python`` is the interpreter's path in the image (default: the first of
+    ``/usr/local/bin/python3`` and ``/usr/bin/python3`` that exists); ``source`` says where
+    the image came from (the image itself or a ``--base`` image) and is recorded. ``output``
+    must not exist; it is written under a temporary name and renamed when complete.
+    Raises ImageError when the image has no usable Python.
+    """
+    if output.exists():
+        raise ImageError(f"runtime output directory {str(output)!r} already exists")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".runtime-", dir=output.parent))
+    try:
+        info = _Builder(files, staging, python=python, source=source).build()
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return info
+
+
+class _Builder:
+    def __init__(self, files: ImageFiles, out: Path, *, python: str | None, source: str) -> None:
+        self.files = files
+        self.out = out
+        self.python = python
+        self.source = source
+        self.copied_libs: dict[str, str] = {}
+
+    def build(self) -> RuntimeInfo:
+        interpreter_path = self._find_interpreter()
+        interpreter = self._read_elf(interpreter_path)
+        arch, triplet = _MACHINES.get(interpreter.machine, (interpreter.machine, ""))
+        if interpreter.interp is None:
+            raise ImageError(
+                f"{interpreter_path!r} in the image is statically linked or not an "
+                "executable; pass --base IMAGE with a dynamically linked Python"
+            )
+        libc = "musl" if "musl" in interpreter.interp else "glibc"
+        version = self._python_version(interpreter_path, interpreter)
+        stdlib_dir, libdir_name = self._find_stdlib(interpreter_path, version)
+        log.debug(
+            "runtime: interpreter %s (Python %s, %s, %s), stdlib %s",
+            interpreter_path,
+            version,
+            libc,
+            arch,
+            stdlib_dir,
+        )
+
+        (self.out / "bin").mkdir()
+        (self.out / "lib").mkdir()
+        if libdir_name != "lib":
+            # Python looks for its standard library under its platform libdir name.
+            os.symlink("lib", self.out / libdir_name)
+        self._copy_file(interpreter_path, self.out / "bin" / "python3", 0o755)
+        interpreter_sha256 = _sha256_file(self.out / "bin" / "python3")
+
+        search_dirs = self._library_dirs(libc, arch, triplet)
+        loader_name = posixpath.basename(interpreter.interp)
+        self._copy_library_file(interpreter.interp, loader_name)
+
+        # Built-in modules export their PyInit_ function from the interpreter or libpython.
+        builtin_symbols = set(interpreter.symbols)
+        for name in interpreter.needed:
+            if name.startswith("libpython"):
+                located = self._locate(name, interpreter.search, search_dirs, interpreter)
+                if located is not None:
+                    builtin_symbols |= self._read_elf(located).symbols
+
+        stdlib_out = self.out / "lib" / f"python{version}"
+        modules = _launcher_modules()
+        extensions = self._copy_stdlib(stdlib_dir, stdlib_out, modules["stdlib"])
+        dynload_objects = self._copy_extensions(stdlib_dir, stdlib_out, extensions, builtin_symbols)
+        self._copy_enclavify(stdlib_out, modules["enclavify"])
+
+        pending = [interpreter, *dynload_objects]
+        for name in EXTRA_LIBRARIES:
+            located = self._locate(name, [], search_dirs, interpreter)
+            if located is not None:
+                pending.append(self._read_elf(located))
+                self._copy_library_file(located, name)
+        self._library_closure(pending, search_dirs)
+
+        size, count = _tree_size(self.out)
+        loader = f"{LIBRARY_DIR}/{loader_name}"
+        return RuntimeInfo(
+            size=size,
+            files=count,
+            python_version=_full_version(self.files, interpreter_path, interpreter, version),
+            interpreter=interpreter_path,
+            interpreter_sha256=interpreter_sha256,
+            source=self.source,
+            libc=libc,
+            arch=arch,
+            loader=loader,
+            stdlib=f"{LIBRARY_DIR}/python{version}",
+            entrypoint=[
+                loader,
+                "--library-path",
+                LIBRARY_DIR,
+                INTERPRETER,
+                "-I",
+                "-S",
+                "-B",
+                "-m",
+                "enclavify.runtime",
+                "run",
+            ],
+        )
+
+    # -- the interpreter -------------------------------------------------------------
+
+    def _find_interpreter(self) -> str:
+        candidates = [self.python] if self.python else list(DEFAULT_INTERPRETERS)
+        for candidate in candidates:
+            resolved = self.files.resolve(candidate)
+            if resolved is None:
+                continue
+            entry = self.files.entry(resolved)
+            if entry is not None and entry.type in ("file", "hardlink"):
+                return resolved
+        tried = ", ".join(repr(c) for c in candidates)
+        raise ImageError(
+            f"no Python interpreter found in the image (looked for {tried}); the launcher "
+            "needs one: pass --base IMAGE naming an image with Python 3.8 or newer for the "
+            "same platform"
+        )
+
+    def _read_elf(self, path: str) -> _Elf:
+        with self.files.open(path) as stream:
+            data = stream.read()
+        try:
+            elf = ELFFile(io.BytesIO(data))
+            interp = None
+            for segment in elf.iter_segments():
+                if segment["p_type"] == "PT_INTERP":
+                    interp = segment.get_interp_name()  # type: ignore[attr-defined]
+            needed: list[str] = []
+            search: list[str] = []
+            runpath: list[str] = []
+            rpath: list[str] = []
+            for section in elf.iter_sections():
+                if isinstance(section, DynamicSection):
+                    for tag in section.iter_tags():
+                        if tag.entry.d_tag == "DT_NEEDED":
+                            needed.append(tag.needed)  # type: ignore[attr-defined]
+                        elif tag.entry.d_tag == "DT_RUNPATH":
+                            runpath.extend(tag.runpath.split(":"))  # type: ignore[attr-defined]
+                        elif tag.entry.d_tag == "DT_RPATH":
+                            rpath.extend(tag.rpath.split(":"))  # type: ignore[attr-defined]
+            origin = posixpath.dirname(path)
+            for directory in runpath or rpath:
+                if directory:
+                    search.append(directory.replace("$ORIGIN", origin).replace("${ORIGIN}", origin))
+            symbols: set[str] = set()
+            dynsym = elf.get_section_by_name(".dynsym")
+            if isinstance(dynsym, SymbolTableSection):
+                symbols = {s.name for s in dynsym.iter_symbols() if s.name.startswith("PyInit_")}
+            return _Elf(path, elf["e_machine"], elf.elfclass, interp, needed, search, symbols)
+        except ELFError as error:
+            raise ImageError(f"{path!r} in the image is not a valid ELF file: {error}") from error
+
+    def _python_version(self, path: str, elf: _Elf) -> str:
+        match = _VERSION_NAME.search(posixpath.basename(path))
+        if match:
+            return match.group(1)
+        for name in elf.needed:
+            match = re.match(r"libpython(3\.\d+)", name)
+            if match:
+                return match.group(1)
+        prefix = posixpath.dirname(posixpath.dirname(path))
+        found = set()
+        for libdir in ("lib", "lib64"):
+            directory = posixpath.join(prefix, libdir)
+            if self.files.entry(directory) is None:
+                continue
+            for name in self.files.listdir(directory):
+                match = re.fullmatch(r"python(3\.\d+)", name)
+                if match and self.files.entry(f"{directory}/{name}/os.py") is not None:
+                    found.add(match.group(1))
+        if len(found) == 1:
+            return found.pop()
+        raise ImageError(
+            f"cannot tell the Python version of {path!r} in the image; pass --base IMAGE"
+        )
+
+    def _find_stdlib(self, path: str, version: str) -> tuple[str, str]:
+        prefixes = [posixpath.dirname(posixpath.dirname(path)), "/usr/local", "/usr"]
+        for prefix in dict.fromkeys(prefixes):
+            for libdir in ("lib", "lib64"):
+                directory = posixpath.join(prefix, libdir, f"python{version}")
+                if self.files.entry(f"{directory}/os.py") is not None:
+                    return directory, libdir
+        raise ImageError(
+            f"the standard library of Python {version} (os.py) is not in the image; "
+            "pass --base IMAGE"
+        )
+
+    # -- Python modules --------------------------------------------------------------
+
+    def _copy_stdlib(self, stdlib: str, out: Path, names: Iterable[str]) -> list[str]:
+        """Copy the pure Python modules and their import closure; return extension names."""
+        queue = sorted(set(names) | set(EXTRA_STDLIB))
+        seen: set[str] = set()
+        extensions: set[str] = set()
+        while queue:
+            name = queue.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for parent in _parents(name):
+                if parent not in seen:
+                    queue.append(parent)
+            relative = self._stdlib_source(stdlib, name)
+            if relative is None:
+                if "." not in name:
+                    extensions.add(name)
+                continue
+            target = out / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._copy_file(f"{stdlib}/{relative}", target, 0o644)
+            package = name if relative.endswith("__init__.py") else name.rpartition(".")[0]
+            for imported in _module_imports(target.read_bytes(), package):
+                if imported not in seen:
+                    queue.append(imported)
+        return sorted(extensions)
+
+    def _stdlib_source(self, stdlib: str, name: str) -> str | None:
+        base = name.replace(".", "/")
+        for relative in (f"{base}.py", f"{base}/__init__.py"):
+            entry = self.files.entry(f"{stdlib}/{relative}")
+            if entry is not None and entry.type in ("file", "hardlink", "symlink"):
+                return relative
+        return None
+
+    def _copy_extensions(
+        self, stdlib: str, out: Path, names: list[str], builtin_symbols: set[str]
+    ) -> list[_Elf]:
+        dynload = f"{stdlib}/lib-dynload"
+        available = self.files.listdir(dynload) if self.files.entry(dynload) else []
+        (out / "lib-dynload").mkdir(parents=True, exist_ok=True)
+        objects = []
+        for name in names:
+            matches = [f for f in available if f.startswith(name + ".") and f.endswith(".so")]
+            if matches:
+                filename = sorted(matches)[0]
+                self._copy_file(f"{dynload}/{filename}", out / "lib-dynload" / filename, 0o755)
+                objects.append(self._read_elf(f"{dynload}/{filename}"))
+                continue
+            if f"PyInit_{name}" in builtin_symbols:
+                continue
+            if name in REQUIRED_EXTENSIONS:
+                raise ImageError(
+                    f"the image's Python has no {name!r} module, which the launcher needs; "
+                    "pass --base IMAGE with a complete Python"
+                )
+            log.debug("runtime: module %s is not in the image's Python; skipped", name)
+        return objects
+
+    def _copy_enclavify(self, out: Path, names: Iterable[str]) -> None:
+        package_root = Path(__file__).resolve().parent.parent.parent
+        relatives = set(CARRIED_FILES)
+        for name in names:
+            base = name.replace(".", "/")
+            if (package_root / base / "__init__.py").is_file():
+                relatives.add(f"{base}/__init__.py")
+            else:
+                relatives.add(f"{base}.py")
+        for relative in sorted(relatives):
+            target = out / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(package_root / relative, target)
+            os.chmod(target, 0o644)
+
+    # -- shared libraries ------------------------------------------------------------
+
+    def _library_dirs(self, libc: str, arch: str, triplet: str) -> list[str]:
+        dirs: list[str] = []
+        if libc == "musl":
+            path_file = f"/etc/ld-musl-{arch}.path"
+            if self.files.entry(path_file) is not None:
+                with self.files.open(path_file) as stream:
+                    text = stream.read().decode(errors="replace")
+                dirs.extend(d for d in re.split(r"[:\n]", text) if d.strip())
+            dirs.extend(["/lib", "/usr/local/lib", "/usr/lib"])
+        else:
+            dirs.extend(self._ld_so_conf("/etc/ld.so.conf", depth=0))
+            if triplet:
+                dirs.extend([f"/lib/{triplet}", f"/usr/lib/{triplet}"])
+            dirs.extend(["/lib64", "/usr/lib64", "/lib", "/usr/lib"])
+        return list(dict.fromkeys(d.strip() for d in dirs))
+
+    def _ld_so_conf(self, path: str, depth: int) -> list[str]:
+        if depth > 8 or self.files.resolve(path) is None:
+            return []
+        with self.files.open(path) as stream:
+            lines = stream.read().decode(errors="replace").splitlines()
+        dirs: list[str] = []
+        for raw in lines:
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if line.startswith("include"):
+                pattern = line.split(None, 1)[1] if " " in line or "\t" in line else ""
+                if not pattern.startswith("/"):
+                    pattern = posixpath.join(posixpath.dirname(path), pattern)
+                directory, glob = posixpath.split(pattern)
+                if self.files.resolve(directory) is None:
+                    continue
+                for name in self.files.listdir(directory):
+                    if fnmatch.fnmatch(name, glob):
+                        dirs.extend(self._ld_so_conf(f"{directory}/{name}", depth + 1))
+            else:
+                dirs.append(line)
+        return dirs
+
+    def _locate(self, name: str, own: list[str], dirs: list[str], like: _Elf) -> str | None:
+        if "/" in name:
+            return self.files.resolve(name)
+        for directory in [*own, *dirs]:
+            resolved = self.files.resolve(posixpath.join(directory, name))
+            if resolved is None:
+                continue
+            entry = self.files.entry(resolved)
+            if entry is None or entry.type not in ("file", "hardlink"):
+                continue
+            try:
+                candidate = self._read_elf(resolved)
+            except ImageError:
+                continue
+            if candidate.machine == like.machine and candidate.elfclass == like.elfclass:
+                return resolved
+        return None
+
+    def _library_closure(self, pending: list[_Elf], dirs: list[str]) -> None:
+        done: set[str] = set()
+        while pending:
+            current = pending.pop()
+            if current.path in done:
+                continue
+            done.add(current.path)
+            for name in current.needed:
+                if name in self.copied_libs:
+                    continue
+                located = self._locate(name, current.search, dirs, current)
+                if located is None:
+                    raise ImageError(
+                        f"shared library {name!r} needed by {current.path!r} not found in the image"
+                    )
+                self._copy_library_file(located, name)
+                pending.append(self._read_elf(located))
+
+    def _copy_library_file(self, path: str, name: str) -> None:
+        resolved = self.files.resolve(path)
+        if resolved is None:
+            raise ImageError(f"{path!r} not found in the image")
+        target = self.out / "lib" / posixpath.basename(name)
+        if not target.exists():
+            self._copy_file(resolved, target, 0o755)
+        self.copied_libs[name] = resolved
+
+    def _copy_file(self, path: str, target: Path, mode: int) -> None:
+        with self.files.open(path) as source, open(target, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+        os.chmod(target, mode)
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _module_imports(source: bytes, package: str) -> set[str]:
+    """Return the modules a module imports at module level (not inside functions)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return set()
+    found: set[str] = set()
+    stack: list[ast.AST] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            if base:
+                found.add(base)
+                # ``from package import name`` may name a submodule; the caller skips
+                # names that are not modules.
+                found.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+        stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
+_COLLECT = r"""
+import importlib, json, os, sys
+sys.modules["cryptography"] = None  # take the path of an image without pyca/cryptography
+sys.path.insert(0, sys.argv[1])
+import runpy
+for name in sys.argv[2:]:
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name != name:
+            raise
+        print("missing " + name, file=sys.stderr)
+stdlib = os.path.dirname(os.__file__)
+src = os.path.join(sys.argv[1], "enclavify")
+result = {"stdlib": [], "enclavify": [], "other": []}
+for name, module in sorted(sys.modules.items()):
+    if module is None or name == "__main__":
+        continue
+    origin = getattr(module, "__file__", None)
+    if name in sys.builtin_module_names or origin is None:
+        result["stdlib"].append(name)
+    elif origin.startswith(src + os.sep):
+        result["enclavify"].append(name)
+    elif origin.startswith(stdlib + os.sep) and "site-packages" not in origin:
+        result["stdlib"].append(name)
+    else:
+        result["other"].append(name)
+print(json.dumps(result))
+"""
+
+
+def _launcher_modules() -> dict[str, list[str]]:
+    """Import the carried modules on the host's Python and list what they pulled in."""
+    src = str(Path(__file__).resolve().parent.parent.parent)
+    process = subprocess.run(
+        [sys.executable, "-I", "-S", "-B", "-c", _COLLECT, src, *CARRIED_MODULES],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if process.returncode != 0:
+        raise ImageError(
+            "importing the launcher's modules failed, so the runtime cannot be built: "
+            + process.stderr.strip().splitlines()[-1]
+            if process.stderr.strip()
+            else "importing the launcher's modules failed"
+        )
+    for line in process.stderr.splitlines():
+        log.debug("runtime: carried module %s", line)
+    result: dict[str, list[str]] = json.loads(process.stdout)
+    if result["other"]:
+        raise ImageError(
+            "the launcher imports modules outside the standard library: "
+            + ", ".join(result["other"])
+        )
+    return result
+
+
+def _full_version(files: ImageFiles, path: str, elf: _Elf, version: str) -> str:
+    """Return the full version (``3.11.2``) found in the interpreter or libpython, else ``3.X``."""
+    candidates = [path]
+    for name in elf.needed:
+        if name.startswith("libpython"):
+            for directory in ("/usr/local/lib", "/usr/lib", "/lib"):
+                resolved = files.resolve(f"{directory}/{name}")
+                if resolved:
+                    candidates.append(resolved)
+    for candidate in candidates:
+        with files.open(candidate) as stream:
+            data = stream.read()
+        for match in _FULL_VERSION.finditer(data):
+            found = match.group(1).decode()
+            if found.startswith(version + "."):
+                return found
+    return version
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tree_size(root: Path) -> tuple[int, int]:
+    size = 0
+    count = 0
+    for directory, _dirs, names in os.walk(root):
+        for name in names:
+            info = os.lstat(os.path.join(directory, name))
+            if stat.S_ISREG(info.st_mode):
+                size += info.st_size
+                count += 1
+    return size, count

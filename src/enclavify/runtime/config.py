@@ -1,0 +1,119 @@
+"""``/opt/enclavify/runtime.json``: the launcher's settings baked into a confidential image.
+
+Everything in this file is part of the measurement (it lies in the runtime tree), so it holds
+only settings that are fixed per image: no keys, no per-run values. The CAS address and the
+configuration id can be overridden at run time through the environment; the pinned CAS
+certificate cannot.
+
+This module is carried into confidential images: standard library only, Python 3.8 syntax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from enclavify.errors import LaunchError
+
+RUNTIME_DIR = Path("/opt/enclavify")
+CONFIG_NAME = "runtime.json"
+CONFIG_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The launcher's settings; sizes are in bytes, paths are absolute paths in the image.
+
+    ``user`` is the image's original ``User`` (``name``, ``uid``, ``name:group`` or
+    ``uid:gid``; empty for root). ``cas_certificate`` is the path of the pinned CAS CA
+    certificate inside the image and ``cas_fingerprint`` its SHA-256 fingerprint.
+    ``interpreter`` records where the carried interpreter came from.
+    """
+
+    binary: str
+    heap: int
+    stack: int
+    dlopen: int
+    regions: List[str] = field(default_factory=list)
+    fspf_path: str = "/.enclavify/fspf"
+    cas_address: Optional[str] = None
+    cas_certificate: Optional[str] = None
+    cas_fingerprint: Optional[str] = None
+    config_id: Optional[str] = None
+    user: str = ""
+    allow_simulation: bool = True
+    runtime_version: str = ""
+    interpreter: Dict[str, Any] = field(default_factory=dict)
+    format: int = CONFIG_FORMAT
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> RuntimeConfig:
+        """Build a config from parsed JSON; raises LaunchError on a malformed document."""
+        if not isinstance(data, dict):
+            raise LaunchError(f"{CONFIG_NAME}: expected a JSON object")
+        if data.get("format") != CONFIG_FORMAT:
+            raise LaunchError(
+                f"{CONFIG_NAME}: unsupported format {data.get('format')!r}, "
+                f"expected {CONFIG_FORMAT}"
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LaunchError(f"{CONFIG_NAME}: unknown keys {unknown}")
+        for name in ("binary", "heap", "stack", "dlopen"):
+            if name not in data:
+                raise LaunchError(f"{CONFIG_NAME}: missing key {name!r}")
+        try:
+            config = cls(**data)
+        except TypeError as error:
+            raise LaunchError(f"{CONFIG_NAME}: {error}") from error
+        _check_types(config)
+        return config
+
+    @classmethod
+    def load(cls, path: Path) -> RuntimeConfig:
+        """Read the config at ``path``; raises LaunchError when missing or invalid."""
+        try:
+            with open(path, "rb") as stream:
+                data = json.loads(stream.read().decode("utf-8"))
+        except FileNotFoundError as error:
+            raise LaunchError(f"runtime settings {str(path)!r} not found") from error
+        except (OSError, ValueError) as error:
+            raise LaunchError(f"cannot read runtime settings {str(path)!r}: {error}") from error
+        return cls.from_json(data)
+
+    def write(self, path: Path) -> None:
+        """Write the config to ``path`` atomically (mode 0644, sorted keys)."""
+        text = json.dumps(self.to_json(), sort_keys=True, indent=2) + "\n"
+        descriptor, temporary = tempfile.mkstemp(prefix=".runtime-", dir=str(path.parent))
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+                stream.write(text)
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+
+
+def _check_types(config: RuntimeConfig) -> None:
+    if not isinstance(config.binary, str) or not config.binary.startswith("/"):
+        raise LaunchError(f"{CONFIG_NAME}: binary must be an absolute path")
+    for name in ("heap", "stack", "dlopen"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise LaunchError(f"{CONFIG_NAME}: {name} must be an integer")
+    if not isinstance(config.regions, list) or not all(
+        isinstance(r, str) and r.startswith("/") for r in config.regions
+    ):
+        raise LaunchError(f"{CONFIG_NAME}: regions must be a list of absolute paths")
+    if not isinstance(config.user, str):
+        raise LaunchError(f"{CONFIG_NAME}: user must be a string")

@@ -1,0 +1,444 @@
+"""The launcher: the entrypoint of a confidential image.
+
+It runs under the interpreter carried in ``/opt/enclavify`` and, in order:
+
+1. reads ``/opt/enclavify/runtime.json`` and computes the measurement from what is on disk;
+2. gets the service's configuration: from the CAS after attesting (the normal path), or
+   from the file named by ``ENCLAVIFY_INSECURE_CONFIG_FILE`` (a debugging aid that logs a
+   warning on every use);
+3. makes sure every protected region is a memory-backed mount and decrypts the protected
+   file system into them;
+4. writes the injected files (memory-backed mounts only);
+5. drops to the image's original user, changes to the working directory and replaces itself
+   with the application (``execve``) using exactly the configuration's environment, so the
+   application receives the container's signals and its exit status is the container's.
+
+Any failure ends with a one-line error on stderr and exit status 1. Key material is never
+logged, put in the environment or written outside memory-backed mounts.
+
+This module is carried into confidential images: standard library only, Python 3.8 syntax.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import posixpath
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from enclavify.attest import measurement
+from enclavify.errors import Error, LaunchError
+from enclavify.protect.unseal import unseal_tree
+from enclavify.runtime import mounts
+from enclavify.runtime.config import CONFIG_NAME, RUNTIME_DIR, RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+INSECURE_CONFIG_VARIABLE = "ENCLAVIFY_INSECURE_CONFIG_FILE"
+CAS_ADDRESS_VARIABLES = ("ENCLAVIFY_CAS_ADDR", "SCONE_CAS_ADDR")
+CONFIG_ID_VARIABLES = ("ENCLAVIFY_CONFIG_ID", "SCONE_CONFIG_ID")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_INJECTION_MODE = 0o600
+
+
+@dataclass(frozen=True)
+class InjectionFile:
+    path: str
+    content: bytes
+    mode: int
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """What the CAS releases for one service. ``fspf_key`` and ``fspf_tag`` are secrets."""
+
+    command: List[str]
+    environment: Dict[str, str]
+    pwd: str
+    fspf_key: Optional[bytes]
+    fspf_tag: Optional[bytes]
+    injection_files: List[InjectionFile]
+
+    def __repr__(self) -> str:  # keeps keys and file contents out of tracebacks and logs
+        return f"Configuration(command={self.command!r}, pwd={self.pwd!r})"
+
+
+def measure(config: RuntimeConfig, runtime_dir: Path = RUNTIME_DIR, root: Path = Path("/")) -> str:
+    """Return the measurement of this image as found on disk under ``root``."""
+    files = measurement.RootFiles(root)
+    try:
+        binary_digest = measurement.binary_digest(files, config.binary, config.regions)
+        digest = measurement.runtime_digest(runtime_dir)
+    except OSError as error:
+        raise LaunchError(f"cannot measure the runtime: {error}") from error
+    except Error as error:
+        raise LaunchError(f"cannot measure the binary: {error.diagnostics()}") from error
+    fspf = files.host_path(config.fspf_path)
+    try:
+        return measurement.compute(
+            runtime_digest=digest,
+            binary=config.binary,
+            binary_digest=binary_digest,
+            fspf_digest=measurement.fspf_digest(fspf),
+            heap=config.heap,
+            stack=config.stack,
+            dlopen=config.dlopen,
+        )
+    except Error as error:
+        raise LaunchError(f"{CONFIG_NAME}: {error.diagnostics()}") from error
+
+
+def parse_configuration(data: Any, *, source: str) -> Configuration:
+    """Validate a configuration document (the CAS's or a conversion result's).
+
+    A conversion result keeps command, environment and working directory under ``service``;
+    they are taken from there. Raises LaunchError naming the faulty field.
+    """
+    if not isinstance(data, dict):
+        raise LaunchError(f"{source}: the configuration is not a JSON object")
+    if "command" not in data and isinstance(data.get("service"), dict):
+        data = dict(data, **data["service"])
+    command = data.get("command")
+    if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+        raise LaunchError(f"{source}: 'command' must be a non-empty list of strings")
+    environment = data.get("environment", {})
+    if not isinstance(environment, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in environment.items()
+    ):
+        raise LaunchError(f"{source}: 'environment' must map strings to strings")
+    pwd = data.get("pwd") or "/"
+    if not isinstance(pwd, str) or not pwd.startswith("/"):
+        raise LaunchError(f"{source}: 'pwd' must be an absolute path")
+    key = _hex_field(data, "fspf_key", 32, source)
+    tag = _hex_field(data, "fspf_tag", 16, source)
+    files = []
+    raw_files = data.get("injection_files") or []
+    if not isinstance(raw_files, list):
+        raise LaunchError(f"{source}: 'injection_files' must be a list")
+    for index, raw in enumerate(raw_files):
+        files.append(_injection_file(raw, f"{source}: injection_files[{index}]"))
+    return Configuration(list(command), dict(environment), pwd, key, tag, files)
+
+
+def _hex_field(data: Mapping[str, Any], name: str, size: int, source: str) -> Optional[bytes]:
+    value = data.get(name)
+    if value is None:
+        return None
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != size:
+        raise LaunchError(f"{source}: {name!r} must be {size} bytes in hex")
+    return raw
+
+
+def _injection_file(raw: Any, where: str) -> InjectionFile:
+    if not isinstance(raw, dict):
+        raise LaunchError(f"{where}: expected an object")
+    path = raw.get("path")
+    if not isinstance(path, str) or not path.startswith("/") or posixpath.normpath(path) != path:
+        raise LaunchError(f"{where}: 'path' must be a normalized absolute path")
+    try:
+        content = base64.b64decode(raw.get("content", ""), validate=True)
+    except (binascii.Error, TypeError, ValueError) as error:
+        raise LaunchError(f"{where} ({path}): 'content' is not valid base64") from error
+    mode = raw.get("mode", DEFAULT_INJECTION_MODE)
+    if isinstance(mode, str):
+        try:
+            mode = int(mode, 8)
+        except ValueError:
+            mode = -1
+    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
+        raise LaunchError(f"{where} ({path}): 'mode' must be a permission such as 0o600")
+    return InjectionFile(path, content, mode)
+
+
+def obtain_configuration(
+    config: RuntimeConfig, measured: str, environ: Mapping[str, str], runtime_dir: Path
+) -> Configuration:
+    """Get the configuration from the insecure debug file or, normally, from the CAS."""
+    insecure = environ.get(INSECURE_CONFIG_VARIABLE)
+    if insecure:
+        return _insecure_configuration(insecure, measured)
+    return _cas_configuration(config, measured, environ, runtime_dir)
+
+
+def _insecure_configuration(path: str, measured: str) -> Configuration:
+    log.warning(
+        "INSECURE: reading the configuration and its keys from the file %s named by %s "
+        "instead of attesting to a CAS; use this only for debugging",
+        path,
+        INSECURE_CONFIG_VARIABLE,
+    )
+    try:
+        with open(path, "rb") as stream:
+            data = json.loads(stream.read().decode("utf-8"))
+    except (OSError, ValueError) as error:
+        raise LaunchError(
+            f"cannot read the insecure configuration file {path!r}: {error}"
+        ) from error
+    expected = data.get("measurement") if isinstance(data, dict) else None
+    if isinstance(expected, str) and expected != measured:
+        raise LaunchError(
+            f"the configuration file {path!r} was made for measurement {expected}, "
+            f"but this image measures {measured}"
+        )
+    return parse_configuration(data, source=path)
+
+
+def _cas_configuration(
+    config: RuntimeConfig, measured: str, environ: Mapping[str, str], runtime_dir: Path
+) -> Configuration:
+    address = _first(environ, CAS_ADDRESS_VARIABLES) or config.cas_address
+    config_id = _first(environ, CONFIG_ID_VARIABLES) or config.config_id
+    if not address:
+        raise LaunchError("no CAS address: set ENCLAVIFY_CAS_ADDR or convert the image with --cas")
+    if not config_id:
+        raise LaunchError(
+            "no configuration id: set ENCLAVIFY_CONFIG_ID to <namespace/session>/<service>"
+        )
+    ca_pem = None
+    if config.cas_certificate:
+        certificate = Path(config.cas_certificate)
+        if not certificate.is_absolute() or not str(certificate).startswith(str(RUNTIME_DIR)):
+            certificate = runtime_dir / certificate.name
+        try:
+            ca_pem = certificate.read_bytes()
+        except OSError as error:
+            raise LaunchError(f"cannot read the pinned CAS certificate: {error}") from error
+    if ca_pem is None and not config.cas_fingerprint:
+        raise LaunchError("the image pins no CAS certificate; convert it again with --cas")
+    try:
+        # Imported here so that the insecure debug path works without them.
+        from enclavify.attest import producers  # type: ignore[attr-defined]  # noqa: PLC0415
+        from enclavify.cas.client import CasClient  # noqa: PLC0415
+    except ImportError as error:
+        raise LaunchError(f"this runtime cannot attest: {error}") from error
+
+    def produce(report_data: bytes) -> Tuple[str, bytes]:
+        evidence_type, evidence = producers.produce_evidence(
+            report_data, measurement=measured, allow_simulation=config.allow_simulation
+        )
+        return str(evidence_type), bytes(evidence)
+
+    log.debug("requesting configuration %s from the CAS at %s", config_id, address)
+    client = CasClient(address, ca_pem=ca_pem, fingerprint=config.cas_fingerprint)
+    data = client.request_configuration(config_id, produce)
+    return parse_configuration(data, source=f"CAS {address} configuration {config_id!r}")
+
+
+def _first(environ: Mapping[str, str], names: Sequence[str]) -> Optional[str]:
+    for name in names:
+        if environ.get(name):
+            return environ[name]
+    return None
+
+
+def unseal(config: RuntimeConfig, configuration: Configuration, root: Path) -> None:
+    """Decrypt the protected regions into memory-backed mounts."""
+    if not config.regions:
+        return
+    if configuration.fspf_key is None or configuration.fspf_tag is None:
+        raise LaunchError(
+            "the configuration has no fspf_key and fspf_tag for the protected regions"
+        )
+    for region in config.regions:
+        mounts.ensure_memory_backed(str(root / region.lstrip("/")))
+    sealed = (root / config.fspf_path.lstrip("/")).parent
+    manifest = unseal_tree(sealed, configuration.fspf_key, configuration.fspf_tag, root)
+    log.debug("decrypted %d entries", len(manifest.entries))
+
+
+@dataclass(frozen=True)
+class User:
+    uid: int
+    gid: int
+    groups: List[int]
+    home: str
+
+
+def resolve_user(spec: str, root: Path) -> User:
+    """Resolve an image ``User`` (``name``, ``uid``, ``name:group``, ``uid:gid``).
+
+    Names are looked up in the image's ``/etc/passwd`` and ``/etc/group`` directly, not
+    through NSS, whose modules the carried runtime does not have.
+    """
+    if not spec or spec in ("root", "0", "0:0"):
+        return User(0, 0, [0], "/root")
+    user_part, _, group_part = spec.partition(":")
+    passwd = _read_table(root / "etc" / "passwd")
+    groups = _read_table(root / "etc" / "group")
+    name = None
+    home = "/"
+    if user_part.isdigit():
+        uid = int(user_part)
+        match = next((row for row in passwd if len(row) > 3 and row[2] == user_part), None)
+        gid = int(match[3]) if match else uid
+        if match:
+            name, home = match[0], match[5] if len(match) > 5 else "/"
+    else:
+        match = next((row for row in passwd if row and row[0] == user_part), None)
+        if match is None or len(match) < 4:
+            raise LaunchError(f"user {user_part!r} not found in the image's /etc/passwd")
+        name, uid, gid = match[0], int(match[2]), int(match[3])
+        home = match[5] if len(match) > 5 else "/"
+    if group_part:
+        if group_part.isdigit():
+            gid = int(group_part)
+        else:
+            found = next((row for row in groups if row and row[0] == group_part), None)
+            if found is None or len(found) < 3:
+                raise LaunchError(f"group {group_part!r} not found in the image's /etc/group")
+            gid = int(found[2])
+    supplementary = [gid]
+    if name is not None:
+        for row in groups:
+            if len(row) > 3 and name in row[3].split(",") and row[2].isdigit():
+                supplementary.append(int(row[2]))
+    return User(uid, gid, sorted(set(supplementary)), home)
+
+
+def _read_table(path: Path) -> List[List[str]]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def write_injection_files(files: Sequence[InjectionFile], user: User, root: Path) -> None:
+    """Write injected files; each must land on a memory-backed mount."""
+    for item in files:
+        target = root / item.path.lstrip("/")
+        if not mounts.is_memory_backed(str(target.parent)):
+            raise LaunchError(
+                f"injected file {item.path!r} is not on a memory-backed file system; make its "
+                f"directory a protected region or run with --tmpfs {posixpath.dirname(item.path)}"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.enclavify-tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        descriptor = os.open(str(temporary), flags, 0o600)
+        try:
+            with os.fdopen(descriptor, "wb") as stream:
+                stream.write(item.content)
+            if os.getuid() == 0:
+                os.chown(str(temporary), user.uid, user.gid)
+            os.chmod(str(temporary), item.mode)
+            os.replace(str(temporary), str(target))
+        except OSError as error:
+            if os.path.lexists(str(temporary)):
+                os.unlink(str(temporary))
+            raise LaunchError(
+                f"cannot write injected file {item.path!r}: {error.strerror}"
+            ) from error
+        log.debug("injected %s", item.path)
+
+
+def find_program(name: str, environment: Mapping[str, str], root: Path) -> str:
+    """Resolve ``argv[0]`` like execvp does, with the configuration's PATH."""
+    if "/" in name:
+        candidates = [name]
+    else:
+        search = environment.get("PATH", DEFAULT_PATH)
+        candidates = [posixpath.join(d or ".", name) for d in search.split(":")]
+    for candidate in candidates:
+        host = root / candidate.lstrip("/") if candidate.startswith("/") else Path(candidate)
+        try:
+            info = os.stat(str(host))
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_mode & 0o111:
+            return str(host)
+    raise LaunchError(f"command {name!r} not found (PATH={environment.get('PATH', DEFAULT_PATH)})")
+
+
+def check_binary(program: str, config: RuntimeConfig, root: Path) -> None:
+    """Refuse to run a program other than the measured binary."""
+    measured = os.path.realpath(str(root / config.binary.lstrip("/")))
+    if os.path.realpath(program) != measured:
+        raise LaunchError(
+            f"the command runs {program!r}, but the image was measured with binary "
+            f"{config.binary!r}; convert it with --binary naming the program the command runs"
+        )
+
+
+def drop_privileges(user: User) -> None:
+    if os.getuid() != 0:
+        if user.uid != os.getuid():
+            raise LaunchError(f"cannot switch to uid {user.uid}: the launcher is not root")
+        return
+    os.setgroups(user.groups)
+    os.setgid(user.gid)
+    os.setuid(user.uid)
+
+
+def launch(
+    *,
+    environ: Mapping[str, str],
+    runtime_dir: Path = RUNTIME_DIR,
+    root: Path = Path("/"),
+) -> None:
+    """Start the application; returns only by raising."""
+    config = RuntimeConfig.load(runtime_dir / CONFIG_NAME)
+    measured = measure(config, runtime_dir, root)
+    log.debug("measurement %s", measured)
+    configuration = obtain_configuration(config, measured, environ, runtime_dir)
+    unseal(config, configuration, root)
+    user = resolve_user(config.user, root)
+    write_injection_files(configuration.injection_files, user, root)
+    program = find_program(configuration.command[0], configuration.environment, root)
+    check_binary(program, config, root)
+    drop_privileges(user)
+    try:
+        os.chdir(configuration.pwd)
+    except OSError as error:
+        raise LaunchError(
+            f"cannot change to the working directory {configuration.pwd!r}: {error.strerror}"
+        ) from error
+    log.debug("executing %s", program)
+    try:
+        os.execve(program, configuration.command, configuration.environment)  # noqa: S606
+    except OSError as error:
+        raise LaunchError(f"cannot execute {program!r}: {error.strerror}") from error
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m enclavify.runtime``: ``run`` or ``measure``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _configure_logging(os.environ.get("ENCLAVIFY_LOG_LEVEL", "warning"))
+    command = args[0] if args else "run"
+    try:
+        if command == "run":
+            launch(environ=os.environ)
+            return 1
+        if command == "measure":
+            config = RuntimeConfig.load(RUNTIME_DIR / CONFIG_NAME)
+            print(measure(config))
+            return 0
+        print(
+            f"enclavify-runtime: unknown command {command!r}; use run or measure", file=sys.stderr
+        )
+        return 2
+    except Error as error:
+        print(f"enclavify: error: {error.diagnostics()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _configure_logging(level_name: str) -> None:
+    level = getattr(logging, level_name.upper(), logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level if isinstance(level, int) else logging.WARNING)

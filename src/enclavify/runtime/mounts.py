@@ -1,0 +1,129 @@
+"""Where decrypted files may go: memory-backed mounts only.
+
+The launcher never writes plaintext to a disk-backed file system. A protected region must be
+a tmpfs or ramfs mount (``podman run --tmpfs /app``); when it is not, and the launcher may
+mount (CAP_SYS_ADMIN), it mounts a tmpfs there itself.
+
+This module is carried into confidential images: standard library only, Python 3.8 syntax.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import struct
+from typing import List, Optional, Tuple
+
+from enclavify.errors import LaunchError
+
+log = logging.getLogger(__name__)
+
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
+_TMPFS_MAGIC = 0x01021994
+_RAMFS_MAGIC = 0x858458F6
+_MS_NOSUID = 2
+_MS_NODEV = 4
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as three-digit octal escapes.
+    for code in ("040", "011", "012", "134"):
+        field = field.replace("\\" + code, chr(int(code, 8)))
+    return field
+
+
+def read_mounts(mountinfo: str = MOUNTINFO) -> List[Tuple[str, str]]:
+    """Return ``(mount point, file system type)`` pairs from ``mountinfo``, in mount order."""
+    mounts = []
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as stream:
+        for line in stream:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            kinds = right.split()
+            if len(fields) >= 5 and kinds:
+                mounts.append((_unescape(fields[4]), kinds[0]))
+    return mounts
+
+
+def _existing_ancestor(path: str) -> str:
+    current = os.path.realpath(path)
+    while not os.path.exists(current):
+        current = os.path.dirname(current)
+    return current
+
+
+def filesystem_type(path: str, mountinfo: str = MOUNTINFO) -> Optional[str]:
+    """Return the type of the file system that holds ``path`` (or would hold it if created).
+
+    Uses the mount table when it is readable, else statfs(2) (then only tmpfs and ramfs
+    are told apart; other types are reported as ``"other"``). None when neither works.
+    """
+    target = _existing_ancestor(path)
+    try:
+        mounts = read_mounts(mountinfo)
+    except OSError:
+        return _statfs_type(target)
+    best: Optional[Tuple[str, str]] = None
+    for point, kind in mounts:
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        # A later mount on the same or a deeper point hides the earlier ones.
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, kind)
+    return best[1] if best else None
+
+
+def _statfs_type(path: str) -> Optional[str]:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buffer = ctypes.create_string_buffer(512)
+        if libc.statfs(path.encode(), buffer) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    # f_type is the first field of struct statfs: a long on glibc and musl for 64-bit
+    # architectures. Reading it as a native unsigned int matches both magic numbers there
+    # and on 32-bit ones.
+    magic = struct.unpack_from("=I", buffer.raw)[0]
+    if magic == _TMPFS_MAGIC:
+        return "tmpfs"
+    if magic == _RAMFS_MAGIC:
+        return "ramfs"
+    return "other"
+
+
+def is_memory_backed(path: str, mountinfo: str = MOUNTINFO) -> bool:
+    """Return whether files written at ``path`` stay in memory."""
+    return filesystem_type(path, mountinfo) in MEMORY_FILESYSTEMS
+
+
+def ensure_memory_backed(region: str, mountinfo: str = MOUNTINFO) -> None:
+    """Make sure ``region`` is memory-backed, mounting a tmpfs there if allowed.
+
+    Raises LaunchError naming the region and the ``--tmpfs`` fix when it is not and the
+    launcher cannot mount.
+    """
+    if is_memory_backed(region, mountinfo):
+        log.debug("region %s is memory-backed", region)
+        return
+    advice = (
+        f"protected region {region!r} is not on a memory-backed file system and the "
+        f"launcher may not mount one; run the container with --tmpfs {region} "
+        f"(compose: tmpfs: [{region}])"
+    )
+    try:
+        os.makedirs(region, exist_ok=True)
+    except OSError as error:
+        raise LaunchError(advice) from error
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.mount(b"tmpfs", region.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0755")
+    if result != 0:
+        code = ctypes.get_errno()
+        if code in (errno.EPERM, errno.EACCES):
+            raise LaunchError(advice)
+        raise LaunchError(f"mounting a tmpfs on {region!r} failed: {os.strerror(code)}")
+    if not is_memory_backed(region, mountinfo):
+        raise LaunchError(advice)
+    log.debug("mounted a tmpfs on region %s", region)
