@@ -40,3 +40,16 @@ class Claims:
     tcb_status: str
     advisories: tuple[str, ...] = ()
     details: Mapping[str, Any] = field(default_factory=dict)
+
+
+def claims_to_dict(claims: Claims) -> dict[str, Any]:
+    """Return the claims as JSON-ready values, with the report data in hex."""
+    return {
+        "evidence_type": claims.evidence_type,
+        "measurement": claims.measurement,
+        "report_data": claims.report_data.hex(),
+        "debug": claims.debug,
+        "tcb_status": claims.tcb_status,
+        "advisories": list(claims.advisories),
+        "details": dict(claims.details),
+    }

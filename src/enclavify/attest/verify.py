@@ -10,15 +10,30 @@ is for :func:`enclavify.policy.check_claims`.
 from __future__ import annotations
 
 import hmac
+import json
 from datetime import datetime
 from typing import Protocol
 
 from enclavify.attest import report_data as report_data_module
-from enclavify.attest.claims import REPORT_DATA_SIZE, Claims
+from enclavify.attest.claims import (
+    REPORT_DATA_SIZE,
+    SEV_SNP,
+    SGX_DCAP,
+    SIMULATION,
+    TDX,
+    Claims,
+)
 from enclavify.attest.collateral import Collateral
-from enclavify.attest.dcap import SgxVerifier, TdxVerifier
+from enclavify.attest.dcap import (
+    HEADER_SIZE,
+    TEE_TYPE_SGX,
+    TEE_TYPE_TDX,
+    SgxVerifier,
+    TdxVerifier,
+    quote_header,
+)
 from enclavify.attest.simulation import SimulationVerifier
-from enclavify.attest.snp import SnpVerifier
+from enclavify.attest.snp import REPORT_SIZE, SnpVerifier
 from enclavify.errors import AttestationError
 
 
@@ -84,6 +99,39 @@ def check_report_data(claims: Claims, nonce: bytes, public_key: bytes) -> None:
     expected = report_data_module.bind(nonce, public_key)
     if not hmac.compare_digest(expected, claims.report_data):
         raise AttestationError("report data does not bind the challenge nonce and public key")
+
+
+def detect_evidence_type(data: bytes) -> str:
+    """Guess the evidence type from its form.
+
+    JSON with ``outblob`` is configfs-tsm SEV-SNP evidence and JSON with ``measurement`` is
+    simulation evidence; 1184 bytes starting with a report version from 2 to 255 is an SEV-SNP
+    report; otherwise the quote header's version and TEE type tell SGX from TDX.
+
+    Raises:
+        AttestationError: if the form matches none of these.
+    """
+    if data.lstrip().startswith(b"{"):
+        try:
+            document = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise AttestationError(f"evidence looks like JSON but is not valid: {error}") from error
+        if isinstance(document, dict) and "outblob" in document:
+            return SEV_SNP
+        if isinstance(document, dict) and "measurement" in document:
+            return SIMULATION
+        raise AttestationError("JSON evidence is neither configfs-tsm nor simulation evidence")
+    # A quote's first 32 bits hold its version and key type (0x20003 for SGX version 3), while
+    # an SEV-SNP report starts with a small version number.
+    if len(data) == REPORT_SIZE and 2 <= int.from_bytes(data[:4], "little") <= 0xFF:
+        return SEV_SNP
+    if len(data) > HEADER_SIZE:
+        version, tee_type = quote_header(data)
+        if tee_type == TEE_TYPE_SGX and version in (3, 4, 5):
+            return SGX_DCAP
+        if tee_type == TEE_TYPE_TDX and version in (4, 5):
+            return TDX
+    raise AttestationError("cannot tell the evidence type; name it explicitly")
 
 
 register(SimulationVerifier())
