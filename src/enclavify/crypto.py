@@ -62,9 +62,7 @@ class _CryptographyBackend:
         s = self._serialization
         private = self._x25519.X25519PrivateKey.generate()
         # private_bytes(Raw) rather than private_bytes_raw(), which needs cryptography >= 40.
-        private_raw = private.private_bytes(
-            s.Encoding.Raw, s.PrivateFormat.Raw, s.NoEncryption()
-        )
+        private_raw = private.private_bytes(s.Encoding.Raw, s.PrivateFormat.Raw, s.NoEncryption())
         public_raw = private.public_key().public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
         return private_raw, public_raw
 

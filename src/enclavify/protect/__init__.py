@@ -2,11 +2,15 @@
 and restore them.
 
 The format is described in :mod:`enclavify.protect.format`. :mod:`.seal` runs at conversion
-time; :mod:`.format` and :mod:`.unseal` are carried into confidential images and use only the
-standard library and :mod:`enclavify.crypto`.
+time. :mod:`.format` and :mod:`.unseal` are carried into confidential images and use only the
+standard library and :mod:`enclavify.crypto`, so this package imports :mod:`.seal` only when
+one of its names is first used, and the launcher never loads it.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from enclavify.protect.format import (
     CHUNK_SIZE,
@@ -17,8 +21,12 @@ from enclavify.protect.format import (
     chunk_nonce,
     sealed_size,
 )
-from enclavify.protect.seal import SealedVolume, Sealer, seal_tree
 from enclavify.protect.unseal import open_fspf, unseal_tree
+
+if TYPE_CHECKING:
+    from enclavify.protect.seal import SealedVolume, Sealer, seal_tree
+
+_SEAL_NAMES = ("SealedVolume", "Sealer", "seal_tree")
 
 __all__ = [
     "CHUNK_SIZE",
@@ -34,3 +42,9 @@ __all__ = [
     "sealed_size",
     "unseal_tree",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SEAL_NAMES:
+        return getattr(importlib.import_module("enclavify.protect.seal"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

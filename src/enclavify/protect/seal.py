@@ -147,8 +147,9 @@ class Sealer:
         if not target or "\x00" in target:
             raise ProtectError(f"symlink {path!r} has an empty target or one with a NUL byte")
         self._record(
-            Entry(type="symlink", path=path, target=target, mode=0o777, uid=uid, gid=gid,
-                  mtime=mtime)
+            Entry(
+                type="symlink", path=path, target=target, mode=0o777, uid=uid, gid=gid, mtime=mtime
+            )
         )
 
     def add_hardlink(self, path: str, target: str) -> None:
@@ -193,8 +194,18 @@ class Sealer:
             raise ProtectError(f"the object writer did not consume the whole object of {path!r}")
         self._objects.add(name)
         self._record(
-            Entry(type="file", path=path, mode=stat.S_IMODE(mode), uid=uid, gid=gid, mtime=mtime,
-                  size=size, object=name, key=key, file_id=file_id)
+            Entry(
+                type="file",
+                path=path,
+                mode=stat.S_IMODE(mode),
+                uid=uid,
+                gid=gid,
+                mtime=mtime,
+                size=size,
+                object=name,
+                key=key,
+                file_id=file_id,
+            )
         )
         log.debug("sealed %s (%d bytes) as object %s", path, size, name)
 
@@ -238,8 +249,9 @@ class Sealer:
         nonce = self._random(NONCE_SIZE)
         sealed = crypto.aes_gcm_encrypt(key, nonce, manifest.to_json_bytes(), FSPF_HEADER)
         fspf = FSPF_HEADER + nonce + sealed
-        log.debug("sealed fspf with %d entries in %d regions", len(self._entries),
-                  len(self._regions))
+        log.debug(
+            "sealed fspf with %d entries in %d regions", len(self._entries), len(self._regions)
+        )
         return SealedVolume(fspf=fspf, key=key, tag=sealed[-TAG_SIZE:])
 
 
@@ -265,9 +277,7 @@ class _TreeWalker:
             for item in _sorted_scandir(host_path):
                 self.add(path.rstrip("/") + "/" + item.name, item.path)
         elif stat.S_ISLNK(mode):
-            self._sealer.add_symlink(
-                path, os.readlink(host_path), uid=uid, gid=gid, mtime=mtime
-            )
+            self._sealer.add_symlink(path, os.readlink(host_path), uid=uid, gid=gid, mtime=mtime)
         elif stat.S_ISREG(mode):
             inode = (info.st_dev, info.st_ino)
             if info.st_nlink > 1 and inode in self._inodes:
@@ -341,4 +351,3 @@ def seal_tree(root: Path, regions: Sequence[str], output: Path) -> SealedVolume:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return volume
-

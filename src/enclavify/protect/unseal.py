@@ -234,8 +234,9 @@ class _Restorer:
         parent = self._directory(parents, entry.path)
         failed = IntegrityError(f"protected file {entry.path!r} failed verification")
         try:
-            source = os.open(entry.object, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=self._objects_fd)
+            source = os.open(
+                entry.object, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._objects_fd
+            )
         except OSError:
             raise failed from None
         temporary: str | None = None
@@ -243,7 +244,7 @@ class _Restorer:
             chunk_size = self._manifest.chunk_size
             if os.fstat(source).st_size != sealed_size(entry.size, chunk_size):
                 raise failed
-            temporary = f".{name}.enclavify-{os.urandom(6).hex()}"
+            temporary = _temporary_name()
             sink = os.open(
                 temporary,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -262,8 +263,9 @@ class _Restorer:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temporary, dir_fd=parent)
 
-    def _decrypt_object(self, source: int, writer: BinaryIO, entry: Entry,
-                        failed: IntegrityError) -> None:
+    def _decrypt_object(
+        self, source: int, writer: BinaryIO, entry: Entry, failed: IntegrityError
+    ) -> None:
         chunk_size = self._manifest.chunk_size
         cipher = crypto.AesGcm(entry.key)
         count = chunk_count(entry.size, chunk_size)
@@ -276,8 +278,9 @@ class _Restorer:
                 raise failed
             last = index == count - 1
             try:
-                write(cipher.decrypt(chunk_nonce(index), data, chunk_aad(entry.file_id, index,
-                                                                          last)))
+                write(
+                    cipher.decrypt(chunk_nonce(index), data, chunk_aad(entry.file_id, index, last))
+                )
             except crypto.AuthenticationError:
                 raise failed from None
             remaining -= want - TAG_SIZE
@@ -287,7 +290,7 @@ class _Restorer:
     @staticmethod
     def _replace_with(parent: int, name: str, create: Callable[[str], None]) -> None:
         """Create an entry under a temporary name with ``create(temporary)``, then rename it."""
-        temporary = f".{name}.enclavify-{os.urandom(6).hex()}"
+        temporary = _temporary_name()
         create(temporary)
         try:
             os.rename(temporary, name, src_dir_fd=parent, dst_dir_fd=parent)
@@ -303,8 +306,9 @@ class _Restorer:
             os.symlink(entry.target, temporary, dir_fd=parent)
             if self._as_root:
                 os.chown(temporary, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
-            os.utime(temporary, times=(entry.mtime, entry.mtime), dir_fd=parent,
-                     follow_symlinks=False)
+            os.utime(
+                temporary, times=(entry.mtime, entry.mtime), dir_fd=parent, follow_symlinks=False
+            )
 
         self._replace_with(parent, name, create)
 
@@ -315,10 +319,20 @@ class _Restorer:
         parent = self._directory(parents, entry.path)
 
         def create(temporary: str) -> None:
-            os.link(source_name, temporary, src_dir_fd=source_parent, dst_dir_fd=parent,
-                    follow_symlinks=False)
+            os.link(
+                source_name,
+                temporary,
+                src_dir_fd=source_parent,
+                dst_dir_fd=parent,
+                follow_symlinks=False,
+            )
 
         self._replace_with(parent, name, create)
+
+
+def _temporary_name() -> str:
+    # Independent of the entry's name, which may already be 255 bytes long.
+    return f".enclavify-{os.urandom(8).hex()}.tmp"
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
@@ -334,4 +348,3 @@ def _read_exactly(fd: int, size: int) -> bytes:
         parts.append(more)
         remaining -= len(more)
     return b"".join(parts)
-
