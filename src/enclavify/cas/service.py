@@ -301,6 +301,8 @@ class CasService:
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """Generate the session's secrets, keeping earlier values whose definition is unchanged."""
         definitions = {d.name: definition_fingerprint(d) for d in session.secrets}
+        if not session.secrets:
+            return {}, definitions
         existing = {
             name: value for name, value in previous.items()
             if previous_definitions.get(name) == definitions.get(name)
