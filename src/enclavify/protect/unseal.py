@@ -63,11 +63,11 @@ def open_fspf(data: bytes, key: bytes, tag: bytes, *, name: str = "fspf") -> Man
         raise ProtectError(f"an fspf key is {KEY_SIZE} bytes and its tag {TAG_SIZE} bytes")
     header, nonce, sealed = split_fspf(data)
     if not hmac.compare_digest(sealed[-TAG_SIZE:], tag):
-        raise IntegrityError(f"{name} failed verification: it is not the expected fspf")
+        raise IntegrityError(f"{name!r} failed verification: it is not the expected fspf")
     try:
         plaintext = crypto.aes_gcm_decrypt(key, nonce, sealed, header)
     except crypto.AuthenticationError:
-        raise IntegrityError(f"{name} failed verification") from None
+        raise IntegrityError(f"{name!r} failed verification") from None
     return parse_manifest(plaintext)
 
 

@@ -1,0 +1,232 @@
+"""An attacker who controls the image's sealed files gets every change rejected.
+
+Each case asserts the IntegrityError names the file (or the fspf), and that no plaintext of
+the rejected file, not even a temporary one, is left in the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from enclavify.errors import IntegrityError
+from enclavify.protect import CHUNK_SIZE, SealedVolume, open_fspf, seal_tree, unseal_tree
+from enclavify.protect.format import TAG_SIZE
+from tests.protect.trees import seal_manifest
+
+BIG = "/app/big.bin"
+TWIN_A = "/app/twin-a.bin"
+TWIN_B = "/app/twin-b.bin"
+SMALL = "/app/z-small.txt"
+BIG_CHUNKS = 5  # 4 full chunks and a partial one
+SEALED_CHUNK = CHUNK_SIZE + TAG_SIZE
+
+
+@dataclass
+class Sealed:
+    source: Path
+    sealed: Path
+    volume: SealedVolume
+    target: Path
+
+    def object_of(self, path: str) -> Path:
+        manifest = open_fspf(self.fspf.read_bytes(), self.volume.key, self.volume.tag)
+        entry = next(entry for entry in manifest.entries if entry.path == path)
+        return self.sealed / "objects" / entry.object
+
+    @property
+    def fspf(self) -> Path:
+        return self.sealed / "fspf"
+
+    def unseal(self, key: bytes | None = None, tag: bytes | None = None) -> None:
+        unseal_tree(
+            self.sealed,
+            self.volume.key if key is None else key,
+            self.volume.tag if tag is None else tag,
+            self.target,
+        )
+
+
+@pytest.fixture
+def sealed(tmp_path: Path) -> Sealed:
+    source = tmp_path / "source"
+    (source / "app").mkdir(parents=True)
+    (source / "app" / "big.bin").write_bytes(os.urandom(4 * CHUNK_SIZE + 1000))
+    (source / "app" / "twin-a.bin").write_bytes(os.urandom(2 * CHUNK_SIZE))
+    (source / "app" / "twin-b.bin").write_bytes(os.urandom(2 * CHUNK_SIZE))
+    (source / "app" / "z-small.txt").write_bytes(b"top secret")
+    volume = seal_tree(source, ["/app"], tmp_path / "sealed")
+    target = tmp_path / "target"
+    target.mkdir()
+    return Sealed(source, tmp_path / "sealed", volume, target)
+
+
+def assert_rejected(sealed: Sealed, path: str) -> None:
+    """Unsealing raises an IntegrityError naming ``path`` and leaves no plaintext of it."""
+    with pytest.raises(IntegrityError) as excinfo:
+        sealed.unseal()
+    message = str(excinfo.value)
+    assert repr(path) in message
+    assert sealed.volume.key.hex() not in message
+    assert not (sealed.target / path.lstrip("/")).exists()
+    leftovers = [item.name for item in (sealed.target / "app").iterdir() if ".tmp" in item.name]
+    assert leftovers == []
+
+
+def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
+    with open(path, "r+b") as stream:
+        stream.seek(offset)
+        byte = stream.read(1)[0]
+        stream.seek(offset)
+        stream.write(bytes([byte ^ (1 << bit)]))
+
+
+def test_untampered_volume_unseals(sealed: Sealed) -> None:
+    sealed.unseal()
+
+    for path in (BIG, TWIN_A, TWIN_B, SMALL):
+        relative = path.lstrip("/")
+        assert (sealed.target / relative).read_bytes() == (sealed.source / relative).read_bytes()
+
+
+@pytest.mark.parametrize("chunk", range(BIG_CHUNKS))
+@pytest.mark.parametrize("where", ["first byte", "middle", "tag"])
+def test_flipped_bit_in_any_chunk_is_rejected(sealed: Sealed, chunk: int, where: str) -> None:
+    start = chunk * SEALED_CHUNK
+    size = min(SEALED_CHUNK, sealed.object_of(BIG).stat().st_size - start)
+    offset = {"first byte": start, "middle": start + size // 2, "tag": start + size - 1}[where]
+    flip_bit(sealed.object_of(BIG), offset, bit=chunk % 8)
+
+    assert_rejected(sealed, BIG)
+
+
+def test_flipped_bit_in_small_file_is_rejected(sealed: Sealed) -> None:
+    flip_bit(sealed.object_of(SMALL), 3)
+
+    assert_rejected(sealed, SMALL)
+
+
+def test_swapped_chunks_are_rejected(sealed: Sealed) -> None:
+    data = bytearray(sealed.object_of(BIG).read_bytes())
+    first = data[:SEALED_CHUNK]
+    data[:SEALED_CHUNK] = data[SEALED_CHUNK : 2 * SEALED_CHUNK]
+    data[SEALED_CHUNK : 2 * SEALED_CHUNK] = first
+    sealed.object_of(BIG).write_bytes(bytes(data))
+
+    assert_rejected(sealed, BIG)
+
+
+def test_repeated_chunk_is_rejected(sealed: Sealed) -> None:
+    data = bytearray(sealed.object_of(BIG).read_bytes())
+    data[SEALED_CHUNK : 2 * SEALED_CHUNK] = data[:SEALED_CHUNK]
+    sealed.object_of(BIG).write_bytes(bytes(data))
+
+    assert_rejected(sealed, BIG)
+
+
+def test_swapped_objects_of_two_files_are_rejected(sealed: Sealed) -> None:
+    # Same size, so only the per-file key and file id can tell them apart.
+    a, b = sealed.object_of(TWIN_A), sealed.object_of(TWIN_B)
+    a_data, b_data = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_data)
+    b.write_bytes(a_data)
+
+    assert_rejected(sealed, TWIN_A)
+    assert not (sealed.target / "app" / "twin-b.bin").exists()
+
+
+@pytest.mark.parametrize("cut", [1, TAG_SIZE, 1000])
+def test_truncated_object_is_rejected(sealed: Sealed, cut: int) -> None:
+    data = sealed.object_of(BIG).read_bytes()
+    sealed.object_of(BIG).write_bytes(data[:-cut])
+
+    assert_rejected(sealed, BIG)
+
+
+def test_dropped_last_chunk_is_rejected(sealed: Sealed) -> None:
+    data = sealed.object_of(TWIN_A).read_bytes()
+    sealed.object_of(TWIN_A).write_bytes(data[:SEALED_CHUNK])
+
+    assert_rejected(sealed, TWIN_A)
+
+
+def test_appended_data_is_rejected(sealed: Sealed) -> None:
+    with open(sealed.object_of(SMALL), "ab") as stream:
+        stream.write(b"\x00" * TAG_SIZE)
+
+    assert_rejected(sealed, SMALL)
+
+
+def test_missing_object_is_rejected(sealed: Sealed) -> None:
+    sealed.object_of(SMALL).unlink()
+
+    assert_rejected(sealed, SMALL)
+
+
+def test_object_replaced_by_symlink_is_rejected(sealed: Sealed) -> None:
+    # A symlink to the genuine object: the unsealer must not follow links in objects/.
+    victim = sealed.object_of(SMALL)
+    moved = victim.with_name("elsewhere")
+    victim.rename(moved)
+    victim.symlink_to(moved.name)
+
+    assert_rejected(sealed, SMALL)
+
+
+def assert_fspf_rejected(
+    sealed: Sealed, key: bytes | None = None, tag: bytes | None = None
+) -> None:
+    with pytest.raises(IntegrityError) as excinfo:
+        sealed.unseal(key=key, tag=tag)
+    assert repr(str(sealed.fspf)) in str(excinfo.value)
+    assert list(sealed.target.iterdir()) == []
+
+
+def test_wrong_key_is_rejected(sealed: Sealed) -> None:
+    assert_fspf_rejected(sealed, key=os.urandom(32))
+
+
+def test_wrong_tag_is_rejected(sealed: Sealed) -> None:
+    assert_fspf_rejected(sealed, tag=os.urandom(16))
+
+
+def test_flipped_bit_in_fspf_is_rejected(sealed: Sealed) -> None:
+    # Inside the ciphertext, not the tag: the tag still matches, so decryption must catch it.
+    flip_bit(sealed.fspf, 40)
+
+    assert_fspf_rejected(sealed)
+
+
+def test_older_fspf_put_back_is_rejected(sealed: Sealed, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(sealed.sealed, old)
+    (sealed.source / "app" / "z-small.txt").write_bytes(b"revoked secret")
+    newer = seal_tree(sealed.source, ["/app"], tmp_path / "newer")
+    shutil.rmtree(sealed.sealed)
+    shutil.copytree(old, sealed.sealed)
+
+    # The attacker restores the old volume; the session holds the newer key and tag.
+    with pytest.raises(IntegrityError):
+        sealed.unseal(key=newer.key, tag=newer.tag)
+    assert list(sealed.target.iterdir()) == []
+
+
+def test_older_fspf_under_same_key_is_rejected(sealed: Sealed) -> None:
+    # Even when a later version reuses the volume key, the expected tag pins one fspf.
+    manifest = open_fspf(sealed.fspf.read_bytes(), sealed.volume.key, sealed.volume.tag)
+    later = seal_manifest(
+        {**json.loads(manifest.to_json_bytes()), "entries": []},
+        sealed.volume.key,
+    )
+    later_tag = later[-TAG_SIZE:]
+
+    with pytest.raises(IntegrityError) as excinfo:
+        sealed.unseal(tag=later_tag)
+
+    assert repr(str(sealed.fspf)) in str(excinfo.value)
+    assert list(sealed.target.iterdir()) == []
