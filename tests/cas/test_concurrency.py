@@ -1,0 +1,156 @@
+"""Racing updates and crash durability against real CAS processes."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from enclavify.cas import audit
+from enclavify.cas.client import CasClient, Identity
+from enclavify.cas.storage import Database
+from enclavify.errors import CasError, CasRejected
+
+from .conftest import CasProcess, namespace_yaml, start_cas, unique
+
+RACERS = 8
+
+
+def _race(clients: list[CasClient], name: str, predecessor: str) -> tuple[list[str], list[int]]:
+    """Send RACERS different updates naming the same predecessor at once."""
+    barrier = threading.Barrier(RACERS)
+
+    def update(i: int) -> str | int:
+        text = namespace_yaml(name).replace("'0.3'", f"'1.{i}'") + f"predecessor: {predecessor}\n"
+        barrier.wait()
+        try:
+            return clients[i % len(clients)].update_session(text)
+        except CasRejected as error:
+            return error.status
+
+    with ThreadPoolExecutor(RACERS) as pool:
+        results = list(pool.map(update, range(RACERS)))
+    return [r for r in results if isinstance(r, str)], [r for r in results if isinstance(r, int)]
+
+
+def _check_one_winner(client: CasClient, name: str, predecessor: str, rounds: int = 5) -> None:
+    for _ in range(rounds):
+        winners, refused = _race([client], name, predecessor)
+        assert len(winners) == 1, f"{len(winners)} updates won with the same predecessor"
+        assert refused == [409] * (RACERS - 1)
+        assert client.get_session(name)["hash"] == winners[0]
+        history = client.session_history(name)
+        assert history[-1]["predecessor"] == predecessor
+        predecessor = winners[0]
+    assert len(client.session_history(name)) == rounds + 1
+
+
+def test_racing_updates_sqlite(cas: CasProcess, identities: dict[str, Identity]) -> None:
+    client = cas.client(identities["alice"])
+    name = unique("race")
+    digest = client.create_session(namespace_yaml(name))
+    _check_one_winner(client, name, digest)
+
+
+@pytest.mark.postgres
+def test_racing_updates_postgres(
+    postgres_url: str, tmp_path: Path, identities: dict[str, Identity]
+) -> None:
+    server = start_cas(tmp_path / "cas", db=postgres_url)
+    try:
+        client = server.client(identities["alice"])
+        name = unique("race")
+        digest = client.create_session(namespace_yaml(name))
+        _check_one_winner(client, name, digest)
+    finally:
+        server.stop()
+
+
+@pytest.mark.postgres
+def test_racing_updates_across_two_processes(
+    postgres_url: str, tmp_path: Path, identities: dict[str, Identity]
+) -> None:
+    # Both processes share the data directory: the same CA, master key and head file.
+    first = start_cas(tmp_path / "cas", db=postgres_url)
+    second = start_cas(tmp_path / "cas", db=postgres_url)
+    try:
+        clients = [first.client(identities["alice"]), second.client(identities["alice"])]
+        name = unique("race2")
+        predecessor = clients[0].create_session(namespace_yaml(name))
+        assert clients[1].get_session(name)["hash"] == predecessor
+        for _ in range(5):
+            winners, refused = _race(clients, name, predecessor)
+            assert len(winners) == 1, f"{len(winners)} updates won across two CAS processes"
+            assert refused == [409] * (RACERS - 1)
+            assert clients[0].get_session(name)["hash"] == winners[0]
+            assert clients[1].get_session(name)["hash"] == winners[0]
+            predecessor = winners[0]
+        database = Database.open(postgres_url)
+        try:
+            result = audit.verify_chain(database, audit.HeadFile(tmp_path / "cas" / audit.HEAD_FILE))
+        finally:
+            database.close()
+        assert result.ok, result.problems
+    finally:
+        first.stop()
+        second.stop()
+
+
+@pytest.mark.slow
+def test_acknowledged_writes_survive_sigkill(
+    tmp_path: Path, identities: dict[str, Identity]
+) -> None:
+    data = tmp_path / "cas"
+    acknowledged: dict[str, str] = {}
+    lock = threading.Lock()
+    rng = random.Random(20261204)
+
+    for round_number in range(4):
+        server = start_cas(data)
+        client = server.client(identities["alice"], attempts=1)
+        stop = threading.Event()
+
+        def writer(worker: int, client: CasClient = server.client(identities["alice"], attempts=1),
+                   stop: threading.Event = stop, round_number: int = round_number) -> None:
+            n = 0
+            while not stop.is_set():
+                name = f"crash{round_number}w{worker}n{n}"
+                n += 1
+                try:
+                    digest = client.create_session(namespace_yaml(name))
+                except CasError:
+                    continue
+                with lock:
+                    acknowledged[name] = digest
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(rng.uniform(0.3, 1.2))
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+        stop.set()
+        for thread in threads:
+            thread.join()
+        del client
+
+    assert len(acknowledged) > 20, "too few writes were acknowledged to test anything"
+    server = start_cas(data)
+    try:
+        client = server.client(identities["alice"])
+        for name, digest in acknowledged.items():
+            assert client.get_session(name)["hash"] == digest, f"acknowledged {name} was lost"
+    finally:
+        server.stop()
+    database = Database.open(str(data / "cas.db"))
+    try:
+        result = audit.verify_chain(database, audit.HeadFile(data / audit.HEAD_FILE))
+    finally:
+        database.close()
+    assert result.ok, result.problems
+    assert result.records >= len(acknowledged)
