@@ -1,0 +1,282 @@
+"""Streams over blobs: digest verification, (de)compression and file slices."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, BinaryIO, Protocol, cast
+
+import zstandard
+
+from enclavify.errors import ImageError
+
+CHUNK = 1 << 20
+
+Progress = Callable[[int, int, str], None]
+
+GZIP = "gzip"
+ZSTD = "zstd"
+UNCOMPRESSED = "none"
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def sniff_compression(head: bytes) -> str:
+    """Return the compression of a layer stream from its first bytes."""
+    if head.startswith(_GZIP_MAGIC):
+        return GZIP
+    if head.startswith(_ZSTD_MAGIC):
+        return ZSTD
+    return UNCOMPRESSED
+
+
+class HashingReader(io.RawIOBase):
+    """A read-only stream that hashes what passes through and counts the bytes."""
+
+    def __init__(self, inner: IO[bytes], on_read: Callable[[int], None] | None = None) -> None:
+        self._inner = inner
+        self._on_read = on_read
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._inner.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.hash.update(data)
+        self.count += n
+        if self._on_read is not None and n:
+            self._on_read(n)
+        return n
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hash.hexdigest()
+
+
+class _Writable(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only stream that hashes and counts what passes through to ``inner``."""
+
+    def __init__(self, inner: _Writable) -> None:
+        self._inner = inner
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = bytes(data)
+        self._inner.write(view)
+        self.hash.update(view)
+        self.count += len(view)
+        return len(view)
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hash.hexdigest()
+
+
+class SliceReader(io.RawIOBase):
+    """``size`` bytes of a file starting at ``offset``, read with its own file descriptor."""
+
+    def __init__(self, path: Path, offset: int, size: int) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self._offset = offset
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self._size - self._pos)
+        if want <= 0:
+            return 0
+        data = os.pread(self._fd, want, self._offset + self._pos)
+        if len(data) != want:
+            raise ImageError(f"work file of {self._size} bytes at {self._offset} ended early")
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+def open_slice(path: Path, offset: int, size: int) -> BinaryIO:
+    """Open ``size`` bytes of ``path`` from ``offset`` as a buffered binary stream."""
+    return cast(BinaryIO, io.BufferedReader(SliceReader(path, offset, size), buffer_size=CHUNK))
+
+
+def decompressing_reader(stream: IO[bytes], compression: str) -> IO[bytes]:
+    """Wrap ``stream`` so that reads return the decompressed bytes."""
+    if compression == GZIP:
+        return cast(IO[bytes], gzip.GzipFile(fileobj=stream, mode="rb"))
+    if compression == ZSTD:
+        reader: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(
+            stream, read_across_frames=True, closefd=False
+        )
+        return reader
+    return stream
+
+
+def decompress_blob(
+    stream: IO[bytes],
+    target: Path,
+    *,
+    blob_name: str,
+    expected_digest: str | None,
+    expected_size: int | None,
+    expected_diff_id: str | None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[str, int, str, str, int]:
+    """Decompress a layer blob into ``target`` while checking both its digests.
+
+    Returns ``(blob digest, blob size, compression, diff_id, uncompressed size)``.
+
+    Raises:
+        ImageError: the blob's digest, size or uncompressed digest differ from what the
+            manifest and config say, or the compressed data is corrupt. ``target`` is removed.
+    """
+    raw = HashingReader(stream, progress)
+    buffered = io.BufferedReader(raw, buffer_size=CHUNK)
+    compression = sniff_compression(buffered.peek(4)[:4])
+    diff_hash = hashlib.sha256()
+    uncompressed_size = 0
+    try:
+        with open(target, "wb") as out:
+            reader = decompressing_reader(buffered, compression)
+            while True:
+                chunk = reader.read(CHUNK)
+                if not chunk:
+                    break
+                diff_hash.update(chunk)
+                out.write(chunk)
+                uncompressed_size += len(chunk)
+            # Read whatever follows the compressed stream so the blob digest covers it all.
+            while buffered.read(CHUNK):
+                pass
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+        target.unlink(missing_ok=True)
+        raise ImageError(f"layer blob {blob_name}: corrupt {compression} data: {exc}") from exc
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    diff_id = "sha256:" + diff_hash.hexdigest()
+    problem = None
+    if expected_digest is not None and raw.digest != expected_digest:
+        problem = f"its content has digest {raw.digest}"
+    elif expected_size is not None and raw.count != expected_size:
+        problem = f"it is {raw.count} bytes long, the manifest says {expected_size}"
+    elif expected_diff_id is not None and diff_id != expected_diff_id:
+        problem = (
+            f"its uncompressed content has digest {diff_id}, the config says {expected_diff_id}"
+        )
+    if problem is not None:
+        target.unlink(missing_ok=True)
+        raise ImageError(f"layer blob {blob_name} failed verification: {problem}")
+    return raw.digest, raw.count, compression, diff_id, uncompressed_size
+
+
+def read_verified(stream: IO[bytes], *, name: str, digest: str | None, limit: int) -> bytes:
+    """Read a small blob (manifest, config) fully and check its digest.
+
+    Raises:
+        ImageError: the blob is larger than ``limit`` bytes or its digest differs.
+    """
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ImageError(f"{name} is larger than {limit} bytes")
+    if digest is not None:
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise ImageError(f"{name} failed verification: its content has digest {actual}")
+    return data
+
+
+class VerifyingReader(HashingReader):
+    """A hashing reader that raises as soon as more bytes arrive than the blob's size.
+
+    The caller compares :attr:`digest` and :attr:`count` with the expected values at the end.
+    """
+
+    def __init__(
+        self,
+        inner: IO[bytes],
+        digest: str,
+        size: int,
+        label: str,
+        on_read: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__(inner, on_read)
+        self.expected_digest, self.expected_size, self.label = digest, size, label
+
+    def readinto(self, buffer: Any) -> int:
+        n = super().readinto(buffer)
+        if self.count > self.expected_size:
+            raise ImageError(
+                f"{self.label} blob {self.expected_digest} is longer than "
+                f"{self.expected_size} bytes"
+            )
+        return int(n)
+
+
+class Blob:
+    """A blob to copy: its digest and size, a way to open it, and a label for messages."""
+
+    def __init__(self, digest: str, size: int, opener: Callable[[], IO[bytes]], label: str) -> None:
+        self.digest = digest
+        self.size = size
+        self.opener = opener
+        self.label = label
+
+
+class FullReader:
+    """Wraps a stream so that ``read(n)`` returns ``n`` bytes unless the stream ends.
+
+    tarfile treats a short read as a truncated member, but sockets, decompressors and
+    generator-backed streams may return fewer bytes than asked for.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            return bytes(self._inner.read())
+        parts = []
+        remaining = size
+        while remaining > 0:
+            chunk = self._inner.read(remaining)
+            if not chunk:
+                break
+            parts.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(parts)

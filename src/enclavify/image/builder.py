@@ -1,0 +1,485 @@
+"""Build a new image from a source image: copy, rewrite and add layers, then commit.
+
+Layers are added in order: call :meth:`ImageBuilder.copy_layer` or
+:meth:`ImageBuilder.copy_layer_without` for each source layer to keep, then
+:meth:`ImageBuilder.add_layer` for new ones, set :attr:`ImageBuilder.config`, and
+:meth:`ImageBuilder.commit` to a destination.
+
+History: the source's entries are kept for layers copied unchanged, including the
+``empty_layer`` entries (ENV, CMD, ...) that precede them. A rewritten layer keeps its
+entry's date and author but its ``created_by`` is replaced by a neutral note, because the
+original command may name or contain what was removed. New layers get the given
+``created_by``. ``container_config`` and ``container`` (the state of the last build step,
+which may quote a command) are dropped from the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gzip
+import io
+import logging
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, BinaryIO, cast
+
+from enclavify.errors import ImageError
+from enclavify.image import blobs, destinations, tarindex
+from enclavify.image.model import (
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    ImageConfig,
+    canonical_json,
+    sha256_digest,
+)
+from enclavify.image.reference import ImageReference, parse_reference
+from enclavify.image.source import Layer, SourceImage
+
+log = logging.getLogger(__name__)
+
+REWRITTEN_CREATED_BY = "enclavify: layer rewritten without the protected directories"
+
+_MEDIA_TYPES = {
+    blobs.GZIP: OCI_LAYER_GZIP,
+    blobs.ZSTD: OCI_LAYER_ZSTD,
+    blobs.UNCOMPRESSED: OCI_LAYER,
+}
+
+
+@dataclass
+class OutputLayer:
+    """A layer of the image being built, with ways to read it compressed and uncompressed."""
+
+    media_type: str
+    digest: str
+    size: int
+    diff_id: str
+    uncompressed_size: int
+    compression: str
+    open_blob: Callable[[], IO[bytes]]
+    open_uncompressed: Callable[[], IO[bytes]]
+    history: list[dict[str, Any]]
+
+    def descriptor(self) -> dict[str, Any]:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """What a destination writes: the config and manifest bytes and the layers."""
+
+    config: bytes
+    config_digest: str
+    manifest: bytes
+    manifest_digest: str
+    layers: list[OutputLayer]
+
+    def blobs(self) -> list[blobs.Blob]:
+        """Return the distinct blobs to store: config, layers, then the manifest."""
+        config, manifest = self.config, self.manifest
+        items = [blobs.Blob(self.config_digest, len(config), lambda: io.BytesIO(config), "config")]
+        seen = {self.config_digest}
+        for number, layer in enumerate(self.layers):
+            if layer.digest not in seen:
+                seen.add(layer.digest)
+                items.append(
+                    blobs.Blob(layer.digest, layer.size, layer.open_blob, f"layer {number}")
+                )
+        items.append(
+            blobs.Blob(
+                self.manifest_digest, len(manifest), lambda: io.BytesIO(manifest), "manifest"
+            )
+        )
+        return items
+
+
+class LayerWriter:
+    """Writes entries into a new layer tar (PAX format), streamed through gzip to a file.
+
+    Paths are absolute image paths; parent directories are not created implicitly, so add
+    them first when their owner or mode matters (container engines create missing parents
+    as root-owned 0755 directories).
+    """
+
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self._tar = tar
+        self._paths: set[str] = set()
+
+    def _info(
+        self, path: str, kind: bytes, *, mode: int, uid: int, gid: int, mtime: float
+    ) -> tarfile.TarInfo:
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if not path.startswith("/") or ".." in parts or not parts:
+            raise ValueError(f"layer paths are absolute paths below '/', got {path!r}")
+        normalized = "/" + "/".join(parts)
+        if normalized in self._paths:
+            raise ValueError(f"{normalized!r} was already added to this layer")
+        self._paths.add(normalized)
+        info = tarfile.TarInfo("/".join(parts))
+        info.type = kind
+        info.mode = mode & 0o7777
+        info.uid, info.gid = uid, gid
+        info.mtime = int(mtime)
+        return info
+
+    def add_directory(
+        self, path: str, *, mode: int = 0o755, uid: int = 0, gid: int = 0, mtime: float = 0
+    ) -> None:
+        self._tar.addfile(
+            self._info(path, tarfile.DIRTYPE, mode=mode, uid=uid, gid=gid, mtime=mtime)
+        )
+
+    def add_file(
+        self,
+        path: str,
+        stream: BinaryIO | IO[bytes],
+        size: int,
+        *,
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        mtime: float = 0,
+    ) -> None:
+        """Add a regular file of exactly ``size`` bytes read from ``stream``."""
+        info = self._info(path, tarfile.REGTYPE, mode=mode, uid=uid, gid=gid, mtime=mtime)
+        info.size = size
+        try:
+            self._tar.addfile(info, blobs.FullReader(stream))
+        except OSError as exc:
+            raise ImageError(f"adding {path!r} to a layer failed: {exc}") from exc
+
+    def add_bytes(
+        self,
+        path: str,
+        data: bytes,
+        *,
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        mtime: float = 0,
+    ) -> None:
+        self.add_file(path, io.BytesIO(data), len(data), mode=mode, uid=uid, gid=gid, mtime=mtime)
+
+    def add_symlink(
+        self, path: str, target: str, *, uid: int = 0, gid: int = 0, mtime: float = 0
+    ) -> None:
+        info = self._info(path, tarfile.SYMTYPE, mode=0o777, uid=uid, gid=gid, mtime=mtime)
+        info.linkname = target
+        self._tar.addfile(info)
+
+    def add_hardlink(self, path: str, target: str) -> None:
+        """Add ``path`` as a hardlink to ``target``, a file added earlier to this layer."""
+        parts = [p for p in target.split("/") if p not in ("", ".")]
+        normalized = "/" + "/".join(parts)
+        if normalized not in self._paths or ".." in parts:
+            raise ValueError(f"hardlink target {target!r} was not added to this layer before")
+        info = self._info(path, tarfile.LNKTYPE, mode=0o644, uid=0, gid=0, mtime=0)
+        info.linkname = "/".join(parts)
+        self._tar.addfile(info)
+
+
+class ImageBuilder:
+    """Assembles a new image from a source image (see the module documentation)."""
+
+    def __init__(self, source: SourceImage, *, created: datetime | None = None) -> None:
+        self.source = source
+        self.config: ImageConfig = source.config
+        self.layers: list[OutputLayer] = []
+        self._created = (created or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self._work = Path(tempfile.mkdtemp(prefix="build-", dir=source.work))
+        self._history_groups = _history_groups(source)
+        self._copied: set[int] = set()
+        self.config_digest: str | None = None
+
+    # -- layers --------------------------------------------------------------------------
+
+    def copy_layer(self, layer: Layer) -> None:
+        """Append a source layer unchanged (same blob, same digest)."""
+        self._check_layer(layer)
+        self.layers.append(
+            OutputLayer(
+                media_type=_MEDIA_TYPES[layer.compression],
+                digest=layer.digest,
+                size=layer.size,
+                diff_id=layer.diff_id,
+                uncompressed_size=layer.uncompressed_size,
+                compression=layer.compression,
+                open_blob=layer.open_blob,
+                open_uncompressed=functools.partial(_open_binary, layer.tar_path),
+                history=self._history_for(layer, rewritten=False),
+            )
+        )
+
+    def copy_layer_without(self, layer: Layer, excluded: Sequence[str]) -> bool:
+        """Append a source layer without any entry below the ``excluded`` directories.
+
+        The entries are removed from the blob itself, not hidden by whiteouts, and whiteouts
+        and opaque markers aimed at those directories are dropped. An excluded directory's
+        own entry is kept (empty) so the mount point keeps its owner and mode; a regular file
+        at exactly an excluded path is removed. A kept hardlink whose target is removed
+        becomes a regular file with the same content. Device nodes and FIFOs are dropped.
+        A layer with nothing to remove is copied verbatim. Returns whether it was rewritten.
+        """
+        self._check_layer(layer)
+        prefixes = _normalize_excluded(excluded)
+        if not any(_dropped(e, prefixes) for e in layer.entries):
+            self.copy_layer(layer)
+            return False
+        log.debug("rewriting layer %d (%s) without %s", layer.index, layer.digest, prefixes)
+        blob = self._work / f"rewrite-{layer.index}.tar.gz"
+        with _GzipTarOutput(blob) as output:
+            _rewrite_tar(layer, prefixes, output.stream)
+        self.layers.append(output.layer(history=self._history_for(layer, rewritten=True)))
+        return True
+
+    def add_layer(self, fill: Callable[[LayerWriter], None], *, created_by: str) -> None:
+        """Append a new layer whose entries ``fill`` writes (gzip-compressed, streamed)."""
+        blob = self._work / f"new-{len(self.layers)}.tar.gz"
+        with (
+            _GzipTarOutput(blob) as output,
+            tarfile.open(fileobj=output.stream, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            fill(LayerWriter(tar))
+        entry = {"created": self._created, "created_by": created_by, "comment": "enclavify"}
+        self.layers.append(output.layer(history=[entry]))
+
+    def _check_layer(self, layer: Layer) -> None:
+        if layer.index >= len(self.source.layers) or self.source.layers[layer.index] is not layer:
+            raise ValueError("the layer does not belong to this builder's source image")
+        self._copied.add(layer.index)
+
+    def _history_for(self, layer: Layer, *, rewritten: bool) -> list[dict[str, Any]]:
+        group = [dict(entry) for entry in self._history_groups[layer.index]]
+        if layer.index == len(self.source.layers) - 1:
+            group.extend(dict(entry) for entry in self._history_groups[-1])
+        if rewritten:
+            for entry in group:
+                if not entry.get("empty_layer"):
+                    entry["created_by"] = REWRITTEN_CREATED_BY
+                    entry["comment"] = "rewritten by enclavify"
+        return group
+
+    # -- output --------------------------------------------------------------------------
+
+    def build(self) -> BuiltImage:
+        """Return the config and manifest for the layers added so far."""
+        raw = self.config.raw
+        raw.pop("container_config", None)
+        raw.pop("container", None)
+        raw["rootfs"] = {"type": "layers", "diff_ids": [layer.diff_id for layer in self.layers]}
+        raw["history"] = [entry for layer in self.layers for entry in layer.history]
+        config = canonical_json(raw)
+        config_digest = sha256_digest(config)
+        manifest = canonical_json(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+                "layers": [layer.descriptor() for layer in self.layers],
+            }
+        )
+        return BuiltImage(
+            config, config_digest, manifest, sha256_digest(manifest), list(self.layers)
+        )
+
+    def commit(
+        self,
+        dst: str | ImageReference,
+        *,
+        insecure_http: bool = False,
+        progress: blobs.Progress | None = None,
+    ) -> str:
+        """Write the image to ``dst`` and return its manifest digest.
+
+        Writes are atomic: layouts and archives are assembled next to the target and renamed
+        into place; a registry receives the manifest last; an engine loads a finished archive.
+        For ``docker-archive:`` and engine destinations, which store no OCI manifest, the
+        digest returned is that of the OCI manifest describing the same config and layers;
+        :attr:`config_digest` (the engines' image ID) is set after every commit.
+
+        Raises:
+            ImageError: the destination cannot be written; nothing is left behind.
+        """
+        reference = parse_reference(dst) if isinstance(dst, str) else dst
+        if not self.layers:
+            raise ImageError("the image has no layers; copy or add at least one")
+        image = self.build()
+        destinations.write(
+            image, reference, self._work, insecure_http=insecure_http, progress=progress
+        )
+        self.config_digest = image.config_digest
+        log.debug("committed %s as %s", reference, image.manifest_digest)
+        return image.manifest_digest
+
+    def close(self) -> None:
+        """Remove the builder's temporary blobs."""
+        shutil.rmtree(self._work, ignore_errors=True)
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    return open(path, "rb")
+
+
+def _history_groups(source: SourceImage) -> list[list[dict[str, Any]]]:
+    """Split the source history into one group per layer plus a trailing group.
+
+    Group ``i`` holds the ``empty_layer`` entries before layer ``i`` and layer ``i``'s own
+    entry. A history that does not match the layers is replaced by one neutral entry each.
+    """
+    history = source.history
+    groups: list[list[dict[str, Any]]] = [[] for _ in range(len(source.layers) + 1)]
+    layers_in_history = sum(1 for entry in history if not entry.get("empty_layer"))
+    if layers_in_history != len(source.layers):
+        log.debug(
+            "%s: history describes %d layers, the image has %d; history replaced",
+            source.reference,
+            layers_in_history,
+            len(source.layers),
+        )
+        neutral = [
+            [{"created_by": f"layer {i} of the source image"}] for i in range(len(source.layers))
+        ]
+        return [*neutral, []]
+    current = 0
+    for entry in history:
+        groups[current].append(dict(entry))
+        if not entry.get("empty_layer"):
+            current += 1
+    return groups
+
+
+def _normalize_excluded(excluded: Iterable[str]) -> list[str]:
+    prefixes = []
+    for path in excluded:
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if not path.startswith("/") or ".." in parts:
+            raise ValueError(f"excluded directories are absolute paths, got {path!r}")
+        prefixes.append("/" + "/".join(parts))
+    return prefixes
+
+
+def _below(path: str, prefixes: Sequence[str]) -> bool:
+    return any(prefix == "/" or path.startswith(prefix + "/") for prefix in prefixes)
+
+
+def _at(path: str, prefixes: Sequence[str]) -> bool:
+    return path in prefixes
+
+
+def _dropped(entry: tarindex.TarEntry, prefixes: Sequence[str]) -> bool:
+    """Return whether a rewrite leaves ``entry`` out."""
+    if entry.kind in (tarindex.SPECIAL, tarindex.META):
+        return True
+    if _below(entry.path, prefixes):
+        return True
+    if _at(entry.path, prefixes):
+        # Keep the directory itself (and a symlink, which carries no content); drop the
+        # rest, including whiteouts and opaque markers aimed at the excluded directory.
+        return entry.kind not in (tarindex.DIR, tarindex.SYMLINK)
+    return False
+
+
+def _rewrite_tar(layer: Layer, prefixes: Sequence[str], out: IO[bytes]) -> None:
+    """Copy the members of ``layer`` to ``out`` byte for byte, leaving dropped ones out."""
+    by_offset = {entry.header_offset: entry for entry in layer.entries}
+    latest: dict[str, tarindex.TarEntry] = {}
+    with open(layer.tar_path, "rb") as source, tarfile.open(layer.tar_path, mode="r:") as tar:
+        while (member := tar.next()) is not None:
+            tar.members = []  # type: ignore[attr-defined]
+            entry = by_offset.get(member.offset)
+            if entry is None:  # the root entry, which the index skips
+                _copy_range(source, out, member.offset, member.offset_data)
+                continue
+            if entry.kind not in (tarindex.WHITEOUT, tarindex.OPAQUE, tarindex.META):
+                latest[entry.path] = entry
+            if _dropped(entry, prefixes):
+                continue
+            if member.islnk():
+                target_path, _ = tarindex.normalize_name(member.linkname, layer=layer.digest)
+                target = latest.get(target_path)
+                if target is not None and _dropped(target, prefixes):
+                    _write_materialized(member, entry, source, out)
+                    continue
+            _copy_range(source, out, member.offset, entry.end_offset)
+    out.write(b"\0" * 1024)
+
+
+def _write_materialized(
+    member: tarfile.TarInfo, entry: tarindex.TarEntry, source: IO[bytes], out: IO[bytes]
+) -> None:
+    """Write a hardlink whose target was removed as a copy of that target."""
+    info = copy.copy(member)
+    info.pax_headers = {
+        k: v for k, v in member.pax_headers.items() if k not in ("linkpath", "size")
+    }
+    info.linkname = ""
+    if entry.kind == tarindex.SYMLINK:
+        info.type, info.linkname, info.size = tarfile.SYMTYPE, entry.linkname, 0
+    else:
+        info.type, info.size = tarfile.REGTYPE, entry.size
+    out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+    if info.type == tarfile.REGTYPE:
+        _copy_range(source, out, entry.data_offset, entry.data_offset + entry.size)
+        padding = (-entry.size) % 512
+        out.write(b"\0" * padding)
+
+
+def _copy_range(source: IO[bytes], out: IO[bytes], start: int, end: int) -> None:
+    source.seek(start)
+    remaining = end - start
+    while remaining > 0:
+        chunk = source.read(min(blobs.CHUNK, remaining))
+        if not chunk:
+            raise ImageError("a layer tar in the work directory ended early")
+        out.write(chunk)
+        remaining -= len(chunk)
+
+
+class _GzipTarOutput:
+    """A gzip blob being written, with the digests of both the blob and its content."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115 (closed in __exit__)
+        self._compressed = blobs.HashingWriter(self._file)
+        self._gzip = gzip.GzipFile(
+            filename="", fileobj=self._compressed, mode="wb", compresslevel=6, mtime=0
+        )
+        self._content = blobs.HashingWriter(self._gzip)
+        self.stream = cast(IO[bytes], self._content)
+
+    def __enter__(self) -> _GzipTarOutput:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._gzip.close()
+        self._file.close()
+        if exc_type is not None:
+            self.path.unlink(missing_ok=True)
+
+    def layer(self, history: list[dict[str, Any]]) -> OutputLayer:
+        path = self.path
+
+        def uncompressed() -> IO[bytes]:
+            return gzip.open(path, "rb")  # type: ignore[return-value]
+
+        return OutputLayer(
+            media_type=OCI_LAYER_GZIP,
+            digest=self._compressed.digest,
+            size=self._compressed.count,
+            diff_id=self._content.digest,
+            uncompressed_size=self._content.count,
+            compression=blobs.GZIP,
+            open_blob=lambda: open(path, "rb"),
+            open_uncompressed=uncompressed,
+            history=history,
+        )

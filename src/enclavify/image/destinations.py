@@ -1,0 +1,276 @@
+"""Write a built image to a transport, atomically.
+
+Layout directories and archives are assembled in a temporary path next to the target and
+renamed into place, so a failure leaves the target as it was and no temporary behind.
+Every blob is checked against its digest while it is copied.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from enclavify.errors import ImageError
+from enclavify.image import blobs
+from enclavify.image.blobs import Blob, VerifyingReader
+from enclavify.image.engine import load_image
+from enclavify.image.model import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    REF_NAME_ANNOTATION,
+    canonical_json,
+    load_json,
+)
+from enclavify.image.reference import (
+    DOCKER_ARCHIVE,
+    ENGINE,
+    OCI,
+    OCI_ARCHIVE,
+    REGISTRY,
+    ImageReference,
+)
+from enclavify.image.registry import push_image
+
+if TYPE_CHECKING:
+    from enclavify.image.builder import BuiltImage
+
+log = logging.getLogger(__name__)
+
+
+def write(
+    image: BuiltImage,
+    reference: ImageReference,
+    work: Path,
+    *,
+    insecure_http: bool = False,
+    progress: blobs.Progress | None = None,
+) -> None:
+    """Write ``image`` to ``reference`` (see :meth:`ImageBuilder.commit`)."""
+    if reference.transport == OCI:
+        assert reference.path is not None
+        write_layout(image, reference.path, reference.tag, progress)
+    elif reference.transport == OCI_ARCHIVE:
+        assert reference.path is not None
+        with _atomic_file(reference.path) as stream:
+            write_oci_archive(image, stream, reference.tag, progress)
+    elif reference.transport == DOCKER_ARCHIVE:
+        assert reference.path is not None
+        with _atomic_file(reference.path) as stream:
+            write_docker_archive(image, stream, reference.name, progress)
+    elif reference.transport == REGISTRY:
+        push_image(image, reference, insecure_http=insecure_http, progress=progress)
+    elif reference.transport == ENGINE:
+        fd, name = tempfile.mkstemp(prefix="load-", suffix=".tar", dir=work)
+        try:
+            with os.fdopen(fd, "wb") as stream:
+                write_docker_archive(image, stream, None, progress)
+            load_image(Path(name), reference, image.config_digest)
+        finally:
+            Path(name).unlink(missing_ok=True)
+    else:
+        raise ImageError(f"cannot write to transport {reference.transport!r}")
+
+
+# -- blobs -------------------------------------------------------------------------------
+
+
+class _Progress:
+    def __init__(self, total: int, label: str, callback: blobs.Progress | None) -> None:
+        self.total, self.label, self.callback, self.done = total, label, callback, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.callback is not None:
+            self.callback(self.done, self.total, self.label)
+
+
+def copy_blob(blob: Blob, out: IO[bytes], progress: Callable[[int], None] | None = None) -> None:
+    """Copy a blob to ``out``, checking its size and digest."""
+    with blob.opener() as raw:
+        reader = VerifyingReader(raw, blob.digest, blob.size, blob.label, progress)
+        while chunk := reader.read(blobs.CHUNK):
+            out.write(chunk)
+    if reader.count != blob.size or reader.digest != blob.digest:
+        raise ImageError(
+            f"{blob.label} blob {blob.digest} failed verification while copying: read "
+            f"{reader.count} of {blob.size} bytes with digest {reader.digest}"
+        )
+
+
+# -- OCI layout --------------------------------------------------------------------------
+
+
+def _index(image: BuiltImage, tag: str | None, existing: list[dict[str, Any]]) -> bytes:
+    descriptor: dict[str, Any] = {
+        "mediaType": OCI_MANIFEST,
+        "digest": image.manifest_digest,
+        "size": len(image.manifest),
+    }
+    if tag is not None:
+        descriptor["annotations"] = {REF_NAME_ANNOTATION: tag}
+    kept = [
+        entry
+        for entry in existing
+        if (entry.get("annotations") or {}).get(REF_NAME_ANNOTATION) != tag
+    ]
+    return json.dumps(
+        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*kept, descriptor]}, indent=1
+    ).encode()
+
+
+_OCI_LAYOUT = canonical_json({"imageLayoutVersion": "1.0.0"})
+
+
+def write_layout(
+    image: BuiltImage, target: Path, tag: str | None, progress: blobs.Progress | None
+) -> None:
+    """Write an OCI layout directory; an existing layout keeps its other images."""
+    existing: list[dict[str, Any]] = []
+    old_layout = target.is_dir() and (target / "index.json").is_file()
+    empty_dir = target.is_dir() and not any(target.iterdir())
+    if target.exists() and not old_layout and not empty_dir:
+        raise ImageError(f"{str(target)!r} exists and is not an OCI layout; not overwritten")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        blob_dir = staging / "blobs" / "sha256"
+        blob_dir.mkdir(parents=True)
+        if old_layout:
+            index = load_json((target / "index.json").read_bytes(), f"{target}/index.json")
+            existing = list(index.get("manifests") or [])
+            old_blobs = target / "blobs" / "sha256"
+            if old_blobs.is_dir():
+                for old in old_blobs.iterdir():
+                    _link_or_copy(old, blob_dir / old.name)
+        items = image.blobs()
+        counter = _Progress(sum(b.size for b in items), "writing blobs", progress)
+        for blob in items:
+            path = blob_dir / blob.digest.split(":", 1)[1]
+            if path.exists():
+                continue
+            with open(path, "wb") as out:
+                copy_blob(blob, out, counter)
+        (staging / "oci-layout").write_bytes(_OCI_LAYOUT)
+        (staging / "index.json").write_bytes(_index(image, tag, existing))
+        _swap_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def _swap_directory(staging: Path, target: Path) -> None:
+    """Move ``staging`` to ``target``, replacing an existing directory there."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- archives ----------------------------------------------------------------------------
+
+
+@contextmanager
+def _atomic_file(target: Path) -> Iterator[IO[bytes]]:
+    if target.is_dir():
+        raise ImageError(f"{str(target)!r} is a directory; an archive path must name a file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(name, 0o644)
+        os.replace(name, target)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def _add_member(
+    tar: tarfile.TarFile, name: str, size: int, stream: IO[bytes] | blobs.FullReader | None
+) -> None:
+    info = tarfile.TarInfo(name)
+    if stream is None:
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+    else:
+        info.size, info.mode = size, 0o644
+    tar.addfile(info, stream)
+
+
+def write_oci_archive(
+    image: BuiltImage, out: IO[bytes], tag: str | None, progress: blobs.Progress | None
+) -> None:
+    """Write an ``oci-archive`` tar (an OCI layout in an uncompressed tar) to ``out``."""
+    items = image.blobs()
+    counter = _Progress(sum(b.size for b in items), "writing archive", progress)
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        _add_member(tar, "oci-layout", len(_OCI_LAYOUT), io.BytesIO(_OCI_LAYOUT))
+        index = _index(image, tag, [])
+        _add_member(tar, "index.json", len(index), io.BytesIO(index))
+        _add_member(tar, "blobs", 0, None)
+        _add_member(tar, "blobs/sha256", 0, None)
+        for blob in items:
+            _add_verified(tar, f"blobs/sha256/{blob.digest.split(':', 1)[1]}", blob, counter)
+
+
+def _add_verified(tar: tarfile.TarFile, name: str, blob: Blob, counter: _Progress) -> None:
+    with blob.opener() as raw:
+        reader = VerifyingReader(raw, blob.digest, blob.size, blob.label, counter)
+        _add_member(tar, name, blob.size, blobs.FullReader(reader))
+    if reader.count != blob.size or reader.digest != blob.digest:
+        raise ImageError(
+            f"{blob.label} blob {blob.digest} failed verification while copying: read "
+            f"{reader.count} of {blob.size} bytes with digest {reader.digest}"
+        )
+
+
+def write_docker_archive(
+    image: BuiltImage, out: IO[bytes], name: str | None, progress: blobs.Progress | None
+) -> None:
+    """Write what ``docker save`` writes: manifest.json, the config and uncompressed layers."""
+    total = sum(layer.uncompressed_size for layer in image.layers)
+    counter = _Progress(total, "writing archive", progress)
+    config_name = image.config_digest.split(":", 1)[1] + ".json"
+    layer_names = []
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        _add_member(tar, config_name, len(image.config), io.BytesIO(image.config))
+        written: set[str] = set()
+        for number, layer in enumerate(image.layers):
+            layer_name = layer.diff_id.split(":", 1)[1] + ".tar"
+            layer_names.append(layer_name)
+            if layer_name in written:
+                continue
+            written.add(layer_name)
+            blob = Blob(
+                layer.diff_id, layer.uncompressed_size, layer.open_uncompressed, f"layer {number}"
+            )
+            _add_verified(tar, layer_name, blob, counter)
+        manifest = json.dumps(
+            [{"Config": config_name, "RepoTags": [name] if name else [], "Layers": layer_names}]
+        ).encode()
+        _add_member(tar, "manifest.json", len(manifest), io.BytesIO(manifest))

@@ -1,0 +1,449 @@
+"""Open an image from any transport and unpack its layers once into the work directory.
+
+Opening resolves the reference to one manifest (choosing a platform from an index), reads
+and verifies the config, then streams every layer blob once: its digest and size are
+checked against the manifest, it is decompressed into ``<workdir>/image-*/layers/N.tar``
+and the uncompressed digest is checked against the config's ``rootfs.diff_ids``. Each tar
+is then indexed (see :mod:`enclavify.image.tarindex`), so the merged view reads files with a
+seek instead of decompressing again. Nothing is extracted: the only files written are the
+uncompressed tars, inside the work directory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from enclavify.errors import ImageError
+from enclavify.image import blobs, tarindex
+from enclavify.image.engine import export_image
+from enclavify.image.filesystem import MergedFilesystem
+from enclavify.image.model import (
+    DOCKER_LAYER,
+    INDEX_TYPES,
+    LAYER_TYPES,
+    MANIFEST_TYPES,
+    ImageConfig,
+    Platform,
+    check_digest,
+    load_json,
+    sha256_digest,
+)
+from enclavify.image.reference import (
+    DOCKER_ARCHIVE,
+    ENGINE,
+    OCI,
+    OCI_ARCHIVE,
+    REGISTRY,
+    ImageReference,
+    parse_reference,
+)
+from enclavify.image.registry import RegistryStore
+from enclavify.image.stores import (
+    MAX_JSON,
+    BlobStore,
+    LayoutStore,
+    OciArchiveStore,
+    TarMembers,
+    descriptor_root,
+    uncompressed_archive,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _closed_source() -> IO[bytes]:
+    raise ImageError("the source image is closed")
+
+
+@dataclass
+class Layer:
+    """One layer of a source image, unpacked into the work directory.
+
+    ``digest``/``size``/``media_type`` describe the blob as stored; ``diff_id`` is the
+    digest of the uncompressed tar at ``tar_path``; ``entries`` is its index.
+    """
+
+    index: int
+    media_type: str
+    digest: str
+    size: int
+    diff_id: str
+    compression: str
+    tar_path: Path
+    uncompressed_size: int
+    entries: list[tarindex.TarEntry] = field(repr=False)
+    annotations: dict[str, str] = field(default_factory=dict, repr=False)
+    opener: Callable[[], IO[bytes]] = field(repr=False, default=_closed_source)
+
+    def open_blob(self) -> IO[bytes]:
+        """Open the original blob again (for a verbatim copy); the reader checks the digest."""
+        return self.opener()
+
+
+@dataclass
+class _LayerSource:
+    media_type: str
+    digest: str | None
+    size: int | None
+    open: Callable[[], IO[bytes]]
+    annotations: dict[str, str]
+
+
+@dataclass
+class _Resolved:
+    manifest: dict[str, Any] | None
+    manifest_digest: str | None
+    config_bytes: bytes
+    layers: list[_LayerSource]
+    platform_from_index: Platform | None
+
+
+class SourceImage:
+    """An opened image. Use as a context manager: closing removes its work files."""
+
+    def __init__(
+        self,
+        reference: ImageReference,
+        work: Path,
+        store: BlobStore | None,
+        resolved: _Resolved,
+    ) -> None:
+        self.reference = reference
+        self.work = work
+        self._store = store
+        self.manifest = resolved.manifest
+        self.manifest_digest = resolved.manifest_digest
+        raw = load_json(resolved.config_bytes, f"{reference}: config")
+        self.config = ImageConfig(raw)
+        self.config_digest = sha256_digest(resolved.config_bytes)
+        self.platform = resolved.platform_from_index or self.config.platform
+        self.history: list[dict[str, Any]] = self.config.history
+        self.layers: list[Layer] = []
+        self._sources = resolved.layers
+        self._filesystem: MergedFilesystem | None = None
+
+    def _unpack(self, progress: blobs.Progress | None) -> None:
+        diff_ids = self.config.diff_ids
+        if len(diff_ids) != len(self._sources):
+            raise ImageError(
+                f"{self.reference}: the manifest lists {len(self._sources)} layers but the "
+                f"config's rootfs lists {len(diff_ids)} diff_ids"
+            )
+        layer_dir = self.work / "layers"
+        layer_dir.mkdir()
+        total = sum(source.size or 0 for source in self._sources)
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total, "unpacking layers")
+
+        for number, (source, diff_id) in enumerate(zip(self._sources, diff_ids, strict=True)):
+            check_digest(diff_id, f"{self.reference}: config rootfs.diff_ids[{number}]")
+            name = source.digest or diff_id
+            target = layer_dir / f"{number}.tar"
+            log.debug("unpacking layer %d/%d %s", number + 1, len(self._sources), name)
+            with source.open() as stream:
+                digest, size, compression, actual_diff_id, uncompressed_size = (
+                    blobs.decompress_blob(
+                        stream,
+                        target,
+                        blob_name=name,
+                        expected_digest=source.digest,
+                        expected_size=source.size,
+                        expected_diff_id=diff_id,
+                        progress=advance,
+                    )
+                )
+            entries = tarindex.index_layer(target, name)
+            self.layers.append(
+                Layer(
+                    index=number,
+                    media_type=source.media_type,
+                    digest=digest,
+                    size=size,
+                    diff_id=actual_diff_id,
+                    compression=compression,
+                    tar_path=target,
+                    uncompressed_size=uncompressed_size,
+                    entries=entries,
+                    annotations=source.annotations,
+                    opener=source.open,
+                )
+            )
+            log.debug(
+                "layer %d: %s, %d bytes %s, %d bytes uncompressed, %d entries",
+                number,
+                digest,
+                size,
+                compression,
+                uncompressed_size,
+                len(entries),
+            )
+
+    def filesystem(self) -> MergedFilesystem:
+        """Return the merged view of all layers (built once, then cached)."""
+        if self._filesystem is None:
+            self._filesystem = MergedFilesystem.from_layers(
+                [(layer.tar_path, layer.entries) for layer in self.layers]
+            )
+        return self._filesystem
+
+    def close(self) -> None:
+        """Close the source and remove the unpacked layers."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        for layer in self.layers:
+            layer.opener = _closed_source
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def __enter__(self) -> SourceImage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SourceImage({str(self.reference)!r}, {self.platform}, {len(self.layers)} layers)"
+
+
+def open_image(
+    ref: str | ImageReference,
+    *,
+    platform: str | None = None,
+    workdir: Path,
+    progress: blobs.Progress | None = None,
+    insecure_http: bool = False,
+) -> SourceImage:
+    """Open an image for reading and unpack its layers into a new folder under ``workdir``.
+
+    ``platform`` (``os/arch[/variant]``) selects from a multi-platform index; the default is
+    this machine's platform. ``insecure_http`` allows plain HTTP to a registry that is not on
+    a loopback address (logged as a WARNING each time). ``progress(done, total, label)`` is
+    called while layers are read.
+
+    Raises:
+        UsageError: the reference or platform is malformed.
+        ImageError: the image cannot be found, read or verified.
+        HostileEntryError: a layer holds an entry that would escape the root.
+    """
+    reference = parse_reference(ref) if isinstance(ref, str) else ref
+    wanted = Platform.parse(platform) if platform else None
+    workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="image-", dir=workdir))
+    store: BlobStore | None = None
+    image: SourceImage | None = None
+    try:
+        if reference.transport == DOCKER_ARCHIVE:
+            assert reference.path is not None
+            members = TarMembers(
+                uncompressed_archive(reference.path, work, str(reference)), str(reference)
+            )
+            resolved = _resolve_docker_archive(members, reference)
+        else:
+            opened = _open_store(reference, work, insecure_http)
+            if isinstance(opened, TarMembers):  # an engine that writes docker archives
+                resolved = _resolve_docker_archive(opened, reference)
+            else:
+                store = opened
+                resolved = _resolve_manifest(store, reference, wanted)
+        image = SourceImage(reference, work, store, resolved)
+        single = resolved.platform_from_index is None
+        if wanted is not None and single and not wanted.matches(image.config.platform):
+            raise ImageError(
+                f"{reference} is a single-platform image for {image.config.platform}, not {wanted}"
+            )
+        image._unpack(progress)
+        return image
+    except BaseException:
+        if image is not None:
+            image.close()
+        else:
+            if store is not None:
+                store.close()
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _open_store(
+    reference: ImageReference, work: Path, insecure_http: bool
+) -> BlobStore | TarMembers:
+    if reference.transport == OCI:
+        assert reference.path is not None
+        return LayoutStore(reference.path)
+    if reference.transport == OCI_ARCHIVE:
+        assert reference.path is not None
+        return OciArchiveStore(reference.path, work)
+    if reference.transport == REGISTRY:
+        return RegistryStore(reference, insecure_http=insecure_http)
+    if reference.transport == ENGINE:
+        return export_image(reference, work)
+    raise ImageError(f"cannot read from transport {reference.transport!r}")
+
+
+def _resolve_manifest(
+    store: BlobStore, reference: ImageReference, wanted: Platform | None
+) -> _Resolved:
+    where = str(reference)
+    root = store.root(reference.tag, reference.digest)
+    if reference.digest is not None and root.digest is None:
+        root = type(root)(root.data, root.media_type, reference.digest)
+    if root.digest is not None:
+        blobs.read_verified(
+            io.BytesIO(root.data),
+            name=f"manifest {root.digest}",
+            digest=root.digest,
+            limit=MAX_JSON,
+        )
+    document = load_json(root.data, f"{where}: manifest")
+    media_type = document.get("mediaType") or root.media_type
+    chosen: Platform | None = None
+    if media_type in INDEX_TYPES or ("manifests" in document and "layers" not in document):
+        descriptor, chosen = _select_platform(document, wanted or Platform.host(), where)
+        root = descriptor_root(descriptor, store, where)
+        document = load_json(root.data, f"{where}: manifest {root.digest}")
+        media_type = document.get("mediaType") or root.media_type
+    if document.get("schemaVersion") == 1:
+        raise ImageError(f"{where}: Docker schema 1 manifests are not supported")
+    if media_type not in (*MANIFEST_TYPES, None) or "layers" not in document:
+        raise ImageError(f"{where}: unsupported manifest type {media_type!r}")
+
+    config_descriptor = document.get("config")
+    if not isinstance(config_descriptor, dict):
+        raise ImageError(f"{where}: the manifest has no config descriptor")
+    config_digest = check_digest(config_descriptor.get("digest"), f"{where}: config")
+    with store.open_blob(config_digest) as stream:
+        config_bytes = blobs.read_verified(
+            stream, name=f"config {config_digest}", digest=config_digest, limit=MAX_JSON
+        )
+
+    layers: list[_LayerSource] = []
+    for number, descriptor in enumerate(document.get("layers") or []):
+        if not isinstance(descriptor, dict):
+            raise ImageError(f"{where}: layer {number} has an invalid descriptor")
+        layer_type = descriptor.get("mediaType")
+        digest = check_digest(descriptor.get("digest"), f"{where}: layer {number}")
+        if layer_type not in LAYER_TYPES:
+            raise ImageError(f"{where}: layer {digest} has unsupported media type {layer_type!r}")
+        size = descriptor.get("size")
+        if not isinstance(size, int) or size < 0:
+            raise ImageError(f"{where}: layer {digest} has an invalid size {size!r}")
+        layers.append(
+            _LayerSource(
+                str(layer_type),
+                digest,
+                size,
+                _blob_opener(store, digest, size),
+                dict(descriptor.get("annotations") or {}),
+            )
+        )
+    return _Resolved(document, root.digest, config_bytes, layers, chosen)
+
+
+def _blob_opener(store: BlobStore, digest: str, size: int | None) -> Callable[[], IO[bytes]]:
+    return lambda: store.open_blob(digest, size)
+
+
+def _select_platform(
+    index: dict[str, Any], wanted: Platform, where: str
+) -> tuple[dict[str, Any], Platform]:
+    available: list[Platform] = []
+    for descriptor in index.get("manifests") or []:
+        if not isinstance(descriptor, dict) or not isinstance(descriptor.get("platform"), dict):
+            continue
+        candidate = Platform.from_json(descriptor["platform"])
+        if candidate.os == "unknown":
+            continue  # attestation manifests that buildkit adds to indexes
+        available.append(candidate)
+        if wanted.matches(candidate):
+            log.debug("%s: selected platform %s from the index", where, candidate)
+            return descriptor, candidate
+    listed = ", ".join(str(p) for p in available) or "none"
+    raise ImageError(
+        f"{where}: no image for platform {wanted} in the index (available: {listed}); "
+        "choose one with --platform"
+    )
+
+
+def _resolve_docker_archive(members: TarMembers, reference: ImageReference) -> _Resolved:
+    where = str(reference)
+    entries = load_list(members.read("manifest.json"), f"{where}: manifest.json")
+    chosen: dict[str, Any] | None = None
+    if reference.repository is not None:
+        wanted = {
+            reference.name,
+            f"localhost/{reference.name}",
+            f"docker.io/library/{reference.name}",
+        }
+        for entry in entries:
+            if wanted & set(entry.get("RepoTags") or []):
+                chosen = entry
+                break
+        if chosen is None:
+            tags = sorted(t for e in entries for t in (e.get("RepoTags") or []))
+            raise ImageError(
+                f"{where}: no image named {reference.name!r} (names: {', '.join(tags) or 'none'})"
+            )
+    elif len(entries) == 1:
+        chosen = entries[0]
+    else:
+        tags = sorted(t for e in entries for t in (e.get("RepoTags") or []))
+        raise ImageError(
+            f"{where}: holds {len(entries)} images; name one (names: {', '.join(tags)})"
+        )
+
+    config_name = _member_name(chosen.get("Config"), f"{where}: Config")
+    basename = config_name.rsplit("/", 1)[-1].removesuffix(".json")
+    expected = f"sha256:{basename}" if len(basename) == 64 else None
+    with members.open(config_name) as stream:
+        config_bytes = blobs.read_verified(
+            stream, name=f"config {config_name}", digest=expected, limit=MAX_JSON
+        )
+    layers = []
+    for number, name in enumerate(chosen.get("Layers") or []):
+        member = _member_name(name, f"{where}: Layers[{number}]")
+        if not members.has(member):
+            raise ImageError(f"{where}: layer {member!r} is missing from the archive")
+        layers.append(
+            _LayerSource(
+                DOCKER_LAYER, None, members.size(member), _member_opener(members, member), {}
+            )
+        )
+    return _Resolved(None, None, config_bytes, layers, None)
+
+
+def _member_opener(members: TarMembers, name: str) -> Callable[[], IO[bytes]]:
+    return lambda: members.open(name)
+
+
+def _member_name(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ImageError(f"{where}: expected a file name, found {value!r}")
+    return "/".join(p for p in value.split("/") if p not in ("", "."))
+
+
+def load_list(data: bytes, where: str) -> list[dict[str, Any]]:
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise ImageError(f"{where}: invalid JSON: {exc}") from exc
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+        raise ImageError(f"{where}: expected a non-empty list of images")
+    return value

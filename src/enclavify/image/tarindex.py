@@ -1,0 +1,230 @@
+"""Index an uncompressed layer tar without extracting it, and screen hostile entries.
+
+Decisions on entries a layer should not carry (each message names the layer and the entry):
+
+- A name or hardlink target with a ``..`` component is rejected (HostileEntryError), even
+  one that would stay inside the root: image builders never write them.
+- Names are taken relative to the image root, as container engines do: a leading ``./`` is
+  the normal form, a leading ``/`` is stripped with a WARNING, and ``.`` components and
+  repeated slashes are dropped. The root entry itself (``./``) is ignored.
+- A hardlink must point to a regular file or symlink stored earlier in the same layer;
+  anything else (missing, a directory, a whiteout, another layer) is rejected.
+- Symlinks may point anywhere: they are stored as links and only ever resolved inside the
+  image root (``MergedFilesystem.resolve``), never followed on the host.
+- Device nodes and FIFOs are left out of the merged view with a WARNING, and a rewritten
+  layer drops them: the container runtime provides ``/dev``, and a device node that an image
+  smuggles in cannot be protected or usefully rewritten. Verbatim copies of unchanged layers
+  keep them, since their bytes are not altered.
+- A name that occurs twice in one layer: the later entry wins, as when a runtime extracts
+  the tar; a WARNING is logged when the two are not both directories, because tools that
+  read the first copy would see different content than the container does.
+- Sparse files are rejected as unsupported (ImageError).
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from enclavify.errors import HostileEntryError, ImageError
+
+log = logging.getLogger(__name__)
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+
+# Entry kinds in the index.
+FILE = "file"
+DIR = "dir"
+SYMLINK = "symlink"
+HARDLINK = "hardlink"
+WHITEOUT = "whiteout"
+OPAQUE = "opaque"
+SPECIAL = "special"  # device node or FIFO: indexed so a rewrite can drop it, never merged
+META = "meta"  # other .wh..wh.* names (aufs bookkeeping), ignored
+
+
+@dataclass(slots=True)
+class TarEntry:
+    """One member of a layer tar.
+
+    ``path`` is absolute and normalised. For whiteouts it is the path being deleted and for
+    opaque markers the directory being made opaque. ``header_offset`` is where the member's
+    headers start (including PAX/GNU extension headers) and ``end_offset`` where its padded
+    data ends, so ``[header_offset, end_offset)`` is the member's exact bytes.
+    ``data_offset``/``size`` locate the content; a hardlink carries its target's.
+    """
+
+    path: str
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    mtime: float
+    size: int
+    linkname: str
+    header_offset: int
+    data_offset: int
+    end_offset: int
+    name: str  # the member name as stored in the tar
+
+
+def normalize_name(name: str, *, layer: str, what: str = "entry") -> tuple[str, bool]:
+    """Return the absolute form of a tar member name and whether it was absolute.
+
+    Raises:
+        HostileEntryError: the name has a ``..`` component.
+    """
+    absolute = name.startswith("/")
+    parts = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise HostileEntryError(
+                f"layer {layer}: {what} {name!r} has a '..' component; rejected"
+            )
+        parts.append(part)
+    return "/" + "/".join(parts), absolute
+
+
+def index_layer(tar_path: Path, layer: str) -> list[TarEntry]:
+    """Read the members of an uncompressed layer tar and return their index, in tar order.
+
+    Raises:
+        HostileEntryError: a member would escape the root or abuse a link (see module doc).
+        ImageError: the tar is malformed or uses an unsupported feature.
+    """
+    entries: list[TarEntry] = []
+    stored: dict[str, TarEntry] = {}
+    absolute_names = 0
+    try:
+        with tarfile.open(tar_path, mode="r:") as tar:
+            while True:
+                member = tar.next()
+                if member is None:
+                    break
+                tar.members = []  # type: ignore[attr-defined]  # tarfile keeps every member otherwise; we keep our own index
+                entry = _index_member(member, layer, stored)
+                if entry is None:
+                    continue
+                if entry.path != "/" and member.name.startswith("/"):
+                    absolute_names += 1
+                    if absolute_names == 1:
+                        log.warning(
+                            "layer %s: entry %r has an absolute name; taken relative to the "
+                            "image root",
+                            layer,
+                            member.name,
+                        )
+                previous = stored.get(entry.path)
+                if (
+                    previous is not None
+                    and entry.kind not in (WHITEOUT, OPAQUE, META)
+                    and not (previous.kind == DIR and entry.kind == DIR)
+                ):
+                    log.warning(
+                        "layer %s: entry %r occurs more than once; the later one wins",
+                        layer,
+                        member.name,
+                    )
+                if entry.kind not in (WHITEOUT, OPAQUE, META):
+                    stored[entry.path] = entry
+                entries.append(entry)
+    except tarfile.TarError as exc:
+        raise ImageError(f"layer {layer}: malformed tar: {exc}") from exc
+    if absolute_names > 1:
+        log.warning("layer %s: %d entries had absolute names", layer, absolute_names)
+    return entries
+
+
+def _index_member(
+    member: tarfile.TarInfo, layer: str, stored: dict[str, TarEntry]
+) -> TarEntry | None:
+    path, _ = normalize_name(member.name, layer=layer)
+    if path == "/":
+        return None  # the root directory's own entry ("./"); runtimes ignore it too
+    end = (
+        member.offset_data + ((member.size + 511) // 512) * 512
+        if member.isreg()
+        else (member.offset_data)
+    )
+    parent, _, base = path.rpartition("/")
+    parent = parent or "/"
+    kind: str
+    linkname = ""
+    size = member.size if member.isreg() else 0
+    data_offset = member.offset_data
+
+    if base.startswith(WHITEOUT_PREFIX):
+        if base == OPAQUE_MARKER:
+            path, kind = parent, OPAQUE
+        elif base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+            kind = META
+        else:
+            target = base[len(WHITEOUT_PREFIX) :]
+            if target in ("", ".", ".."):
+                raise HostileEntryError(
+                    f"layer {layer}: whiteout {member.name!r} names no valid entry; rejected"
+                )
+            path, kind = (parent.rstrip("/") + "/" + target), WHITEOUT
+    elif member.issparse():
+        raise ImageError(f"layer {layer}: entry {member.name!r} is a sparse file (unsupported)")
+    elif member.isreg():
+        kind = FILE
+    elif member.isdir():
+        kind = DIR
+    elif member.issym():
+        kind, linkname = SYMLINK, member.linkname
+        if not linkname or "\x00" in linkname:
+            raise HostileEntryError(
+                f"layer {layer}: symlink {member.name!r} has an empty or invalid target"
+            )
+    elif member.islnk():
+        target, _ = normalize_name(member.linkname, layer=layer, what="hardlink target of")
+        original = stored.get(target)
+        if original is None or original.kind not in (FILE, SYMLINK, HARDLINK):
+            found = (
+                "does not exist earlier in the layer"
+                if original is None
+                else (f"is a {original.kind}")
+            )
+            raise HostileEntryError(
+                f"layer {layer}: hardlink {member.name!r} points to {member.linkname!r}, "
+                f"which {found}; rejected"
+            )
+        kind, linkname = HARDLINK, target
+        if original.kind == SYMLINK:
+            # A hardlink to a symlink is the same symlink under a second name.
+            kind, linkname = SYMLINK, original.linkname
+        size, data_offset = original.size, original.data_offset
+    elif member.ischr() or member.isblk() or member.isfifo():
+        what = "FIFO" if member.isfifo() else "device node"
+        log.warning(
+            "layer %s: %s %r is left out of the image view and of rewritten layers",
+            layer,
+            what,
+            member.name,
+        )
+        kind = SPECIAL
+    else:
+        raise ImageError(
+            f"layer {layer}: entry {member.name!r} has unsupported tar type {member.type!r}"
+        )
+
+    return TarEntry(
+        path=path,
+        kind=kind,
+        mode=member.mode & 0o7777,
+        uid=member.uid,
+        gid=member.gid,
+        mtime=float(member.mtime),
+        size=size,
+        linkname=linkname,
+        header_offset=member.offset,
+        data_offset=data_offset,
+        end_offset=end,
+        name=member.name,
+    )
