@@ -32,12 +32,17 @@ _PROVIDER_TYPES = {"tdx_guest": TDX, "sev_guest": SEV_SNP}
 
 
 def produce_evidence(
-    report_data: bytes, *, measurement: str, allow_simulation: bool, root: str = "/"
+    report_data: bytes,
+    *,
+    measurement: str,
+    allow_simulation: bool,
+    root: str = "/",
+    files: configfs_tsm.ConfigfsFiles | None = None,
 ) -> tuple[str, bytes]:
     """Return (evidence type, evidence bytes) carrying ``report_data``.
 
     ``measurement`` is the launcher's own measurement, used only for simulation evidence.
-    ``root`` lets tests point the device lookup at a fake tree.
+    ``root`` and ``files`` let tests point the device lookup and configfs-tsm at a fake tree.
 
     Raises:
         LaunchError: the report data is not 64 bytes, the TEE interface failed, or there is no
@@ -50,7 +55,7 @@ def produce_evidence(
     paths = {device.path for device in found}
 
     if devices.CONFIGFS_TSM in kinds:
-        return from_configfs_tsm(report_data, root=root)
+        return from_configfs_tsm(report_data, root=root, files=files)
     if devices.GRAMINE_ATTESTATION_PATH in paths:
         return SGX_DCAP, from_gramine(report_data, root=root)
     if allow_simulation:
@@ -73,10 +78,12 @@ def produce_evidence(
     raise LaunchError("no TEE found and the session does not allow simulation mode")
 
 
-def from_configfs_tsm(report_data: bytes, *, root: str = "/") -> tuple[str, bytes]:
+def from_configfs_tsm(
+    report_data: bytes, *, root: str = "/", files: configfs_tsm.ConfigfsFiles | None = None
+) -> tuple[str, bytes]:
     """Read a TDX quote or an SEV-SNP report (with its certificate table) from configfs-tsm."""
     try:
-        report = configfs_tsm.read_report(report_data, root=root)
+        report = configfs_tsm.read_report(report_data, root=root, files=files)
     except configfs_tsm.TsmError as error:
         raise LaunchError(f"configfs-tsm report failed: {error}") from error
     evidence_type = _PROVIDER_TYPES.get(report.provider)
