@@ -1,0 +1,299 @@
+"""The sealed format matches its specification, and the Sealer rejects bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from enclavify.errors import ProtectError
+from enclavify.protect import (
+    CHUNK_SIZE,
+    FORMAT_VERSION,
+    Sealer,
+    open_fspf,
+    seal_tree,
+    sealed_size,
+)
+from enclavify.protect.format import TAG_SIZE
+from tests.protect.trees import seal_manifest, seal_object
+
+
+class Counter:
+    """Deterministic stand-in for os.urandom."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, size: int) -> bytes:
+        self.calls += 1
+        return bytes([self.calls % 256]) * size
+
+
+class Objects:
+    """An in-memory object store for Sealer."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.sizes: dict[str, int] = {}
+
+    def __call__(self, name: str, size: int, chunks: Iterable[bytes]) -> None:
+        self.data[name] = b"".join(chunks)
+        self.sizes[name] = size
+
+
+def seal_example(randbytes: Counter | None = None) -> tuple[Objects, Sealer]:
+    objects = Objects()
+    sealer = Sealer(["/app"], objects, randbytes=randbytes or os.urandom)
+    sealer.add_directory("/app", mode=0o40755, uid=0, gid=0, mtime=1.5)
+    content = bytes(range(256)) * 700  # 179200 bytes: 2 full chunks and a partial one
+    sealer.add_file(
+        "/app/x.py", io.BytesIO(content), len(content), mode=0o100644, uid=1, gid=2, mtime=3.25
+    )
+    sealer.add_file("/app/empty", io.BytesIO(b""), 0, mode=0o600, uid=0, gid=0, mtime=0.0)
+    sealer.add_symlink("/app/l", "x.py", uid=0, gid=0, mtime=4.0)
+    sealer.add_hardlink("/app/h", "/app/x.py")
+    return objects, sealer
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        (0, 16),
+        (1, 17),
+        (CHUNK_SIZE, CHUNK_SIZE + 16),
+        (CHUNK_SIZE + 1, CHUNK_SIZE + 1 + 32),
+        (10 * CHUNK_SIZE, 10 * CHUNK_SIZE + 160),
+    ],
+)
+def test_sealed_size_follows_chunk_count(size: int, expected: int) -> None:
+    assert sealed_size(size) == expected
+
+
+def test_objects_decrypt_as_documented() -> None:
+    objects, sealer = seal_example()
+    volume = sealer.finish()
+
+    # Decrypt the fspf by hand: header, 12-byte nonce, ciphertext with the header as AAD.
+    assert volume.fspf.startswith(b"ENCLAVIFY-FSPF\x00\x01")
+    nonce = volume.fspf[16:28]
+    plaintext = AESGCM(volume.key).decrypt(nonce, volume.fspf[28:], volume.fspf[:16])
+    assert volume.tag == volume.fspf[-16:]
+    document = json.loads(plaintext)
+    assert list(document) == sorted(document)
+    assert document["format"] == FORMAT_VERSION
+    assert document["chunk_size"] == CHUNK_SIZE
+    assert document["regions"] == ["/app"]
+    entries = {entry["path"]: entry for entry in document["entries"]}
+    assert entries["/app"] == {
+        "type": "dir",
+        "path": "/app",
+        "mode": 0o755,
+        "uid": 0,
+        "gid": 0,
+        "mtime": 1.5,
+    }
+    assert entries["/app/h"] == {"type": "hardlink", "path": "/app/h", "target": "/app/x.py"}
+    assert entries["/app/l"]["target"] == "x.py"
+
+    # Re-seal each file independently of the code under test and compare byte for byte.
+    content = bytes(range(256)) * 700
+    for path, data in (("/app/x.py", content), ("/app/empty", b"")):
+        entry = entries[path]
+        assert entry["mode"] == (0o644 if data else 0o600)
+        assert entry["size"] == len(data)
+        expected = seal_object(bytes.fromhex(entry["key"]), bytes.fromhex(entry["file_id"]), data)
+        assert objects.data[entry["object"]] == expected
+        assert objects.sizes[entry["object"]] == len(expected) == sealed_size(len(data))
+
+
+def test_sealing_is_deterministic_with_injected_randomness() -> None:
+    first_objects, first = seal_example(Counter())
+    second_objects, second = seal_example(Counter())
+
+    assert first.finish() == second.finish()
+    assert first_objects.data == second_objects.data
+
+
+def test_open_fspf_returns_entries_in_sealing_order() -> None:
+    _, sealer = seal_example()
+    volume = sealer.finish()
+
+    manifest = open_fspf(volume.fspf, volume.key, volume.tag)
+
+    assert manifest.regions == ("/app",)
+    assert [entry.path for entry in manifest.entries] == [
+        "/app",
+        "/app/x.py",
+        "/app/empty",
+        "/app/l",
+        "/app/h",
+    ]
+    assert manifest.entries[1].mtime == 3.25
+    assert (manifest.entries[1].uid, manifest.entries[1].gid) == (1, 2)
+
+
+def test_unknown_header_version_is_rejected() -> None:
+    _, sealer = seal_example()
+    volume = sealer.finish()
+    future = volume.fspf[:15] + b"\x02" + volume.fspf[16:]
+
+    with pytest.raises(ProtectError, match="unsupported fspf format version 2"):
+        open_fspf(future, volume.key, volume.tag)
+
+
+def test_unknown_manifest_version_is_rejected() -> None:
+    key = os.urandom(32)
+    fspf = seal_manifest({"format": 2, "chunk_size": CHUNK_SIZE, "regions": [], "entries": []}, key)
+
+    with pytest.raises(ProtectError, match="unsupported fspf format version 2"):
+        open_fspf(fspf, key, fspf[-TAG_SIZE:])
+
+
+def test_file_that_is_not_an_fspf_is_rejected() -> None:
+    with pytest.raises(ProtectError, match="not an enclavify fspf"):
+        open_fspf(b"PK\x03\x04" + bytes(100), os.urandom(32), os.urandom(16))
+
+
+def test_entry_outside_regions_is_rejected_when_sealing() -> None:
+    sealer = Sealer(["/app"], Objects())
+
+    with pytest.raises(ProtectError, match="'/etc/passwd' lies outside every protected region"):
+        sealer.add_file("/etc/passwd", io.BytesIO(b"x"), 1, mode=0o644, uid=0, gid=0, mtime=0)
+    with pytest.raises(ProtectError, match="'/application'"):
+        sealer.add_directory("/application", mode=0o755, uid=0, gid=0, mtime=0)
+
+
+@pytest.mark.parametrize("path", ["app/x", "/app/../etc/x", "/app//x", "/app/./x", "/app/x/"])
+def test_unnormalized_path_is_rejected_when_sealing(path: str) -> None:
+    sealer = Sealer(["/app"], Objects())
+
+    with pytest.raises(ProtectError, match=r"absolute|normalized"):
+        sealer.add_directory(path, mode=0o755, uid=0, gid=0, mtime=0)
+
+
+def test_duplicate_path_is_rejected() -> None:
+    sealer = Sealer(["/app"], Objects())
+    sealer.add_directory("/app", mode=0o755, uid=0, gid=0, mtime=0)
+
+    with pytest.raises(ProtectError, match="'/app' was added twice"):
+        sealer.add_symlink("/app", "x", uid=0, gid=0, mtime=0)
+
+
+def test_stream_shorter_than_size_is_rejected() -> None:
+    sealer = Sealer(["/app"], Objects())
+
+    with pytest.raises(ProtectError, match="'/app/f' ended after 3 bytes, expected 100000"):
+        sealer.add_file("/app/f", io.BytesIO(b"abc"), 100000, mode=0o644, uid=0, gid=0, mtime=0)
+
+
+def test_stream_longer_than_size_is_rejected() -> None:
+    sealer = Sealer(["/app"], Objects())
+
+    with pytest.raises(ProtectError, match="more than the expected 2 bytes"):
+        sealer.add_file("/app/f", io.BytesIO(b"abc"), 2, mode=0o644, uid=0, gid=0, mtime=0)
+
+
+def test_short_reads_from_stream_are_completed() -> None:
+    class Trickle(io.RawIOBase):
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, size: int = -1) -> bytes:
+            step = 7 if size < 0 else min(7, size)
+            piece, self.data = self.data[:step], self.data[step:]
+            return piece
+
+    objects = Objects()
+    sealer = Sealer(["/app"], objects)
+    data = os.urandom(CHUNK_SIZE + 50)
+
+    sealer.add_file("/app/f", Trickle(data), len(data), mode=0o644, uid=0, gid=0, mtime=0)  # type: ignore[arg-type]
+
+    manifest = open_fspf(*_fspf_key_tag(sealer))
+    entry = manifest.entries[0]
+    assert objects.data[entry.object] == seal_object(entry.key, entry.file_id, data)
+
+
+def _fspf_key_tag(sealer: Sealer) -> tuple[bytes, bytes, bytes]:
+    volume = sealer.finish()
+    return volume.fspf, volume.key, volume.tag
+
+
+def test_writer_that_stops_early_is_rejected() -> None:
+    def lazy_writer(name: str, size: int, chunks: Iterable[bytes]) -> None:
+        next(iter(chunks))
+
+    sealer = Sealer(["/app"], lazy_writer)
+    data = os.urandom(3 * CHUNK_SIZE)
+
+    with pytest.raises(ProtectError, match="did not consume the whole object of '/app/f'"):
+        sealer.add_file("/app/f", io.BytesIO(data), len(data), mode=0o644, uid=0, gid=0, mtime=0)
+
+
+def test_hardlink_to_unknown_file_is_rejected() -> None:
+    sealer = Sealer(["/app"], Objects())
+    sealer.add_directory("/app/d", mode=0o755, uid=0, gid=0, mtime=0)
+
+    with pytest.raises(ProtectError, match="hardlink '/app/h' points to '/usr/bin/x'"):
+        sealer.add_hardlink("/app/h", "/usr/bin/x")
+    with pytest.raises(ProtectError, match="hardlink '/app/h2' points to '/app/d'"):
+        sealer.add_hardlink("/app/h2", "/app/d")
+
+
+def test_adding_after_finish_is_an_error() -> None:
+    sealer = Sealer(["/app"], Objects())
+    sealer.finish()
+
+    with pytest.raises(RuntimeError, match="finish"):
+        sealer.add_directory("/app", mode=0o755, uid=0, gid=0, mtime=0)
+    with pytest.raises(RuntimeError, match="finish"):
+        sealer.finish()
+
+
+def test_special_file_is_rejected_by_seal_tree(tmp_path: Path) -> None:
+    (tmp_path / "root" / "app").mkdir(parents=True)
+    os.mkfifo(tmp_path / "root" / "app" / "pipe")
+
+    with pytest.raises(ProtectError, match="'/app/pipe' is a special file"):
+        seal_tree(tmp_path / "root", ["/app"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "root"]
+
+
+def test_missing_region_is_rejected_by_seal_tree(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+
+    with pytest.raises(ProtectError, match="region '/app' is not a directory"):
+        seal_tree(tmp_path / "root", ["/app"], tmp_path / "out")
+
+
+def test_region_that_is_a_symlink_is_rejected_by_seal_tree(tmp_path: Path) -> None:
+    (tmp_path / "root" / "real").mkdir(parents=True)
+    (tmp_path / "root" / "app").symlink_to("real")
+
+    with pytest.raises(ProtectError, match="region '/app' is not a directory"):
+        seal_tree(tmp_path / "root", ["/app"], tmp_path / "out")
+
+
+def test_nested_regions_are_rejected_by_seal_tree(tmp_path: Path) -> None:
+    (tmp_path / "root" / "app" / "lib").mkdir(parents=True)
+
+    with pytest.raises(ProtectError, match="'/app/lib' lies inside region '/app'"):
+        seal_tree(tmp_path / "root", ["/app", "/app/lib"], tmp_path / "out")
+
+
+def test_existing_output_is_rejected_by_seal_tree(tmp_path: Path) -> None:
+    (tmp_path / "root" / "app").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+
+    with pytest.raises(ProtectError, match="already exists"):
+        seal_tree(tmp_path / "root", ["/app"], tmp_path / "out")
