@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from enclavify.cas.client import CasClient, Identity
@@ -55,12 +56,13 @@ class CasProcess:
 
 def start_cas(
     data: Path, *, db: str | None = None, extra_env: dict[str, str] | None = None,
-    listen: str = "127.0.0.1:0",
+    listen: str = "127.0.0.1:0", extra_args: tuple[str, ...] = (),
 ) -> CasProcess:
     command = [sys.executable, "-m", "enclavify", "-v", "cas", "serve", "--data", str(data),
                "--listen", listen]
     if db:
         command += ["--db", db]
+    command += list(extra_args)
     env = dict(os.environ)
     env.update(extra_env or {})
     process = subprocess.Popen(
@@ -123,8 +125,6 @@ def postgres_url() -> Iterator[str]:
     base = os.environ.get("ENCLAVIFY_TEST_POSTGRES")
     if not base:
         pytest.skip("ENCLAVIFY_TEST_POSTGRES is not set (source scripts/services to start one)")
-    import psycopg
-
     name = f"enclavify_cas_{secrets.token_hex(6)}"
     with psycopg.connect(base, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")

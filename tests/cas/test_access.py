@@ -3,10 +3,13 @@ against every endpoint, asserting that nothing unauthorised is read or written."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from enclavify.cas.client import CasClient, Identity
-from enclavify.errors import CasRejected
+from enclavify.cas.pki import ensure_server_pki
+from enclavify.errors import CasError, CasRejected
 
 from .conftest import CasProcess, key_hash, namespace_yaml, unique
 
@@ -104,11 +107,8 @@ def test_stale_predecessor_conflicts(
     assert alice.get_session(name)["hash"] == digest
 
 
-def test_client_pins_the_cas(shared_cas: CasProcess, tmp_path: object) -> None:
-    from enclavify.cas.pki import ensure_server_pki
-    from enclavify.errors import CasError
-
-    other, _ = ensure_server_pki(tmp_path / "other")  # type: ignore[operator]
+def test_client_pins_the_cas(shared_cas: CasProcess, tmp_path: Path) -> None:
+    other, _ = ensure_server_pki(tmp_path / "other")
     wrong = CasClient(shared_cas.address, ca_pem=other.ca_pem(), attempts=1)
     with pytest.raises(CasError, match="certificate verification"):
         wrong.public_values("x")

@@ -92,7 +92,8 @@ def test_racing_updates_across_two_processes(
             predecessor = winners[0]
         database = Database.open(postgres_url)
         try:
-            result = audit.verify_chain(database, audit.HeadFile(tmp_path / "cas" / audit.HEAD_FILE))
+            head = audit.HeadFile(tmp_path / "cas" / audit.HEAD_FILE)
+            result = audit.verify_chain(database, head)
         finally:
             database.close()
         assert result.ok, result.problems
@@ -115,7 +116,7 @@ def test_acknowledged_writes_survive_sigkill(
         client = server.client(identities["alice"], attempts=1)
         stop = threading.Event()
 
-        def writer(worker: int, client: CasClient = server.client(identities["alice"], attempts=1),
+        def writer(worker: int, client: CasClient = client,
                    stop: threading.Event = stop, round_number: int = round_number) -> None:
             n = 0
             while not stop.is_set():
@@ -137,7 +138,6 @@ def test_acknowledged_writes_survive_sigkill(
         stop.set()
         for thread in threads:
             thread.join()
-        del client
 
     assert len(acknowledged) > 20, "too few writes were acknowledged to test anything"
     server = start_cas(data)

@@ -35,7 +35,7 @@ def _append(database: Database, head: HeadFile, count: int) -> None:
 def _audit_cli(data: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "enclavify", "cas", "audit", "--data", str(data), *extra],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
     )
 
 
@@ -80,7 +80,8 @@ def test_altered_record_detected(tmp_path: Path) -> None:
     head = HeadFile(tmp_path / audit.HEAD_FILE)
     _append(database, head, 4)
     connection = sqlite3.connect(tmp_path / "cas.db")
-    record = json.loads(connection.execute("SELECT record FROM audit_log WHERE seq = 2").fetchone()[0])
+    row = connection.execute("SELECT record FROM audit_log WHERE seq = 2").fetchone()
+    record = json.loads(row[0])
     record["outcome"] = "refused"
     connection.execute(
         "UPDATE audit_log SET record = ? WHERE seq = 2", (json.dumps(record, sort_keys=True),)

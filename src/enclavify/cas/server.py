@@ -53,13 +53,18 @@ class CasSetup:
     service: CasService
 
 
-def open_cas(data_dir: Path, *, db: str | None = None, sans: tuple[str, ...] = ()) -> CasSetup:
+def open_cas(
+    data_dir: Path, *, db: str | None = None, sans: tuple[str, ...] = (),
+    nonce_lifetime: float = 60.0,
+) -> CasSetup:
     """Prepare the data directory (CA, server certificate, master key) and the database."""
     pki, created = ensure_server_pki(data_dir, sans)
     master_key = MasterKey.load_or_create(master_key_path(data_dir))
     database = Database.open(database_url(data_dir, db))
     database.migrate()
-    service = CasService(database, master_key, HeadFile(data_dir / HEAD_FILE))
+    service = CasService(
+        database, master_key, HeadFile(data_dir / HEAD_FILE), nonce_lifetime=nonce_lifetime
+    )
     return CasSetup(pki, created, database, service)
 
 

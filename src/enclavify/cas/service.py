@@ -43,6 +43,7 @@ from enclavify.cas.audit import AuditRecord, HeadFile
 from enclavify.cas.masterkey import MasterKey
 from enclavify.cas.storage import Database, Transaction
 from enclavify.errors import AttestationError, CasRejected, PolicyError, SecretError
+from enclavify.policy.claims import check_claims
 from enclavify.policy.model import ANY, CREATOR, NONE, Session
 
 log = logging.getLogger(__name__)
@@ -449,7 +450,7 @@ class CasService:
                 raise AttestationError(
                     "report data does not bind the challenge nonce and the public key"
                 )
-            warnings = policy.check_claims(current.session, service_name, claims)
+            warnings = check_claims(current.session, service_name, claims)
             values = self._release_values(current)
             configuration = policy.render_configuration(current.session, service_name, values)
             sealed = _seal_configuration(configuration, request.public_key, request.nonce)

@@ -33,6 +33,10 @@ def register(subparsers: Any) -> None:
         "--san", action="append", default=[], metavar="NAME",
         help="extra DNS name or IP address for the server certificate (repeatable)",
     )
+    serve.add_argument(
+        "--nonce-lifetime", type=float, default=60.0, metavar="SECONDS",
+        help="how long an attestation challenge nonce stays valid (default 60)",
+    )
     serve.set_defaults(handler=_serve)
 
     show = commands.add_parser("show-certificate", help="print the CAS CA certificate (PEM)")
@@ -76,7 +80,11 @@ def _serve(args: argparse.Namespace) -> int:
     from enclavify.cas.server import open_cas, serve  # noqa: PLC0415
 
     data_dir = _data_dir(args)
-    setup = open_cas(data_dir, db=args.db, sans=tuple(args.san))
+    if not 0 < args.nonce_lifetime <= 3600:
+        raise UsageError("--nonce-lifetime must be between 0 and 3600 seconds")
+    setup = open_cas(
+        data_dir, db=args.db, sans=tuple(args.san), nonce_lifetime=args.nonce_lifetime
+    )
     fingerprint = setup.pki.fingerprint()
     if setup.created:
         print(f"enclavify CAS: created a new CA in {data_dir}", file=sys.stderr)
