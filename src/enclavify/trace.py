@@ -202,9 +202,11 @@ def _split_call(text: str) -> tuple[list[str], str] | None:
 def _records(text: str) -> Iterable[tuple[int | None, str]]:
     """Yield (pid, complete call text) per finished syscall, joining unfinished/resumed pairs.
 
-    The pid is None for unprefixed lines (the first process before strace saw a second one).
+    The pid is None for unprefixed lines. strace -f without -o leaves the prefix off whenever
+    only one process is traced, so the halves of one call can carry different prefixes.
     """
     pending: dict[int | None, str] = {}
+    broken: tuple[int | None] | None = None
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -215,17 +217,43 @@ def _records(text: str) -> Iterable[tuple[int | None, str]]:
         body = line[prefix.end() :]
         if body.startswith(("+++", "---", "strace:", "????")) or "<detached ...>" in body:
             continue
+        if broken is not None:
+            # The line after an attach notice that broke a call in two: either the call goes
+            # on in a later "resumed" line, or this line is the rest of it.
+            owner, broken = broken[0], None
+            if body.strip() == "<unfinished ...>":
+                continue
+            if owner in pending and not _CALL.match(body) and not _RESUMED.match(body):
+                pid = owner
+                body = pending.pop(owner) + body
         resumed = _RESUMED.match(body)
         if resumed:
-            # A call started before strace saw a second process has no pid on its first half.
-            head = pending.pop(pid, None) or pending.pop(None, None)
-            if head is None:
-                continue  # its start is before the log begins
+            owners = _pending_owners(pending, pid, resumed.group("name"))
+            if len(owners) != 1:
+                continue  # its start is before the log begins, or it is ambiguous
+            head = pending.pop(owners[0])
+            pid = owners[0] if pid is None else pid
             body = head + resumed.group("rest")
+        notice = body.find("strace: Process ")
+        if notice > 0:
+            # strace wrote its attach notice into the middle of a call that forks.
+            pending[pid] = body[:notice]
+            broken = (pid,)
+            continue
         if body.endswith("<unfinished ...>"):
             pending[pid] = body[: -len("<unfinished ...>")].rstrip()
             continue
         yield pid, body
+
+
+def _pending_owners(pending: dict[int | None, str], pid: int | None, name: str) -> list[int | None]:
+    """Find whose unfinished call a resumed line continues: its own pid, else the other style."""
+    if pid in pending:
+        return [pid]
+    return [
+        owner for owner, head in pending.items()
+        if (pid is None or owner is None) and head.startswith(name + "(")
+    ]
 
 
 def _parse_call(pid: int, body: str) -> _Call | None:
@@ -277,6 +305,12 @@ class _Replay:
         if known is not None:
             return known
         parent = self.parents.get(pid)
+        if parent is not None and parent[0] == _UNKNOWN_PID and self.first_pid is not None:
+            parent = (self.first_pid, parent[1])
+        if (parent is not None and self.first_pid is None and parent[0] not in self.parents
+                and parent[0] not in self.processes):
+            # The parent is the first process, whose lines so far had no pid prefix.
+            self.adopt_unprefixed(parent[0])
         if parent is not None and parent[0] in self.processes:
             source = self.processes[parent[0]]
             flags = parent[1]
@@ -369,10 +403,16 @@ class _Replay:
             self.remember_fd(call, self.base(call.pid, arg(0)))
         elif name == "close" and ok and arg(0).isdigit():
             self.process(call.pid).fds.pop(int(arg(0)), None)
-        elif name in {"clone", "clone3", "fork", "vfork"} and call.value.isdigit():
-            child = int(call.value)
-            self.process(call.pid)
-            self.parents[child] = (call.pid, arg(0) if name.startswith("clone") else "")
+        elif name in _FORKS:
+            self.process(call.pid)  # the parent's state must exist before its child copies it
+
+
+_FORKS = frozenset({"clone", "clone2", "clone3", "fork", "vfork"})
+
+
+def _clone_flags(call: _Call) -> str:
+    # clone's flags are a named argument; clone3 has them in its structure, the first argument.
+    return " ".join(arg for arg in call.args if "CLONE_" in arg)
 
 
 def parse_strace(
@@ -386,6 +426,11 @@ def parse_strace(
     Raises :class:`UsageError` when the text contains no system call at all.
     """
     replay = _Replay(initial_cwd)
+    # Children can log calls before their parent's clone returns, so learn every parent first.
+    for pid_or_none, body in _records(text):
+        call = _parse_call(_UNKNOWN_PID if pid_or_none is None else pid_or_none, body)
+        if call is not None and call.name in _FORKS and call.value.isdigit():
+            replay.parents[int(call.value)] = (call.pid, _clone_flags(call))
     started = not after_first_execve
     calls = 0
     skipped = 0
