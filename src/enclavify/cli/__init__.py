@@ -60,18 +60,20 @@ def configure_logging(verbose: int) -> None:
     root.setLevel(level)
 
 
-def run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def run_handler(
+    handler: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str = "enclavify"
+) -> int:
     """Run a command handler and map enclavify's errors to exit codes."""
     try:
         return handler(args)
     except UsageError as error:
-        print(f"enclavify: error: {error.diagnostics()}", file=sys.stderr)
+        print(f"{prog}: error: {error.diagnostics()}", file=sys.stderr)
         return 2
     except Error as error:
-        print(f"enclavify: error: {error.diagnostics()}", file=sys.stderr)
+        print(f"{prog}: error: {error.diagnostics()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("enclavify: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 
