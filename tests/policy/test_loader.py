@@ -22,7 +22,8 @@ def _refused_quickly(text: str | bytes, words: str) -> None:
         parse_session(text)
     elapsed = time.perf_counter() - started
     assert words in str(info.value)
-    assert elapsed < 0.5, f"took {elapsed:.3f} s"
+    # About 0.2 s here for the deepest case; the bound leaves room for a loaded CI machine.
+    assert elapsed < 1.0, f"took {elapsed:.3f} s"
 
 
 def test_alias_bomb_is_refused_fast() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -56,7 +57,11 @@ def shell_hooks() -> tuple[str, str]:
     if bash is None:
         pytest.skip("bash is needed to expand the hooks as a shell does")
     output = subprocess.run(
-        [bash, "-c", HOOK_SCRIPT], capture_output=True, text=True, check=True, env={"PATH": os.defpath}
+        [bash, "-c", HOOK_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": os.defpath},
     ).stdout
     secrets, injected = output.split("\0")
     assert "$$SCONE::flask.crt$$" in injected
@@ -113,9 +118,9 @@ def test_seed_hooks_fill_default_template(shell_hooks: tuple[str, str]) -> None:
     # The filled session renders: the injected files carry the certificate and its key.
     values = generate_secrets(session, {}, _no_import)
     configuration = render_configuration(session, "service", values)
-    import base64
-
-    contents = {f["path"]: base64.b64decode(f["content"]).decode() for f in configuration["injection_files"]}
+    contents = {
+        f["path"]: base64.b64decode(f["content"]).decode() for f in configuration["injection_files"]
+    }
     assert contents["/tls/flask.crt"] == values["flask"].render("crt")
     assert contents["/tls/flask.key"] == values["flask_key"].render(None)
 
@@ -145,7 +150,9 @@ def test_hooks_work_at_any_indentation() -> None:
 
 
 def test_simulation_mode_and_tolerations() -> None:
-    session = parse_session(_fill(attestation_mode="simulation", tolerate=["debug-mode"], ignore_advisories="*"))
+    session = parse_session(
+        _fill(attestation_mode="simulation", tolerate=["debug-mode"], ignore_advisories="*")
+    )
     assert session.attestation.accepts_simulation
     assert session.attestation.tolerate == ("debug-mode",)
     assert session.attestation.ignore_all_advisories
@@ -172,7 +179,7 @@ def test_predecessor_is_filled() -> None:
 
 
 def test_values_cannot_inject_yaml() -> None:
-    hostile = {"X": "a\naccess_policy: {read: [ANY]}", "Y": "\"}, evil: {"}
+    hostile = {"X": "a\naccess_policy: {read: [ANY]}", "Y": '"}, evil: {'}
     session = parse_session(_fill(environment=hostile, pwd="/odd dir: #x"))
     assert dict(session.services[0].environment) == hostile
     assert session.services[0].pwd == "/odd dir: #x"
@@ -196,7 +203,9 @@ def test_hook_errors_name_the_filled_path() -> None:
         _fill(injected_files_hook="injection_files:\n  - path: relative/file\n    content: x\n")
     assert info.value.path == "images[0].injection_files[0].path"
     with pytest.raises(PolicyError) as info:
-        _fill(injected_files_hook="injection_files:\n  - path: /x\n    content: $$SCONE::nothing$$\n")
+        _fill(
+            injected_files_hook="injection_files:\n  - path: /x\n    content: $$SCONE::nothing$$\n"
+        )
     assert info.value.path == "images[0].injection_files[0].content"
     assert "'nothing' is not defined" in str(info.value)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import shutil
@@ -150,8 +151,19 @@ def test_chain_verifies_with_openssl(values: dict[str, SecretValue], tmp_path: P
     leaf = tmp_path / "leaf.pem"
     leaf.write_text(values["flask"].render("crt"))
     result = subprocess.run(
-        [openssl, "verify", "-CAfile", str(root), "-untrusted", str(intermediate),
-         "-purpose", "sslserver", "-verify_hostname", "api", str(leaf)],
+        [
+            openssl,
+            "verify",
+            "-CAfile",
+            str(root),
+            "-untrusted",
+            str(intermediate),
+            "-purpose",
+            "sslserver",
+            "-verify_hostname",
+            "api",
+            str(leaf),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -183,7 +195,9 @@ def test_unrelated_update_keeps_values(values: dict[str, SecretValue]) -> None:
     again = generate_secrets(updated, values, _no_imports)
     assert again == values
     # Export flags do not change a value either.
-    exported = parse_session(SESSION.replace("    key_type: P-384\n", "    key_type: P-384\n    export_public: true\n"))
+    exported = parse_session(
+        SESSION.replace("    key_type: P-384\n", "    key_type: P-384\n    export_public: true\n")
+    )
     assert generate_secrets(exported, values, _no_imports)["p384"] == values["p384"]
 
 
@@ -198,10 +212,12 @@ def test_changed_definition_regenerates(values: dict[str, SecretValue]) -> None:
 
 
 def test_new_ca_key_reissues_the_chain(values: dict[str, SecretValue]) -> None:
-    changed = parse_session(SESSION.replace(
-        "  - name: api_ca_key\n    kind: private-key\n",
-        "  - name: api_ca_key\n    kind: private-key\n    key_type: P-384\n",
-    ))
+    changed = parse_session(
+        SESSION.replace(
+            "  - name: api_ca_key\n    kind: private-key\n",
+            "  - name: api_ca_key\n    kind: private-key\n    key_type: P-384\n",
+        )
+    )
     again = generate_secrets(changed, values, _no_imports)
     for name in ("api_ca_key", "api_ca_cert", "intermediate", "flask", "client"):
         assert again[name] != values[name], name
@@ -224,8 +240,6 @@ def test_renderings(values: dict[str, SecretValue]) -> None:
     password = values["password"]
     text = password.render(None)
     assert password.render("hex") == text.encode().hex()
-    import base64
-
     assert base64.b64decode(password.render("base64")) == text.encode()
     token = values["token"]
     assert base64.b64decode(token.render("base64")).hex() == token.render("hex")
@@ -250,7 +264,9 @@ def test_explicit_values() -> None:
     cert_and_key = generated["flask"].render("chain") + generated["flask"].render("key")
     indented_pem = "\n".join("      " + line for line in cert_and_key.splitlines())
     key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
     ).decode()
     indented_key = "\n".join("      " + line for line in key_pem.splitlines())
     text = f"""
@@ -278,9 +294,12 @@ secrets:
     assert values["cert"].render("crt") == generated["flask"].render("crt")
     assert values["cert"].render("chain") == generated["flask"].render("chain")
     # A certificate with someone else's key is rejected without quoting either.
-    mismatched = text.replace(indented_pem, "\n".join(
-        "      " + line for line in (generated["flask"].render("crt") + key_pem).splitlines()
-    ))
+    mismatched = text.replace(
+        indented_pem,
+        "\n".join(
+            "      " + line for line in (generated["flask"].render("crt") + key_pem).splitlines()
+        ),
+    )
     with pytest.raises(SecretError) as info:
         generate_secrets(parse_session(mismatched), {}, _no_imports)
     assert "does not belong" in str(info.value)

@@ -131,7 +131,9 @@ def _check_tcb(claims: Claims, subject: str, tolerated: set[str], warnings: list
             )
         return
     if status == "Revoked":
-        raise AttestationError(f"the platform of {subject} is revoked; no session can accept it")
+        raise AttestationError(
+            f"the platform of {subject} has TCB status 'Revoked', which no session can accept"
+        )
     needed = TCB_TOLERATIONS.get(status)
     if needed is None:
         raise AttestationError(f"unknown TCB status {status!r} for {subject}")

@@ -18,7 +18,7 @@ from enclavify.secrets.value import DOT_SUFFIXES
 PREFIX = "$$SCONE::"
 _VARIABLE = re.compile(
     r"\$\$SCONE::(?P<name>[A-Za-z0-9_-]{1,128})"
-    r"(?:\.(?P<suffix>crt|key|chain|hex)|:(?P<format>[a-z]{1,32}))?\$\$"
+    r"(?:\.(?P<suffix>crt|key|chain|hex)|:(?P<format>[a-z0-9]{1,32}))?\$\$"
 )
 
 
