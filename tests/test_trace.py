@@ -269,3 +269,24 @@ def test_cli_traces_image(
     assert code == 0, captured.err
     assert captured.out.splitlines() == FLASK_DIRECTORIES
     assert "execve(\"/usr/bin/python3\"" in saved.read_text()
+
+
+@pytest.mark.podman
+@pytest.mark.slow
+def test_cli_traces_image_with_command(
+    native_flask_image: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    code = main(["trace", "--image", native_flask_image, "--seconds", "20", "--",
+                 "python3", "-c", "import json; open('/tls/flask.crt').read()"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.splitlines() == ["/tls", "/usr/lib/python3.11"]
+
+
+def test_cli_unknown_image_is_error(podman: str, capsys: pytest.CaptureFixture[str]) -> None:
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    assert main(["trace", "--image", "localhost/enclavify/no-such-image:none"]) == 1
+    assert "no-such-image" in capsys.readouterr().err

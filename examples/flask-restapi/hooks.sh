@@ -1,10 +1,10 @@
 # Source this before sconify_image: the two policy hooks for the Flask example.
 #
-# SECRETS defines, in the session, a CA (api_ca_key, api_ca_cert; the CA certificate is
-# exported so clients can fetch it from the CAS) and a TLS certificate for the DNS name "api"
-# that this CA issues (flask_key, flask). INJECTED_FILES writes that certificate and key to
-# /tls/flask.crt and /tls/flask.key, the paths rest_api.py reads, once the service has
-# attested; they replace the image's placeholder pair.
+# SECRETS defines a CA in the session: the key api_ca_key and the certificate api_ca_cert,
+# which is exported so clients can fetch it from the CAS. The CA issues the TLS certificate
+# flask for the DNS name "api", with the key flask_key. INJECTED_FILES writes that
+# certificate and key to /tls/flask.crt and /tls/flask.key, the paths rest_api.py reads,
+# once the service has attested. They replace the image's placeholder pair.
 export SECRETS=$(cat <<EOF
 secrets:
     - name: api_ca_key

@@ -93,7 +93,7 @@ class Access:
 
 @dataclass
 class TraceResult:
-    """What an strace log says about the files an application needs.
+    """The files an application needs, as an strace log shows them.
 
     ``directories`` are the roots to protect, sorted, none inside another. ``kept_in_clear``
     maps each system root to the number of accessed paths under it; ``unplaced`` lists
