@@ -14,6 +14,7 @@ returns a stream over the file's bytes in place.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from typing import BinaryIO
 from enclavify.errors import ImageError
 from enclavify.image import tarindex
 from enclavify.image.blobs import open_slice
+
+log = logging.getLogger(__name__)
 
 MAX_SYMLINK_HOPS = 40  # Linux's limit for one path lookup (ELOOP)
 
@@ -112,7 +115,7 @@ class MergedFilesystem:
             if kind is None:
                 continue
             parts = split_path(item.path)
-            parent = self._make_parents(parts[:-1])
+            parent = self._make_parents(parts[:-1], number)
             assert parent.children is not None
             entry = FileEntry(
                 path=item.path,
@@ -133,13 +136,21 @@ class MergedFilesystem:
             else:
                 parent.children[parts[-1]] = _Node(entry)
 
-    def _make_parents(self, parts: list[str]) -> _Node:
+    def _make_parents(self, parts: list[str], layer: int) -> _Node:
         node = self._root
         for depth, part in enumerate(parts):
             assert node.children is not None
             child = node.children.get(part)
             if child is None or child.children is None:
                 path = "/" + "/".join(parts[: depth + 1])
+                if child is not None:
+                    log.warning(
+                        "layer %d puts entries below %s, a %s in a lower layer; it becomes a "
+                        "directory, as with the overlay storage driver",
+                        layer,
+                        path,
+                        child.entry.type,
+                    )
                 child = _Node(FileEntry(path, "dir", 0o755, 0, 0, 0.0))
                 node.children[part] = child
             node = child

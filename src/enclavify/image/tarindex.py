@@ -10,7 +10,9 @@ Decisions on entries a layer should not carry (each message names the layer and 
 - A hardlink must point to a regular file or symlink stored earlier in the same layer;
   anything else (missing, a directory, a whiteout, another layer) is rejected.
 - Symlinks may point anywhere: they are stored as links and only ever resolved inside the
-  image root (``MergedFilesystem.resolve``), never followed on the host.
+  image root (``MergedFilesystem.resolve``), never followed on the host. An entry whose
+  parent is a symlink stored earlier in the same layer is rejected: engines would write it
+  through the link, somewhere the index would not show it.
 - Device nodes and FIFOs are left out of the merged view with a WARNING, and a rewritten
   layer drops them: the container runtime provides ``/dev``, and a device node that an image
   smuggles in cannot be protected or usefully rewritten. Verbatim copies of unchanged layers
@@ -140,6 +142,18 @@ def index_layer(tar_path: Path, layer: str) -> list[TarEntry]:
     return entries
 
 
+def _check_parents(path: str, name: str, layer: str, stored: dict[str, TarEntry]) -> None:
+    position = path.find("/", 1)
+    while position != -1:
+        ancestor = stored.get(path[:position])
+        if ancestor is not None and ancestor.kind == SYMLINK:
+            raise HostileEntryError(
+                f"layer {layer}: entry {name!r} lies below {ancestor.name!r}, a symlink in the "
+                "same layer; rejected"
+            )
+        position = path.find("/", position + 1)
+
+
 def _index_member(
     member: tarfile.TarInfo, layer: str, stored: dict[str, TarEntry]
 ) -> TarEntry | None:
@@ -153,6 +167,7 @@ def _index_member(
     )
     parent, _, base = path.rpartition("/")
     parent = parent or "/"
+    _check_parents(path, member.name, layer, stored)
     kind: str
     linkname = ""
     size = member.size if member.isreg() else 0
