@@ -615,6 +615,9 @@ def _wait_until_attached(tracer: subprocess.Popen[str], pid: str) -> None:
     if "attached" not in line:
         tracer.kill()
         rest = line + stream.read()
-        raise ImageError(f"strace cannot attach to the container's process {pid}: {rest.strip()}")
+        raise ImageError(
+            f"strace cannot attach to the container's process {pid}: {rest.strip()} "
+            "(tracing needs root or a kernel.yama.ptrace_scope that allows it)"
+        )
     # Later notices (one per new process) must not fill the pipe and stall strace.
     threading.Thread(target=stream.read, daemon=True).start()
