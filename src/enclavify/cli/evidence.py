@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from enclavify.attest import verify
-from enclavify.attest.claims import EVIDENCE_TYPES, claims_to_dict
+from enclavify.attest.claims import EVIDENCE_TYPES, SGX_DCAP, TDX, claims_to_dict
 from enclavify.attest.collateral import Collateral
+from enclavify.attest.pccs import CollateralService
 from enclavify.errors import UsageError
 
 
@@ -47,6 +48,16 @@ def register(subparsers: Any) -> None:
         ),
     )
     check.add_argument(
+        "--pccs",
+        metavar="URL",
+        help="fetch SGX and TDX collateral from this PCCS-style caching service",
+    )
+    check.add_argument(
+        "--pccs-ca",
+        metavar="FILE",
+        help="CA certificates (PEM) to check the caching service's TLS certificate with",
+    )
+    check.add_argument(
         "--at",
         metavar="TIME",
         help="verify as of this ISO 8601 time instead of now (UTC when no offset is given)",
@@ -60,8 +71,18 @@ def run_verify(args: argparse.Namespace) -> int:
     except OSError as error:
         raise UsageError(f"cannot read evidence {str(args.file)!r}: {error.strerror}") from error
     now = _parse_time(args.at) if args.at else datetime.now(UTC)
+    if args.collateral and args.pccs:
+        raise UsageError("give either --collateral or --pccs, not both")
     collateral = Collateral.load(args.collateral) if args.collateral else None
     evidence_type = args.type or verify.detect_evidence_type(data)
+    if args.pccs:
+        if evidence_type not in (SGX_DCAP, TDX):
+            raise UsageError(f"--pccs serves SGX and TDX collateral, not {evidence_type}")
+        try:
+            service = CollateralService(args.pccs, ca_file=args.pccs_ca)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        collateral = service.collateral_for(data, now=now)
     claims = verify.verify_evidence(evidence_type, data, now=now, collateral=collateral)
     print(json.dumps(claims_to_dict(claims), indent=2, sort_keys=True))
     return 0
