@@ -84,6 +84,21 @@ def test_aes_gcm_altered_input_fails_authentication(backend: str, change: str) -
     assert str(excinfo.value) == "authentication failed"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aes_gcm_cipher_is_reusable_after_failure(backend: str) -> None:
+    key = os.urandom(32)
+    cipher = crypto.AesGcm(key, backend=backend)
+    good = cipher.encrypt(bytes(12), b"first", b"")
+    bad = good[:-1] + bytes([good[-1] ^ 1])
+
+    with pytest.raises(crypto.AuthenticationError):
+        cipher.decrypt(bytes(12), bad, b"")
+    assert cipher.decrypt(bytes(12), good, b"") == b"first"
+    second = cipher.encrypt(bytes([1]) * 12, b"second", b"aad")
+    assert cipher.decrypt(bytes([1]) * 12, second, b"aad") == b"second"
+    assert second == crypto.aes_gcm_encrypt(key, bytes([1]) * 12, b"second", b"aad")
+
+
 @pytest.mark.parametrize(("key_size", "nonce_size"), [(16, 12), (31, 12), (32, 8), (32, 16)])
 def test_aes_gcm_rejects_wrong_key_or_nonce_size(key_size: int, nonce_size: int) -> None:
     with pytest.raises(ValueError, match="bytes"):

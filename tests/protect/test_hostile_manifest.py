@@ -1,7 +1,7 @@
-"""Unsealing never writes outside the target root, even for a validly signed hostile fspf.
+"""Unsealing never writes outside the target root, even for an authentic but hostile fspf.
 
-Whoever holds the volume key can write any manifest, so these fspfs are sealed by hand and
-the unsealer must still keep every write below the target root and follow no symlink there.
+Anyone with the volume key can write any manifest. These fspfs are sealed by hand, and the
+unsealer must still keep every write below the target root and follow no symlink there.
 """
 
 from __future__ import annotations

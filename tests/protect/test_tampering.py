@@ -210,7 +210,7 @@ def test_older_fspf_put_back_is_rejected(sealed: Sealed, tmp_path: Path) -> None
     shutil.rmtree(sealed.sealed)
     shutil.copytree(old, sealed.sealed)
 
-    # The attacker restores the old volume; the session holds the newer key and tag.
+    # The attacker restores the old volume; the session has the newer key and tag.
     with pytest.raises(IntegrityError):
         sealed.unseal(key=newer.key, tag=newer.tag)
     assert list(sealed.target.iterdir()) == []

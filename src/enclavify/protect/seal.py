@@ -1,9 +1,9 @@
 """Sealing: turn files into ciphertext objects and an fspf (format in :mod:`.format`).
 
-:class:`Sealer` takes entries one at a time from any source (a directory tree, the merged
-view of an image) and hands each file's object to a caller-supplied writer as an iterator of
-sealed chunks, so no file is ever held in memory whole. :func:`seal_tree` seals parts of a
-directory tree into ``output/fspf`` and ``output/objects/``.
+:class:`Sealer` takes entries one at a time from any source, such as a directory tree or the
+merged view of an image. It hands each file's object to a caller-supplied writer as an
+iterator of sealed chunks, so no file is ever held in memory whole. :func:`seal_tree` seals
+parts of a directory tree into ``output/fspf`` and ``output/objects/``.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Sealer:
     """Seal entries of the protected ``regions`` into objects and, at :meth:`finish`, an fspf.
 
     ``write_object(name, size, chunks)`` is called once per regular file with the object's
-    random hex name, its exact size in bytes and an iterator over its sealed chunks; it must
+    random hex name, its exact size in bytes and an iterator over its sealed chunks. It must
     consume the iterator to the end. ``randbytes`` supplies every key, id, nonce and object
     name, so tests can make sealing deterministic.
 

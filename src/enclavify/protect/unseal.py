@@ -5,7 +5,7 @@ anything else is read. :func:`unseal_tree` then restores every entry below a tar
 Each file is decrypted into a temporary file next to its destination and renamed into place
 only after every chunk verified, so a tampered object leaves no plaintext of that file.
 
-The manifest may come from a hostile source that holds the key, so writing never follows a
+The manifest may come from a hostile source that has the key, so writing never follows a
 symlink: every directory is opened relative to its parent with ``O_NOFOLLOW``, and entries are
 created and renamed through those directory descriptors. Symlink targets are restored as
 stored because they are resolved only inside the container.
@@ -74,7 +74,7 @@ def open_fspf(data: bytes, key: bytes, tag: bytes, *, name: str = "fspf") -> Man
 def unseal_tree(sealed: Path, key: bytes, tag: bytes, target_root: Path) -> Manifest:
     """Verify ``sealed/fspf`` and restore its entries at ``target_root/<path>``.
 
-    ``sealed`` holds ``fspf`` and ``objects/``. Owners are restored only when running as
+    ``sealed`` contains ``fspf`` and ``objects/``. Owners are restored only when running as
     root. Modes and mtimes are restored, those of directories after their contents.
 
     Raises:

@@ -10,6 +10,7 @@ Python 3.8 syntax.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from typing import Any, Optional, Sequence
@@ -25,6 +26,7 @@ _EVP_CTRL_GCM_SET_TAG = 0x11
 _EVP_PKEY_X25519 = 1034
 
 TAG_SIZE = 16
+NONCE_SIZE = 12
 # EVP_EncryptUpdate takes an int length, so longer inputs go through in pieces.
 _MAX_UPDATE = 1 << 30
 
@@ -72,10 +74,10 @@ class Libcrypto:
         self._fn("EVP_CIPHER_CTX_free", None, vp)
         self._fn("EVP_CIPHER_CTX_ctrl", i, vp, i, i, vp)
         self._fn("EVP_EncryptInit_ex", i, vp, vp, vp, cp, cp)
-        self._fn("EVP_EncryptUpdate", i, vp, vp, _INT_P, cp, i)
+        self._fn("EVP_EncryptUpdate", i, vp, vp, _INT_P, vp, i)
         self._fn("EVP_EncryptFinal_ex", i, vp, vp, _INT_P)
         self._fn("EVP_DecryptInit_ex", i, vp, vp, vp, cp, cp)
-        self._fn("EVP_DecryptUpdate", i, vp, vp, _INT_P, cp, i)
+        self._fn("EVP_DecryptUpdate", i, vp, vp, _INT_P, vp, i)
         self._fn("EVP_DecryptFinal_ex", i, vp, vp, _INT_P)
         self._fn("EVP_PKEY_CTX_new_id", vp, i, vp)
         self._fn("EVP_PKEY_CTX_new", vp, vp, vp)
@@ -128,72 +130,94 @@ def load(names: Sequence[str] = LIBRARY_NAMES) -> Libcrypto:
 
 
 class AesGcm:
-    """AES-256-GCM with 12-byte nonces and 16-byte tags appended to the ciphertext."""
+    """AES-256-GCM with 12-byte nonces and 16-byte tags appended to the ciphertext.
+
+    One cipher context per direction is set up with the key once and reused for every call
+    with a new nonce, which keeps the per-chunk cost low. A lock serializes calls.
+    """
 
     def __init__(self, key: bytes, lib: Optional[Libcrypto] = None) -> None:
         if len(key) != 32:
             raise ValueError(f"AES-256-GCM needs a 32-byte key, got {len(key)} bytes")
         self._key = bytes(key)
         self._lib = lib if lib is not None else load()
+        self._contexts: dict[bool, int] = {}
+        self._lock = threading.Lock()
 
-    def _new_context(self, encrypt: bool, nonce: bytes) -> int:
+    def __del__(self) -> None:
+        # At interpreter exit the library may already be unloaded, and then the OS frees it all.
+        with contextlib.suppress(Exception):
+            for ctx in self._contexts.values():
+                self._lib.EVP_CIPHER_CTX_free(ctx)
+            self._contexts.clear()
+
+    def _context(self, encrypt: bool, nonce: bytes) -> int:
+        """Return the context for ``encrypt``, set to ``nonce``; the caller holds the lock."""
+        if len(nonce) != NONCE_SIZE:
+            raise ValueError(f"AES-GCM nonce must be {NONCE_SIZE} bytes, got {len(nonce)} bytes")
         lib = self._lib
         init = lib.EVP_EncryptInit_ex if encrypt else lib.EVP_DecryptInit_ex
-        ctx = lib.EVP_CIPHER_CTX_new()
-        if not ctx:
-            raise LibcryptoError(f"EVP_CIPHER_CTX_new failed in {lib.name}")
-        try:
-            lib.check(init(ctx, lib.EVP_aes_256_gcm(), None, None, None), "EVP cipher init")
-            lib.check(
-                lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_IVLEN, len(nonce), None),
-                "setting the GCM nonce length",
-            )
-            lib.check(init(ctx, None, None, self._key, bytes(nonce)), "setting key and nonce")
-        except BaseException:
-            lib.EVP_CIPHER_CTX_free(ctx)
-            raise
-        return ctx  # type: ignore[no-any-return]
+        ctx = self._contexts.get(encrypt)
+        if ctx is None:
+            ctx = lib.EVP_CIPHER_CTX_new()
+            if not ctx:
+                raise LibcryptoError(f"EVP_CIPHER_CTX_new failed in {lib.name}")
+            try:
+                lib.check(init(ctx, lib.EVP_aes_256_gcm(), None, None, None), "EVP cipher init")
+                lib.check(
+                    lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_IVLEN, NONCE_SIZE, None),
+                    "setting the GCM nonce length",
+                )
+                lib.check(init(ctx, None, None, self._key, None), "setting the key")
+            except BaseException:
+                lib.EVP_CIPHER_CTX_free(ctx)
+                raise
+            self._contexts[encrypt] = ctx
+        # A NULL cipher and key keep the context's key schedule and restart GCM at this nonce.
+        lib.check(init(ctx, None, None, None, bytes(nonce)), "setting the nonce")
+        return ctx
 
-    def _update_all(self, update: Any, ctx: int, data: bytes, what: str) -> bytes:
-        """Feed ``data`` through ``update`` in int-sized pieces and return what it output."""
-        out = ctypes.create_string_buffer(len(data) + 32)
+    def _update(self, update: Any, ctx: int, out: Any, data: bytes, length: int) -> int:
+        """Feed ``data[:length]`` through ``update``; return how many bytes went to ``out``.
+
+        ``out`` is None for associated data. The input is passed by address, without copies.
+        """
+        address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
         out_len = ctypes.c_int(0)
         written = 0
-        for start in range(0, len(data), _MAX_UPDATE):
-            piece = data[start : start + _MAX_UPDATE]
+        for start in range(0, length, _MAX_UPDATE):
+            piece = min(_MAX_UPDATE, length - start)
+            target = None if out is None else ctypes.byref(out, written)
             self._lib.check(
-                update(ctx, ctypes.byref(out, written), ctypes.byref(out_len), piece, len(piece)),
-                what,
+                update(ctx, target, ctypes.byref(out_len), address + start, piece), "GCM update"
             )
             written += out_len.value
-        return out.raw[:written]
-
-    def _feed_aad(self, update: Any, ctx: int, aad: bytes) -> None:
-        out_len = ctypes.c_int(0)
-        for start in range(0, len(aad), _MAX_UPDATE):
-            piece = aad[start : start + _MAX_UPDATE]
-            self._lib.check(
-                update(ctx, None, ctypes.byref(out_len), piece, len(piece)), "GCM associated data"
-            )
+        return written
 
     def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
         """Return ``ciphertext || tag``."""
         lib = self._lib
-        ctx = self._new_context(True, nonce)
-        try:
-            self._feed_aad(lib.EVP_EncryptUpdate, ctx, bytes(aad))
-            body = self._update_all(lib.EVP_EncryptUpdate, ctx, bytes(plaintext), "encryption")
-            tail = ctypes.create_string_buffer(32)
-            tail_len = ctypes.c_int(0)
-            lib.check(lib.EVP_EncryptFinal_ex(ctx, tail, ctypes.byref(tail_len)), "final")
-            tag = ctypes.create_string_buffer(TAG_SIZE)
+        plaintext = _as_bytes(plaintext)
+        out = ctypes.create_string_buffer(len(plaintext) + TAG_SIZE)
+        with self._lock:
+            ctx = self._context(True, nonce)
+            self._update(lib.EVP_EncryptUpdate, ctx, None, _as_bytes(aad), len(aad))
+            written = self._update(lib.EVP_EncryptUpdate, ctx, out, plaintext, len(plaintext))
+            tail = ctypes.c_int(0)
+            # GCM is a stream mode, so the final call outputs nothing.
             lib.check(
-                lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_GET_TAG, TAG_SIZE, tag),
+                lib.EVP_EncryptFinal_ex(ctx, ctypes.byref(out, written), ctypes.byref(tail)),
+                "GCM final",
+            )
+            if written + tail.value != len(plaintext):
+                raise LibcryptoError(f"{lib.name} produced a ciphertext of unexpected length")
+            lib.check(
+                lib.EVP_CIPHER_CTX_ctrl(
+                    ctx, _EVP_CTRL_GCM_GET_TAG, TAG_SIZE, ctypes.byref(out, len(plaintext))
+                ),
                 "reading the GCM tag",
             )
-            return body + tail.raw[: tail_len.value] + tag.raw
-        finally:
-            lib.EVP_CIPHER_CTX_free(ctx)
+        return out.raw
 
     def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
         """Return the plaintext of ``ciphertext || tag``.
@@ -204,24 +228,29 @@ class AesGcm:
         if len(data) < TAG_SIZE:
             raise TagMismatchError
         lib = self._lib
-        data = bytes(data)
-        ctx = self._new_context(False, nonce)
-        try:
-            self._feed_aad(lib.EVP_DecryptUpdate, ctx, bytes(aad))
-            body = self._update_all(lib.EVP_DecryptUpdate, ctx, data[:-TAG_SIZE], "decryption")
-            tag = ctypes.create_string_buffer(data[-TAG_SIZE:], TAG_SIZE)
+        data = _as_bytes(data)
+        size = len(data) - TAG_SIZE
+        out = ctypes.create_string_buffer(size or 1)
+        tag = ctypes.create_string_buffer(data[size:], TAG_SIZE)
+        with self._lock:
+            ctx = self._context(False, nonce)
+            self._update(lib.EVP_DecryptUpdate, ctx, None, _as_bytes(aad), len(aad))
+            written = self._update(lib.EVP_DecryptUpdate, ctx, out, data, size)
             lib.check(
                 lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_TAG, TAG_SIZE, tag),
                 "setting the GCM tag",
             )
-            tail = ctypes.create_string_buffer(32)
-            tail_len = ctypes.c_int(0)
-            if lib.EVP_DecryptFinal_ex(ctx, tail, ctypes.byref(tail_len)) != 1:
+            tail = ctypes.c_int(0)
+            if lib.EVP_DecryptFinal_ex(ctx, ctypes.byref(out, written), ctypes.byref(tail)) != 1:
                 lib.ERR_clear_error()
                 raise TagMismatchError
-            return body + tail.raw[: tail_len.value]
-        finally:
-            lib.EVP_CIPHER_CTX_free(ctx)
+            if written + tail.value != size:
+                raise LibcryptoError(f"{lib.name} produced a plaintext of unexpected length")
+        return out.raw if size else b""
+
+
+def _as_bytes(data: Any) -> bytes:
+    return data if isinstance(data, bytes) else bytes(data)
 
 
 def _raw_key(lib: Libcrypto, pkey: int, private: bool) -> bytes:
