@@ -218,7 +218,7 @@ def _cas_configuration(
         raise LaunchError("the image pins no CAS certificate; convert it again with --cas")
     try:
         # Imported here so that the insecure debug path works without them.
-        from enclavify.attest import producers  # type: ignore[attr-defined]  # noqa: PLC0415
+        from enclavify.attest import producers  # noqa: PLC0415
         from enclavify.cas.client import CasClient  # noqa: PLC0415
     except ImportError as error:
         raise LaunchError(f"this runtime cannot attest: {error}") from error
@@ -399,7 +399,7 @@ def launch(
     check_binary(program, config, root)
     drop_privileges(user)
     try:
-        os.chdir(configuration.pwd)
+        os.chdir(str(root / configuration.pwd.lstrip("/")))
     except OSError as error:
         raise LaunchError(
             f"cannot change to the working directory {configuration.pwd!r}: {error.strerror}"
