@@ -150,7 +150,7 @@ def test_missing_issuer_chain_is_rejected(pccs: tuple[FakePccs, str]) -> None:
     fake, address = pccs
     fake.omit_header = "TCB-Info-Issuer-Chain"
     quote = sample("dcap-qvl/sgx_quote").read_bytes()
-    with pytest.raises(AttestationError, match="lacks the tcb-info-issuer-chain header"):
+    with pytest.raises(AttestationError, match="response lacks the tcb-info-issuer-chain header"):
         CollateralService(address).collateral_for(quote, now=INSIDE)
 
 

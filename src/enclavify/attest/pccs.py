@@ -1,7 +1,7 @@
 """DCAP collateral from a caching service that speaks Intel's PCCS API (version 4).
 
 Only the configured address is contacted: PCK CRL and root CA CRL from ``/sgx/...``, TCB info
-and QE identity from ``/sgx/...`` or ``/tdx/...``. The answers are assembled into dcap-qvl's
+and QE identity from ``/sgx/...`` or ``/tdx/...``. The responses are assembled into dcap-qvl's
 collateral JSON and kept in memory, keyed by TEE type, FMSPC and PCK CA, until the earliest
 ``nextUpdate`` of the TCB info, the QE identity and the two CRLs. The signatures are not checked
 here; dcap-qvl checks all of them against Intel's root when the quote is verified.
@@ -65,7 +65,7 @@ class CollateralService:
 
         Raises:
             AttestationError: the quote cannot be parsed, or the service is unreachable or
-                answers with something that is not collateral.
+                returns something that is not collateral.
         """
         tee, fmspc, ca = _quote_identity(quote)
         key = (tee, fmspc, ca)
@@ -153,11 +153,11 @@ def _header(headers: dict[str, str], *names: str) -> str:
     for name in names:
         if name in headers:
             return urllib.parse.unquote(headers[name])
-    raise AttestationError(f"collateral service answer lacks the {names[0]} header")
+    raise AttestationError(f"collateral service response lacks the {names[0]} header")
 
 
 def _signed_member(body: bytes, member: str) -> tuple[str, str]:
-    """Return the exact text of ``member`` (as signed) and the hex signature from a PCCS answer.
+    """Return the exact text of ``member`` (as signed) and the hex signature from a PCCS response.
 
     The signature covers the member's bytes as the service sent them, so the text is cut out
     of the body rather than re-serialised.
@@ -166,11 +166,11 @@ def _signed_member(body: bytes, member: str) -> tuple[str, str]:
         text = body.decode("utf-8")
         document = json.loads(text)
     except (UnicodeDecodeError, ValueError) as error:
-        raise AttestationError(f"collateral service {member} answer is not JSON") from error
+        raise AttestationError(f"collateral service {member} response is not JSON") from error
     signature = document.get("signature") if isinstance(document, dict) else None
     marker = text.find(f'"{member}"')
     if not isinstance(signature, str) or marker == -1:
-        raise AttestationError(f"collateral service answer lacks {member} or its signature")
+        raise AttestationError(f"collateral service response lacks {member} or its signature")
     start = text.index(":", marker) + 1
     while text[start].isspace():
         start += 1
@@ -186,7 +186,7 @@ def _crl_der(body: bytes, name: str) -> bytes:
         except ValueError as error:
             raise AttestationError(f"collateral service {name} is not a CRL") from error
     try:
-        # Intel's PCCS answers the root CA CRL as hex text.
+        # Intel's PCCS returns the root CA CRL as hex text.
         return bytes.fromhex(stripped.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         pass

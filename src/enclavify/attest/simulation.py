@@ -28,7 +28,7 @@ _HEX = re.compile(r"[0-9a-f]+")
 class SimulationVerifier:
     """Checks the form of simulation evidence and turns it into claims, without any trust.
 
-    The claims are exactly what the launcher said; ``tcb_status`` is ``Simulation`` and
+    The claims are exactly what the launcher wrote; ``tcb_status`` is ``Simulation`` and
     ``debug`` is false because there is no enclave whose debug attribute could be read.
     """
 

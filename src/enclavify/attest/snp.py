@@ -329,7 +329,9 @@ class _Chain:
         trust_amd_roots: bool,
     ) -> _Chain:
         entries = parse_certificate_table(table) if table else {}
-        given = [load_certificate(blob) for blob in (collateral.certificates if collateral else ())]
+        supplied = [
+            load_certificate(blob) for blob in (collateral.certificates if collateral else ())
+        ]
         carried = [load_certificate(blob) for guid, blob in entries.items() if guid != GUID_ARK]
 
         if report.signing_key == 0:
@@ -341,7 +343,7 @@ class _Chain:
                 f"SEV-SNP report signing key {report.signing_key} is not VCEK or VLEK"
             )
 
-        leaves = [cert for cert in given if _common_name(cert) == leaf_name]
+        leaves = [cert for cert in supplied if _common_name(cert) == leaf_name]
         if not leaves and leaf_guid in entries:
             leaves = [load_certificate(entries[leaf_guid])]
         if not leaves:
@@ -350,13 +352,13 @@ class _Chain:
             )
         leaf = leaves[0]
 
-        intermediate = _issuer_of(leaf, given + carried)
+        intermediate = _issuer_of(leaf, supplied + carried)
         if intermediate is None:
             raise AttestationError(
                 f"no ASK certificate issued {leaf_kind.upper()} {leaf.issuer.rfc4514_string()!r}"
             )
 
-        anchors = [cert for cert in given if cert.issuer == cert.subject]
+        anchors = [cert for cert in supplied if cert.issuer == cert.subject]
         if trust_amd_roots:
             anchors += [load_certificate(der) for der in amd_root_keys()]
         root = _issuer_of(intermediate, anchors)

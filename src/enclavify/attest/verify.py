@@ -72,7 +72,7 @@ def verify_evidence(
 
     Raises:
         AttestationError: the type is unknown, or the evidence is malformed, forged, expired,
-            revoked or lacks the collateral it needs; the message says which.
+            revoked or lacks the collateral it needs; the message names the reason.
     """
     if now.tzinfo is None:
         raise ValueError("now must be a timezone-aware datetime")
