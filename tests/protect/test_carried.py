@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import glob
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,14 +55,31 @@ def test_carried_module_parses_as_python_3_8(relative: str) -> None:
     ast.parse(source, filename=relative, feature_version=(3, 8))
 
 
-def test_unseal_from_carried_modules_without_cryptography(tmp_path: Path) -> None:
-    python = shutil.which("python3", path="/usr/bin:/usr/local/bin")
-    if python is None:
-        pytest.skip("no system python3 to run the carried modules with")
-    lib = tmp_path / "lib"
+def copy_carried(lib: Path) -> Path:
+    """Copy the carried modules alone into ``lib``, as the runtime builder does."""
     for relative in CARRIED:
         (lib / "enclavify" / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(PACKAGE / relative, lib / "enclavify" / relative)
+    return lib
+
+
+def find_interpreter(name: str) -> str | None:
+    """Return a path of the system's ``python3`` or of a Python 3.8, the oldest supported."""
+    if name == "python3":
+        return shutil.which("python3", path="/usr/bin:/usr/local/bin")
+    # A pyenv shim may stand on PATH without a 3.8 selected, so installed versions come first.
+    pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8.*/bin/python3.8")))
+    if pyenv:
+        return pyenv[-1]
+    return shutil.which("python3.8", path="/usr/bin:/usr/local/bin")
+
+
+@pytest.mark.parametrize("interpreter", ["python3", "python3.8"])
+def test_unseal_from_carried_modules_without_cryptography(tmp_path: Path, interpreter: str) -> None:
+    python = find_interpreter(interpreter)
+    if python is None:
+        pytest.skip(f"no {interpreter} interpreter to run the carried modules with")
+    lib = copy_carried(tmp_path / "lib")
     source = tmp_path / "source"
     source.mkdir()
     build(
@@ -110,3 +129,45 @@ def test_unseal_from_carried_modules_without_cryptography(tmp_path: Path) -> Non
         "cryptography_loaded": False,
     }
     assert_same_tree(source / "app", target / "app")
+
+
+CRYPTO_SCRIPT = """
+import sys
+sys.modules["cryptography"] = None
+sys.path.insert(0, sys.argv[1])
+from enclavify import crypto
+private, public = crypto.x25519_generate()
+peer_private, peer_public = crypto.x25519_generate()
+shared = crypto.x25519_exchange(private, peer_public)
+assert shared == crypto.x25519_exchange(peer_private, public)
+key = crypto.hkdf_sha256(shared, salt=b"nonce", info=b"enclavify-config-v1")
+sealed = crypto.aes_gcm_encrypt(key, bytes(12), b"configuration", b"")
+assert crypto.aes_gcm_decrypt(key, bytes(12), sealed, b"") == b"configuration"
+try:
+    crypto.aes_gcm_decrypt(key, bytes(12), sealed[:-1] + b"?", b"")
+except crypto.AuthenticationError:
+    pass
+else:
+    raise SystemExit("tampered ciphertext was accepted")
+print(crypto.backend_name(), crypto.aes_gcm_encrypt(bytes(32), bytes(12), b"", b"").hex())
+"""
+
+
+@pytest.mark.parametrize("interpreter", ["python3", "python3.8"])
+def test_crypto_facade_runs_on_carried_interpreter(tmp_path: Path, interpreter: str) -> None:
+    python = find_interpreter(interpreter)
+    if python is None:
+        pytest.skip(f"no {interpreter} interpreter to run the carried modules with")
+    lib = copy_carried(tmp_path / "lib")
+
+    result = subprocess.run(
+        [python, "-I", "-S", "-B", "-c", CRYPTO_SCRIPT, str(lib)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    # AES-256-GCM test case 13 of McGrew and Viega: zero key and nonce, empty plaintext.
+    assert result.stdout.split() == ["libcrypto", "530f8afbc74536b9a963b4f1c4cb738b"]
