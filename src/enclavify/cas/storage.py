@@ -13,6 +13,7 @@ applies the missing ones under a lock so that CAS processes starting together ag
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -176,10 +177,13 @@ class SqliteDatabase(Database):
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
             try:
+                if not self.path.exists():
+                    # SQLite gives its -wal and -shm files the database file's mode.
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
                 connection = sqlite3.connect(
                     self.path, isolation_level=None, timeout=30.0, check_same_thread=False
                 )
-            except sqlite3.Error as error:
+            except (OSError, sqlite3.Error) as error:
                 raise CasError(f"cannot open the database {self.path}: {error}") from error
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=FULL")

@@ -131,6 +131,11 @@ def _audit(args: argparse.Namespace) -> int:
             if not result.ok:
                 raise Error(f"audit log damaged: {len(result.problems)} problem(s)")
             print(f"audit log intact: {result.records} records, head {result.head_hash}")
+            print(
+                "checked: every record's hash and link, the database's head row, and the end"
+                " of the log against the head file; not detectable: a rollback of the database"
+                " and the data directory together"
+            )
             return 0
         for seq, record, _prev, digest in audit.iter_records(database):
             print(json.dumps({"seq": seq, **record, "hash": digest}, sort_keys=True))
