@@ -150,6 +150,7 @@ def test_chain_verifies_with_openssl(values: dict[str, SecretValue], tmp_path: P
     intermediate.write_text(values["intermediate"].render("crt"))
     leaf = tmp_path / "leaf.pem"
     leaf.write_text(values["flask"].render("crt"))
+
     result = subprocess.run(
         [
             openssl,
@@ -170,6 +171,7 @@ def test_chain_verifies_with_openssl(values: dict[str, SecretValue], tmp_path: P
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{leaf}: OK" in result.stdout
+
     # Without the intermediate the leaf must not verify.
     broken = subprocess.run(
         [openssl, "verify", "-CAfile", str(root), str(leaf)],
@@ -178,6 +180,7 @@ def test_chain_verifies_with_openssl(values: dict[str, SecretValue], tmp_path: P
         check=False,
     )
     assert broken.returncode != 0
+
     # The client certificate is not valid for a server.
     client = tmp_path / "client.pem"
     client.write_text(values["client"].render("crt"))

@@ -1,7 +1,7 @@
 """Decide whether verified attestation claims satisfy a session's policy for one service.
 
-The verifier in :mod:`enclavify.attest` establishes what the evidence says; this module
-decides whether that is good enough. The binding of the evidence to the CAS's nonce and the
+The verifier in :mod:`enclavify.attest` establishes the facts in the evidence, and this
+module decides whether they are good enough. The binding of the evidence to the CAS's nonce and the
 launcher's key (the report data) is checked by the CAS, not here.
 """
 
@@ -11,7 +11,7 @@ from enclavify.attest.claims import SEV_SNP, SGX_DCAP, SIMULATION, TDX, Claims
 from enclavify.errors import AttestationError
 from enclavify.policy.model import Service, Session
 
-# Which measurement list of a service each evidence type is matched against. Simulation
+# The measurement list of a service that each evidence type is matched against. Simulation
 # evidence carries the launcher's own 32-byte measurement, which the converter writes into
 # the mrenclave list.
 MEASUREMENT_LIST = {
@@ -33,9 +33,9 @@ TCB_TOLERATIONS: dict[str, tuple[str, ...]] = {
     "OutOfDateConfigurationNeeded": ("outdated-tcb", "insecure-configuration"),
 }
 
-# Intel advisories that a named toleration accepts without listing them in ignore_advisories:
+# Intel advisories that a named toleration accepts without listing them in ignore_advisories.
 # INTEL-SA-00161 (L1 Terminal Fault) and INTEL-SA-00233 (Microarchitectural Data Sampling)
-# are only fully mitigated with hyper-threading off, INTEL-SA-00219 concerns SGX on
+# are only fully mitigated with hyper-threading off. INTEL-SA-00219 concerns SGX on
 # processors with integrated graphics, and INTEL-SA-00657 is the AEPIC leak.
 # NOTE: this table covers the advisories these tolerations are known for; later advisories
 # about the same weaknesses must be listed in ignore_advisories.
@@ -56,7 +56,7 @@ def check_claims(session: Session, service: str, claims: Claims) -> list[str]:
 
     Raises:
         AttestationError: the claims do not satisfy the policy. The message is the reason,
-            with the expected and actual values; it holds no secrets.
+            with the expected and actual values, and contains no secrets.
     """
     definition = session.service(service)
     if definition is None:

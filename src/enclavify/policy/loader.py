@@ -110,8 +110,10 @@ def load_yaml(data: str | bytes, *, limits: Limits = DEFAULT_LIMITS, what: str =
     if text.startswith("\ufeff"):
         text = text[1:]
 
-    loader = _LimitedLoader(text, limits)
+    loader: _LimitedLoader | None = None
     try:
+        # The reader checks for unprintable characters as soon as it is created.
+        loader = _LimitedLoader(text, limits)
         node = loader.get_single_node()
         if node is None:
             raise PolicyError(f"{what} is empty")
@@ -127,7 +129,8 @@ def load_yaml(data: str | bytes, *, limits: Limits = DEFAULT_LIMITS, what: str =
     except RecursionError:
         raise PolicyError(f"{what} is nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _check_graph(root: Node, limits: Limits) -> None:

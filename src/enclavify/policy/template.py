@@ -81,7 +81,7 @@ def fill_template(
     """Return the session text for one converted service, checked with ``parse_session``.
 
     ``name`` is the session name below ``namespace`` (or the full name when ``namespace``
-    is None); the template sees ``$SESSION`` (the full name), ``$NAMESPACE`` and ``$NAME``.
+    is None); the template gets ``$SESSION`` (the full name), ``$NAMESPACE`` and ``$NAME``.
     ``image_name`` may be any image reference; it is turned into a valid session name with
     :func:`session_image_name`. The other variables are ``$SERVICE_NAME``, ``$IMAGE_NAME``,
     ``$MEASUREMENT`` (also ``$MRENCLAVE``), ``$COMMAND``, ``$ENVIRONMENT``, ``$PWD``,

@@ -1,6 +1,6 @@
 """Secret values: generation of keys, certificates and random strings, and their rendering.
 
-:class:`SecretValue` holds one value and never shows it in ``repr`` or errors.
+:class:`SecretValue` contains one value and never shows it in ``repr`` or errors.
 :func:`generate_secrets` makes the values of a session's secrets, keeping earlier values
 whose definition is unchanged.
 """

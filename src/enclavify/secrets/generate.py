@@ -2,7 +2,7 @@
 
 :func:`generate_secrets` returns a value for every secret of a session. A value from an
 earlier version of the session is kept while its definition is unchanged, so an update that
-edits a service's command does not replace a certificate; changing a definition (or a key or
+edits a service's command does not replace a certificate. Changing a definition (or a key or
 CA it depends on) makes a new value. Imported secrets come from a callback, explicit values
 from the session itself.
 """
@@ -51,7 +51,7 @@ def generate_secrets(
 ) -> dict[str, SecretValue]:
     """Return a value for every secret of ``session``, keyed by name.
 
-    ``existing`` holds the values of the session's previous version; one is kept when its
+    ``existing`` contains the values of the session's previous version; one is kept when its
     fingerprint matches the current definition. ``imported(session_name, secret_name)``
     returns the value another session exports to this one (and raises if it does not).
 
@@ -315,7 +315,7 @@ def explicit_value(definition: SecretDefinition) -> SecretValue:
             try:
                 certificates.append(x509.load_pem_x509_certificate(block.encode("ascii")))
             except ValueError:
-                raise SecretError(f"{what} holds an invalid certificate") from None
+                raise SecretError(f"{what} contains an invalid certificate") from None
         elif "PRIVATE KEY-----" in block.splitlines()[0]:
             key_blocks.append(block)
     if not certificates or len(key_blocks) != 1:
