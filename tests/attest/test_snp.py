@@ -324,3 +324,27 @@ def test_certificate_table_entry_outside_is_rejected() -> None:
     struct.pack_into("<I", table, 20, 4096)
     with pytest.raises(AttestationError, match="points outside the table"):
         snp.parse_certificate_table(bytes(table))
+
+
+def test_decoy_ask_with_same_name_does_not_hide_real_one(chain: FakeAmdChain) -> None:
+    key, vcek = chain.endorsement_key()
+    decoy = FakeAmdChain()
+    report = make_report(key)
+    table = certificate_table({snp.GUID_VCEK: der(vcek), snp.GUID_ASK: der(decoy.ask)})
+    collateral = anchored(chain, der(chain.ask))
+    claims = verify_evidence(
+        "sev-snp", configfs_json(report, table), now=NOW, collateral=collateral
+    )
+    assert claims.measurement == "22" * 48
+
+
+def test_ask_signed_by_other_root_is_rejected(chain: FakeAmdChain) -> None:
+    other = FakeAmdChain()
+    key, vcek = chain.endorsement_key()
+    table = certificate_table({snp.GUID_VCEK: der(vcek), snp.GUID_ASK: der(chain.ask)})
+    # The other chain's ARK has the same name as this chain's ARK but another key.
+    collateral = Collateral(certificates=(der(other.ark),))
+    with pytest.raises(AttestationError, match="ASK certificate signature is invalid"):
+        verify_evidence(
+            "sev-snp", configfs_json(make_report(key), table), now=NOW, collateral=collateral
+        )

@@ -525,12 +525,20 @@ def _claims(
 def _issuer_of(
     cert: x509.Certificate, candidates: list[x509.Certificate]
 ) -> x509.Certificate | None:
-    for candidate in candidates:
-        if candidate.subject == cert.issuer and candidate is not cert:
-            return candidate
-        if candidate.subject == cert.issuer and cert.issuer == cert.subject:
-            return candidate
-    return None
+    """Return the candidate that signed ``cert``, else the first with the issuer's name.
+
+    Preferring the one whose key verifies keeps a decoy with the same name (say, a forged ASK
+    placed first in the certificate table) from hiding the real issuer. A name match whose
+    signature fails is still returned, so the signature check reports it.
+    """
+    named = [candidate for candidate in candidates if candidate.subject == cert.issuer]
+    for candidate in named:
+        try:
+            cert.verify_directly_issued_by(candidate)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return candidate
+    return named[0] if named else None
 
 
 def _common_name(cert: x509.Certificate) -> str:
