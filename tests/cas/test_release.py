@@ -81,7 +81,8 @@ def test_right_measurement_gets_configuration(
     assert configuration["fspf_key"] == FSPF_KEY
     assert configuration["pwd"] == "/app"
     password = configuration["command"][-1]
-    assert len(password) == 24 and "$$SCONE" not in password
+    assert len(password) == 24
+    assert "$$SCONE" not in password
     token = configuration["environment"]["TOKEN"]
     assert len(bytes.fromhex(token)) == 16
     # Secrets stay the same across releases.
@@ -199,7 +200,7 @@ def test_unknown_measurement_refused(
         )
     assert caught.value.status == 403
     assert OTHER_MEASUREMENT in str(caught.value) or "measurement" in str(caught.value)
-    assert "refused configuration" in release_cas.log()
+    assert "rejected attestation for" in release_cas.log()
 
 
 def test_simulation_refused_when_not_allowed(

@@ -81,7 +81,7 @@ class CasClient:
     """A connection profile for one CAS: address, pinned CA and optional client identity.
 
     Connection failures (refused, reset, timed out) are retried with exponential backoff up
-    to ``attempts`` times; an HTTP answer is never retried. A refusal raises
+    to ``attempts`` times; a request that reached the CAS is never retried. A refusal raises
     :class:`CasRejected` with the CAS's reason, anything else :class:`CasError`.
     """
 
@@ -226,10 +226,10 @@ class CasClient:
         try:
             answer = json.loads(data.decode("utf-8")) if data else {}
         except (ValueError, UnicodeDecodeError) as error:
-            raise CasError(f"CAS sent an invalid answer to {method} {path} (HTTP {status})") \
+            raise CasError(f"CAS sent an invalid response to {method} {path} (HTTP {status})") \
                 from error
         if not isinstance(answer, dict):
-            raise CasError(f"CAS sent an invalid answer to {method} {path} (HTTP {status})")
+            raise CasError(f"CAS sent an invalid response to {method} {path} (HTTP {status})")
         if status >= 400:
             reason = answer.get("error") or f"HTTP {status}"
             raise CasRejected(str(reason), status)

@@ -187,7 +187,7 @@ class CasService:
                 action=action, client=client, session=session.name, outcome="refused",
                 reason=str(error), hash_before=session.predecessor,
             ))
-            log.info("refused %s of session %s by %s: %s", action, session.name, client, error)
+            log.info("rejected %s of session %s by %s: %s", action, session.name, client, error)
             raise
 
     def _create(self, session: Session, text: bytes, client: str) -> dict[str, Any]:
@@ -460,7 +460,7 @@ class CasService:
                 action="release", client=who, session=request.config_id, outcome="refused",
                 reason=reason, hash_before=session_hash, hash_after=session_hash,
             ))
-            log.warning("refused configuration %s: %s", request.config_id, reason)
+            log.warning("rejected attestation for %s: %s", request.config_id, reason)
             raise refuse(HTTPStatus.FORBIDDEN, reason) from error
         notes = list(warnings)
         if claims.evidence_type == SIMULATION:

@@ -1,10 +1,10 @@
 """The CAS's database: SQLite by default, PostgreSQL for several CAS processes.
 
-One small layer hides the two: SQL is written once with ``?`` placeholders, and a write
-transaction is serialised across every process using the database (SQLite's ``BEGIN
-IMMEDIATE``; on PostgreSQL a row lock on the audit head, which every write updates anyway).
-That makes the conditional session update, the nonce consumption and the audit chain
-append race-free without relying on isolation levels.
+One small layer hides the two, and SQL is written once with ``?`` placeholders. Write
+transactions are serialised across every process using the database: SQLite takes its write
+lock with ``BEGIN IMMEDIATE``, and on PostgreSQL every writer first locks the audit head row,
+which every write updates anyway. That makes the conditional session update, the nonce
+consumption and the audit chain append race-free without relying on isolation levels.
 
 The schema is versioned: :data:`MIGRATIONS` lists the steps, and :meth:`Database.migrate`
 applies the missing ones under a lock so that CAS processes starting together agree.
