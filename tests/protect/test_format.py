@@ -239,6 +239,27 @@ def test_writer_that_stops_early_is_rejected() -> None:
         sealer.add_file("/app/f", io.BytesIO(data), len(data), mode=0o644, uid=0, gid=0, mtime=0)
 
 
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"uid": -1}, "owner -1:0 out of range"),
+        ({"gid": 1 << 32}, "out of range"),
+        ({"mtime": float("nan")}, "mtime nan is not a finite number"),
+        ({"mtime": float("inf")}, "not a finite number"),
+    ],
+)
+def test_unrestorable_metadata_is_rejected_when_sealing(
+    metadata: dict[str, float], message: str
+) -> None:
+    sealer = Sealer(["/app"], Objects())
+    arguments = {"mode": 0o644, "uid": 0, "gid": 0, "mtime": 0.0, **metadata}
+
+    with pytest.raises(ProtectError, match=message):
+        sealer.add_file("/app/f", io.BytesIO(b""), 0, **arguments)  # type: ignore[arg-type]
+    with pytest.raises(ProtectError, match=message):
+        sealer.add_directory("/app", **arguments)  # type: ignore[arg-type]
+
+
 def test_hardlink_to_unknown_file_is_rejected() -> None:
     sealer = Sealer(["/app"], Objects())
     sealer.add_directory("/app/d", mode=0o755, uid=0, gid=0, mtime=0)

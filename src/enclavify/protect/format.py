@@ -20,6 +20,7 @@ Python 3.8 syntax.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -171,6 +172,16 @@ def region_of(path: str, regions: tuple[str, ...] | list[str]) -> str | None:
     return None
 
 
+def check_metadata(where: str, *, mode: int, uid: int, gid: int, mtime: float) -> None:
+    """Raise :class:`ProtectError` unless mode, owner and mtime can be restored as given."""
+    if not 0 <= mode <= 0o7777:
+        raise ProtectError(f"{where}: mode {mode:o} is not permission bits")
+    if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
+        raise ProtectError(f"{where}: owner {uid}:{gid} out of range")
+    if not math.isfinite(mtime):
+        raise ProtectError(f"{where}: mtime {mtime!r} is not a finite number")
+
+
 def _field(raw: dict[str, Any], name: str, kind: type, where: str) -> Any:
     value = raw.get(name)
     # bool is an int subclass, and JSON true must not pass as a mode or an owner.
@@ -197,10 +208,7 @@ def _metadata(raw: dict[str, Any], where: str) -> dict[str, Any]:
     mtime = raw.get("mtime")
     if isinstance(mtime, bool) or not isinstance(mtime, (int, float)):
         raise ProtectError(f"invalid fspf: {where}: field 'mtime' missing or not a number")
-    if not 0 <= mode <= 0o7777:
-        raise ProtectError(f"invalid fspf: {where}: mode {mode:o} is not permission bits")
-    if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
-        raise ProtectError(f"invalid fspf: {where}: owner {uid}:{gid} out of range")
+    check_metadata(f"invalid fspf: {where}", mode=mode, uid=uid, gid=gid, mtime=mtime)
     return {"mode": mode, "uid": uid, "gid": gid, "mtime": float(mtime)}
 
 

@@ -32,6 +32,7 @@ from enclavify.protect.format import (
     TAG_SIZE,
     Entry,
     Manifest,
+    check_metadata,
     check_path,
     chunk_aad,
     chunk_count,
@@ -137,6 +138,7 @@ class Sealer:
     def add_directory(self, path: str, *, mode: int, uid: int, gid: int, mtime: float) -> None:
         """Add a directory entry."""
         self._admit(path)
+        check_metadata(repr(path), mode=stat.S_IMODE(mode), uid=uid, gid=gid, mtime=mtime)
         self._record(
             Entry(type="dir", path=path, mode=stat.S_IMODE(mode), uid=uid, gid=gid, mtime=mtime)
         )
@@ -146,6 +148,7 @@ class Sealer:
         self._admit(path)
         if not target or "\x00" in target:
             raise ProtectError(f"symlink {path!r} has an empty target or one with a NUL byte")
+        check_metadata(repr(path), mode=0o777, uid=uid, gid=gid, mtime=mtime)
         self._record(
             Entry(
                 type="symlink", path=path, target=target, mode=0o777, uid=uid, gid=gid, mtime=mtime
@@ -180,6 +183,7 @@ class Sealer:
         self._admit(path)
         if size < 0:
             raise ProtectError(f"file {path!r} has a negative size {size}")
+        check_metadata(repr(path), mode=stat.S_IMODE(mode), uid=uid, gid=gid, mtime=mtime)
         key = self._random(KEY_SIZE)
         file_id = self._random(FILE_ID_SIZE)
         name = self._random(OBJECT_NAME_SIZE).hex()

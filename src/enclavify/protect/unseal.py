@@ -291,11 +291,12 @@ class _Restorer:
     def _replace_with(parent: int, name: str, create: Callable[[str], None]) -> None:
         """Create an entry under a temporary name with ``create(temporary)``, then rename it."""
         temporary = _temporary_name()
-        create(temporary)
         try:
+            create(temporary)
             os.rename(temporary, name, src_dir_fd=parent, dst_dir_fd=parent)
         except BaseException:
-            os.unlink(temporary, dir_fd=parent)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary, dir_fd=parent)
             raise
 
     def _restore_symlink(self, entry: Entry) -> None:
