@@ -1,0 +1,169 @@
+"""The ciphertext layer: every protected entry sealed, objects streamed straight into the layer.
+
+No plaintext touches the disk here: file content is read from the source image's layers,
+sealed chunk by chunk by :class:`enclavify.protect.Sealer`, and each object's chunks are
+written into the new layer as they are produced.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from enclavify.errors import ImageError, ProtectError
+from enclavify.image import FileEntry, LayerWriter, MergedFilesystem
+from enclavify.progress import Task
+from enclavify.protect import CHUNK_SIZE, SealedVolume, Sealer, sealed_size
+
+from .options import ENCLAVIFY_DATA_DIR, FSPF_PATH, OBJECTS_DIR, is_within
+from .regions import Inventory
+
+# Added files carry a fixed time: the real one would only tell when the conversion ran.
+ADDED_MTIME = 0.0
+
+
+class ChunkStream(io.RawIOBase):
+    """A readable stream over an iterator of byte chunks, counting bytes into a progress task."""
+
+    def __init__(self, chunks: Iterable[bytes], task: Task | None = None) -> None:
+        super().__init__()
+        self._chunks: Iterator[bytes] = iter(chunks)
+        self._pending = memoryview(b"")
+        self._task = task
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        target = memoryview(buffer).cast("B")
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = memoryview(chunk)
+            if self._task is not None:
+                self._task.advance(len(chunk))
+        count = min(len(target), len(self._pending))
+        target[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+
+def sealed_total(filesystem: MergedFilesystem, inventory: Inventory) -> int:
+    """Return the bytes of ciphertext objects the inventory will produce."""
+    total = 0
+    for entry in inventory.entries:
+        size = _content_size(filesystem, entry)
+        if size is not None:
+            total += sealed_size(size, CHUNK_SIZE)
+    return total
+
+
+def _content_size(filesystem: MergedFilesystem, entry: FileEntry) -> int | None:
+    """Return the plaintext size of an entry sealed as a file, ``None`` for other entries."""
+    if entry.type == "file":
+        return entry.size
+    return None
+
+
+def _in_regions(path: str, regions: Sequence[str]) -> bool:
+    return any(is_within(path, region) for region in regions)
+
+
+def write_sealed_layer(
+    writer: LayerWriter,
+    filesystem: MergedFilesystem,
+    inventory: Inventory,
+    regions: Sequence[str],
+    *,
+    task: Task | None = None,
+    shuffle: Callable[[list[FileEntry]], None] | None = None,
+) -> SealedVolume:
+    """Seal the inventory into ``writer`` under ``/.enclavify`` and return the volume key and tag.
+
+    Files are sealed in a random order (``shuffle``, :class:`random.SystemRandom` by default) so
+    that the order of objects in the layer does not follow the sorted paths; their sizes are
+    still visible, as the format documentation says.
+    """
+
+    def write_object(name: str, size: int, chunks: Iterable[bytes]) -> None:
+        iterator = iter(chunks)
+        writer.add_file(
+            f"{OBJECTS_DIR}/{name}",
+            io.BufferedReader(ChunkStream(iterator, task), buffer_size=1 << 16),
+            size,
+            mode=0o444,
+            uid=0,
+            gid=0,
+            mtime=ADDED_MTIME,
+        )
+        # The layer took exactly `size` bytes; running the iterator to its end lets the
+        # sealer check that the source file held no more than it declared.
+        if next(iterator, None) is not None:
+            raise ProtectError(f"sealed object {name} is longer than its declared {size} bytes")
+
+    writer.add_directory(ENCLAVIFY_DATA_DIR, mode=0o755, uid=0, gid=0, mtime=ADDED_MTIME)
+    writer.add_directory(OBJECTS_DIR, mode=0o755, uid=0, gid=0, mtime=ADDED_MTIME)
+    sealer = Sealer(list(regions), write_object)
+
+    files: list[FileEntry] = []
+    links: list[FileEntry] = []
+    for entry in inventory.entries:
+        if entry.type == "dir":
+            sealer.add_directory(
+                entry.path, mode=entry.mode, uid=entry.uid, gid=entry.gid, mtime=entry.mtime
+            )
+        elif entry.type == "file":
+            files.append(entry)
+        elif entry.type == "symlink":
+            sealer.add_symlink(
+                entry.path, entry.linkname or "", uid=entry.uid, gid=entry.gid, mtime=entry.mtime
+            )
+        else:
+            links.append(entry)
+
+    (shuffle or random.SystemRandom().shuffle)(files)
+    for entry in files:
+        with filesystem.open(entry.path) as stream:
+            sealer.add_file(
+                entry.path,
+                stream,
+                entry.size,
+                mode=entry.mode,
+                uid=entry.uid,
+                gid=entry.gid,
+                mtime=entry.mtime,
+            )
+
+    for entry in links:
+        target = entry.linkname or ""
+        if _in_regions(target, regions):
+            sealer.add_hardlink(entry.path, target)
+            continue
+        # The target stays in the clear outside the regions; inside, the link's content is
+        # sealed as a file of its own, since a protected entry cannot point into clear layers.
+        target_entry = filesystem.entry(target)
+        if target_entry is None or target_entry.type != "file":
+            raise _dangling_hardlink(entry)
+        with filesystem.open(target) as stream:
+            sealer.add_file(
+                entry.path,
+                stream,
+                target_entry.size,
+                mode=target_entry.mode,
+                uid=target_entry.uid,
+                gid=target_entry.gid,
+                mtime=target_entry.mtime,
+            )
+
+    volume = sealer.finish()
+    writer.add_bytes(FSPF_PATH, volume.fspf, mode=0o444, uid=0, gid=0, mtime=ADDED_MTIME)
+    return volume
+
+
+def _dangling_hardlink(entry: FileEntry) -> Exception:
+    return ImageError(
+        f"hard link {entry.path!r} points to {entry.linkname!r}, which is not a regular file "
+        f"in the image"
+    )
