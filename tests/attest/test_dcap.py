@@ -88,7 +88,7 @@ def test_tdx_claims_match_independent_parse() -> None:
     assert claims.debug == bool(body[120] & 0x01)
 
 
-def test_tdx_v5_quote_below_every_tcb_level_is_rejected() -> None:
+def test_tdx_v5_without_tcb_level_rejected() -> None:
     # This platform's CPU SVN is below every level its TCB info lists, so no status exists.
     quote, collateral = load("tdx_quote_outdated")
     assert struct.unpack_from("<HHI", quote) == (5, 2, 0x81)

@@ -326,7 +326,7 @@ def test_certificate_table_entry_outside_is_rejected() -> None:
         snp.parse_certificate_table(bytes(table))
 
 
-def test_decoy_ask_with_same_name_does_not_hide_real_one(chain: FakeAmdChain) -> None:
+def test_decoy_ask_is_skipped(chain: FakeAmdChain) -> None:
     key, vcek = chain.endorsement_key()
     decoy = FakeAmdChain()
     report = make_report(key)
