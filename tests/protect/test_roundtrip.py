@@ -341,3 +341,23 @@ def test_large_file_streams_in_bounded_memory(tmp_path: Path) -> None:
     assert seal_peak < MEMORY_LIMIT
     assert unseal_peak < MEMORY_LIMIT
     assert file_digest(target / "app" / "big.bin") == digest
+
+
+def test_hardlink_between_deep_directories_round_trips(tmp_path: Path) -> None:
+    # Deeper than the unsealer's cache of open directories, so its entries get evicted.
+    source = tmp_path / "source"
+    make_source(source, Node("dir"), Node("dir"))
+    first = source / "app" / "/".join(["a"] * 40)
+    second = source / "app" / "/".join(["b"] * 40)
+    first.mkdir(parents=True)
+    second.mkdir(parents=True)
+    (first / "file").write_bytes(b"shared")
+    os.link(first / "file", second / "link")
+
+    target = round_trip(tmp_path, source)
+
+    restored = target / "app" / "/".join(["a"] * 40) / "file"
+    link = target / "app" / "/".join(["b"] * 40) / "link"
+    assert link.read_bytes() == b"shared"
+    assert os.stat(link).st_ino == os.stat(restored).st_ino
+    assert_same_tree(source / "app", target / "app")

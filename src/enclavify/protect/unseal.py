@@ -315,20 +315,24 @@ class _Restorer:
 
     def _restore_hardlink(self, entry: Entry) -> None:
         source_parents, source_name = _split(entry.target)
-        source_parent = self._directory(source_parents, entry.target)
-        parents, name = _split(entry.path)
-        parent = self._directory(parents, entry.path)
+        # A copy, because opening the link's own parent may evict this one from the cache.
+        source_parent = os.dup(self._directory(source_parents, entry.target))
+        try:
+            parents, name = _split(entry.path)
+            parent = self._directory(parents, entry.path)
 
-        def create(temporary: str) -> None:
-            os.link(
-                source_name,
-                temporary,
-                src_dir_fd=source_parent,
-                dst_dir_fd=parent,
-                follow_symlinks=False,
-            )
+            def create(temporary: str) -> None:
+                os.link(
+                    source_name,
+                    temporary,
+                    src_dir_fd=source_parent,
+                    dst_dir_fd=parent,
+                    follow_symlinks=False,
+                )
 
-        self._replace_with(parent, name, create)
+            self._replace_with(parent, name, create)
+        finally:
+            os.close(source_parent)
 
 
 def _temporary_name() -> str:
