@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The Flask example end to end, on this machine, with a local CAS (SQLite, TLS on :8081):
+#
+#   1. build the native image (native_flask_restapi_image),
+#   2. start a CAS in a scratch directory,
+#   3. convert the image and upload its session with sconify_image, the SECRETS and
+#      INJECTED_FILES hooks of hooks.sh in the environment,
+#   4. start the confidential container with the compose file sconify_image wrote,
+#   5. POST and GET patient_3 over TLS, verified against the CA certificate that the CAS
+#      exports from the session (curl --cacert, not -k),
+#   6. stop everything and remove what it made.
+#
+# Usage: examples/flask-restapi/run-walkthrough.sh [--keep]
+#   --keep   leave the container, the CAS and the scratch directory running/in place
+#
+# The directories protected here follow the Debian layout of the local base image:
+# /usr/lib/python3.11 (the standard library), /usr/lib/python3 (Flask and its
+# dependencies), /usr/local/lib, /home, /app and /tls. On an image built from the public
+# python image, use /usr/local/lib and /usr/local/bin/python3 instead.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+keep=false
+[[ ${1:-} == --keep ]] && keep=true
+
+"$top/scripts/setup"
+# shellcheck source=../../scripts/env
+source "$top/scripts/env"
+
+work=$(mktemp -d -t enclavify-walkthrough.XXXXXX)
+cas_port=${CAS_PORT:-8081}
+export ENCLAVIFY_CAS_DATA=$work/cas
+# The walk-through's client identity lives in the scratch directory, not in your home.
+export XDG_CONFIG_HOME=$work/config
+cas_pid=
+compose=()
+if command -v podman-compose >/dev/null; then
+    compose=(podman-compose)
+elif docker compose version >/dev/null 2>&1; then
+    compose=(docker compose)
+else
+    echo "run-walkthrough: neither podman-compose nor docker compose is installed" >&2
+    exit 1
+fi
+engine=$(command -v podman || command -v docker)
+
+cleanup() {
+    local status=$?
+    if $keep; then
+        echo "run-walkthrough: kept $work (CAS pid ${cas_pid:-none})" >&2
+        exit $status
+    fi
+    if [[ -f $work/docker-compose.yml ]]; then
+        (cd "$work" && "${compose[@]}" down >/dev/null 2>&1) || true
+    fi
+    [[ -z $cas_pid ]] || kill "$cas_pid" 2>/dev/null || true
+    "$engine" rmi -f flask_restapi_image >/dev/null 2>&1 || true
+    rm -rf "$work"
+    exit $status
+}
+trap cleanup EXIT
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+step "Stage one: the native image"
+"$here/create_native_image.sh"
+
+step "A local CAS on 127.0.0.1:$cas_port (data in $ENCLAVIFY_CAS_DATA)"
+enclavify cas serve --data "$ENCLAVIFY_CAS_DATA" --listen "127.0.0.1:$cas_port" \
+    >"$work/cas.log" 2>&1 &
+cas_pid=$!
+for _ in $(seq 100); do
+    if [[ -f $ENCLAVIFY_CAS_DATA/ca.pem ]] && curl -fsS --cacert "$ENCLAVIFY_CAS_DATA/ca.pem" \
+            "https://localhost:$cas_port/v1/openapi.json" >/dev/null 2>&1; then
+        break
+    fi
+    kill -0 "$cas_pid" 2>/dev/null || { cat "$work/cas.log" >&2; exit 1; }
+    sleep 0.2
+done
+
+step "Stage two: sconify_image"
+# shellcheck source=hooks.sh
+source "$here/hooks.sh"
+export NATIVE_IMAGE=native_flask_restapi_image
+export IMAGE=flask_restapi_image
+export SCONE_CAS_ADDR=localhost:$cas_port
+export NAMESPACE="my_namespace-$RANDOM"
+export BINARY=/usr/bin/python3
+export SCONE_HEAP=1G SCONE_STACK=4M SCONE_ALLOW_DLOPEN=2
+cd "$work"
+SESSION=$(sconify_image --namespace="$NAMESPACE" --create-namespace --name=flask \
+    --from="$NATIVE_IMAGE" --to="$IMAGE" --cas="$SCONE_CAS_ADDR" \
+    --dir="/home" --dir="/usr/local/lib" --dir="/app" --dir="/usr/lib/python3" \
+    --dir="/usr/lib/python3.11" --dir="/tls" \
+    --heap="$SCONE_HEAP" --stack="$SCONE_STACK" --dlopen="$SCONE_ALLOW_DLOPEN" \
+    --binary="$BINARY")
+export SESSION
+echo "session: $SESSION" >&2
+
+step "Step 3: run the confidential image"
+DEVICE=$(determine_sgx_device)
+export DEVICE
+"${compose[@]}" up -d >&2
+
+step "The CA certificate of the session, from the CAS's exported values"
+enclavify session values "$SESSION" --cas "$SCONE_CAS_ADDR" > values.json
+python3 - values.json > api-ca.crt <<'PY'
+import json, sys
+values = json.load(open(sys.argv[1]))
+print(values["api_ca_cert"], end="")
+PY
+
+url=https://api:4996
+# An unknown patient answers 404 once the server is up and its certificate verifies.
+code=000
+for _ in $(seq 150); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' --cacert api-ca.crt \
+        --resolve api:4996:127.0.0.1 "$url/patient/none" || true)
+    [[ $code == 404 ]] && break
+    sleep 0.2
+done
+if [[ $code != 404 ]]; then
+    echo "run-walkthrough: the confidential service did not answer over verified TLS" >&2
+    "${compose[@]}" logs >&2 || true
+    exit 1
+fi
+
+step "POST /patient/patient_3"
+curl -fsS --cacert api-ca.crt --resolve api:4996:127.0.0.1 -X POST "$url/patient/patient_3" \
+    -d "fname=Jane&lname=Doe&address='123 Main Street'&city=Richmond&state=Washington&ssn=123-223-2345&email=nr@aaa.com&dob=01/01/2010&contactphone=123-234-3456&drugallergies='Sulpha, Penicillin, Tree Nut'&preexistingconditions='diabetes, hypertension, asthma'&dateadmitted=01/05/2010&insurancedetails='Primera Blue Cross'"
+echo
+
+step "GET /patient/patient_3"
+curl -fsS --cacert api-ca.crt --resolve api:4996:127.0.0.1 -X GET "$url/patient/patient_3"
+echo
+
+step "Done"
