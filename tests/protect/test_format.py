@@ -195,7 +195,7 @@ def test_stream_shorter_than_size_is_rejected() -> None:
 def test_stream_longer_than_size_is_rejected() -> None:
     sealer = Sealer(["/app"], Objects())
 
-    with pytest.raises(ProtectError, match="more than the expected 2 bytes"):
+    with pytest.raises(ProtectError, match="longer than the expected 2 bytes"):
         sealer.add_file("/app/f", io.BytesIO(b"abc"), 2, mode=0o644, uid=0, gid=0, mtime=0)
 
 

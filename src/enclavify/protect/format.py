@@ -4,9 +4,9 @@ A sealed volume is one fspf file plus one ciphertext object per regular file.
 
 * Plaintext is cut into chunks of :data:`CHUNK_SIZE` bytes. Each file has a random 32-byte
   key and a random 16-byte file id. Chunk ``i`` is sealed with AES-256-GCM under the file key
-  with nonce :func:`chunk_nonce` and associated data :func:`chunk_aad`, which binds the chunk
-  to its file, its position and whether it is the last one, so chunks cannot be reordered,
-  moved between files, dropped or appended. An empty file is one empty last chunk.
+  with nonce :func:`chunk_nonce` and associated data :func:`chunk_aad`. The associated data
+  binds the chunk to its file, its position and whether it is the last one, so chunks cannot
+  be reordered, moved between files, dropped or appended. An empty file is one empty last chunk.
 * The object is the concatenation of the sealed chunks (:func:`sealed_size`).
 * The fspf is :data:`FSPF_HEADER` (magic and format version), a 12-byte nonce and the
   AES-256-GCM encryption, under the volume key with the header as associated data, of the
@@ -81,7 +81,7 @@ def chunk_aad(file_id: bytes, index: int, last: bool) -> bytes:
 class Entry:
     """One file system object of a protected region.
 
-    ``type`` is one of :data:`ENTRY_TYPES`. ``mode`` holds permission bits only (no file
+    ``type`` is one of :data:`ENTRY_TYPES`. ``mode`` contains permission bits only (no file
     type bits). Files carry ``size``, ``object`` (the object's name), ``key`` and ``file_id``;
     symlinks and hardlinks carry ``target``. A hardlink's metadata is that of its target, so
     its ``mode``, ``uid``, ``gid`` and ``mtime`` are unused and zero.
@@ -141,21 +141,21 @@ class Manifest:
         return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("ascii")
 
 
-def check_path(path: str, what: str = "path") -> str:
+def check_path(path: str, label: str = "path") -> str:
     """Return ``path`` if it is absolute and normalized, else raise :class:`ProtectError`.
 
     Normalized means no empty, ``.`` or ``..`` component, no trailing slash and no NUL, so
     that joining it under a target root can never leave that root.
     """
     if not isinstance(path, str) or not path.startswith("/"):
-        raise ProtectError(f"{what} {path!r} is not an absolute path")
+        raise ProtectError(f"{label} {path!r} is not an absolute path")
     if "\x00" in path:
-        raise ProtectError(f"{what} {path!r} contains a NUL byte")
+        raise ProtectError(f"{label} {path!r} contains a NUL byte")
     if path == "/":
         return path
     for part in path[1:].split("/"):
         if part in ("", ".", ".."):
-            raise ProtectError(f"{what} {path!r} is not normalized (empty, '.' or '..' component)")
+            raise ProtectError(f"{label} {path!r} is not normalized (empty, '.' or '..' component)")
     return path
 
 

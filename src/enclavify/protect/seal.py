@@ -238,7 +238,7 @@ class Sealer:
             last = index == count - 1
             yield cipher.encrypt(chunk_nonce(index), plaintext, chunk_aad(file_id, index, last))
         if stream.read(1):
-            raise ProtectError(f"file {path!r} holds more than the expected {size} bytes")
+            raise ProtectError(f"file {path!r} is longer than the expected {size} bytes")
         state["done"] = True
 
     def finish(self) -> SealedVolume:

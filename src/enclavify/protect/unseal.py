@@ -81,7 +81,7 @@ def unseal_tree(sealed: Path, key: bytes, tag: bytes, target_root: Path) -> Mani
         IntegrityError: the fspf or a file's object failed verification; the message names
             the fspf or the file's path. No plaintext of that file is left behind.
         ProtectError: the fspf is malformed, or an entry cannot be restored (for example a
-            symlink or a non-directory stands where a directory is needed).
+            symlink or a non-directory is where a directory is needed).
     """
     sealed = Path(sealed)
     fspf_path = sealed / "fspf"

@@ -97,11 +97,11 @@ class Libcrypto:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._lib, name)
 
-    def check(self, result: int, what: str) -> None:
+    def check(self, result: int, operation: str) -> None:
         """Raise :class:`LibcryptoError` unless ``result`` is OpenSSL's success value 1."""
         if result != 1:
             self._lib.ERR_clear_error()
-            raise LibcryptoError(f"{what} failed in {self.name}")
+            raise LibcryptoError(f"{operation} failed in {self.name}")
 
 
 _loaded: dict[str, Libcrypto] = {}
