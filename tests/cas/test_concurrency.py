@@ -103,17 +103,27 @@ def test_racing_updates_across_two_processes(
 
 
 @pytest.mark.slow
-def test_acknowledged_writes_survive_sigkill(
-    tmp_path: Path, identities: dict[str, Identity]
+def test_sigkill_loses_no_write_sqlite(tmp_path: Path, identities: dict[str, Identity]) -> None:
+    _crash_during_writes(tmp_path / "cas", None, identities["alice"])
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_sigkill_loses_no_write_postgres(
+    postgres_url: str, tmp_path: Path, identities: dict[str, Identity]
 ) -> None:
-    data = tmp_path / "cas"
+    _crash_during_writes(tmp_path / "cas", postgres_url, identities["alice"])
+
+
+def _crash_during_writes(data: Path, db: str | None, identity: Identity) -> None:
+    """SIGKILL the CAS at random moments under four writers; check every acknowledged write."""
     acknowledged: dict[str, str] = {}
     lock = threading.Lock()
     rng = random.Random(20261204)
 
     for round_number in range(4):
-        server = start_cas(data)
-        client = server.client(identities["alice"], attempts=1)
+        server = start_cas(data, db=db)
+        client = server.client(identity, attempts=1)
         stop = threading.Event()
 
         def writer(worker: int, client: CasClient = client,
@@ -140,14 +150,14 @@ def test_acknowledged_writes_survive_sigkill(
             thread.join()
 
     assert len(acknowledged) > 20, "too few writes were acknowledged to test anything"
-    server = start_cas(data)
+    server = start_cas(data, db=db)
     try:
-        client = server.client(identities["alice"])
+        client = server.client(identity)
         for name, digest in acknowledged.items():
             assert client.get_session(name)["hash"] == digest, f"acknowledged {name} was lost"
     finally:
         server.stop()
-    database = Database.open(str(data / "cas.db"))
+    database = Database.open(db or str(data / "cas.db"))
     try:
         result = audit.verify_chain(database, audit.HeadFile(data / audit.HEAD_FILE))
     finally:

@@ -1,0 +1,68 @@
+"""The stdlib client: address parsing, pinning, and retries only for connection failures."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from enclavify.cas.client import CasClient, parse_address, pem_fingerprint
+from enclavify.errors import CasError, CasRejected
+
+from .conftest import CasProcess
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("localhost", ("localhost", 8081)),
+        ("localhost:9000", ("localhost", 9000)),
+        ("https://cas.example:443", ("cas.example", 443)),
+        ("[::1]:8443", ("::1", 8443)),
+        ("[::1]", ("::1", 8081)),
+    ],
+)
+def test_address_forms(address: str, expected: tuple[str, int]) -> None:
+    assert parse_address(address) == expected
+
+
+@pytest.mark.parametrize("address", ["", ":80", "host:http", "host:70000", "http://host:80"])
+def test_invalid_address_rejected(address: str) -> None:
+    with pytest.raises(CasError, match="invalid CAS address"):
+        parse_address(address)
+
+
+def test_client_needs_a_trust_anchor() -> None:
+    with pytest.raises(CasError, match="no CAS certificate"):
+        CasClient("localhost")
+
+
+def test_connection_failure_retried_then_raised(shared_cas: CasProcess) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = CasClient(f"127.0.0.1:{port}", ca_pem=shared_cas.ca_pem, attempts=3, backoff=0.05)
+    started = time.monotonic()
+    with pytest.raises(CasError, match="after 3 attempts") as caught:
+        client.public_values("x")
+    assert not isinstance(caught.value, CasRejected)
+    # Two waits between three attempts: 0.05 s, then 0.1 s.
+    assert time.monotonic() - started >= 0.15
+
+
+def test_rejection_is_not_retried(shared_cas: CasProcess) -> None:
+    client = shared_cas.client(None, attempts=5, backoff=1.0)
+    started = time.monotonic()
+    with pytest.raises(CasRejected) as caught:
+        client.get_session("anything")
+    assert caught.value.status == 403
+    assert time.monotonic() - started < 1.0
+
+
+def test_fingerprint_pin_fetches_ca(shared_cas: CasProcess) -> None:
+    fingerprint = pem_fingerprint(shared_cas.ca_pem)
+    client = CasClient(shared_cas.address, fingerprint=fingerprint.upper())
+    with pytest.raises(CasRejected) as caught:
+        client.public_values("no-such-session")
+    assert caught.value.status == 404
