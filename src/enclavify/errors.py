@@ -40,7 +40,7 @@ class ImageError(Error):
 
 
 class HostileEntryError(ImageError):
-    """A layer entry that would write outside the root, follow an escaping link or create a device."""
+    """A layer entry that would escape the root, follow an escaping link or create a device."""
 
 
 class ProtectError(Error):

@@ -26,7 +26,7 @@ GROUPS = (image, cas, session, run, trace, device, evidence)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="enclavify",
-        description="Convert container images into confidential ones and run them under attestation.",
+        description="Make container images confidential and run them under attestation.",
     )
     parser.add_argument("--version", action="version", version=f"enclavify {__version__}")
     add_logging_flags(parser)
