@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from enclavify.errors import IntegrityError
 from enclavify.protect import CHUNK_SIZE, SealedVolume, open_fspf, seal_tree, unseal_tree
@@ -230,3 +232,26 @@ def test_older_fspf_under_same_key_is_rejected(sealed: Sealed) -> None:
 
     assert repr(str(sealed.fspf)) in str(excinfo.value)
     assert list(sealed.target.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Sealed:
+    root = tmp_path_factory.mktemp("pristine")
+    (root / "source" / "app").mkdir(parents=True)
+    (root / "source" / "app" / "big.bin").write_bytes(os.urandom(2 * CHUNK_SIZE + 77))
+    volume = seal_tree(root / "source", ["/app"], root / "sealed")
+    return Sealed(root / "source", root / "sealed", volume, root / "unused")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(position=st.integers(min_value=0, max_value=8 * (2 * SEALED_CHUNK + 77 + TAG_SIZE) - 1))
+def test_any_flipped_bit_is_rejected(
+    pristine: Sealed, tmp_path_factory: pytest.TempPathFactory, position: int
+) -> None:
+    root = tmp_path_factory.mktemp("flip")
+    shutil.copytree(pristine.sealed, root / "sealed")
+    (root / "target").mkdir()
+    sealed = Sealed(pristine.source, root / "sealed", pristine.volume, root / "target")
+    flip_bit(sealed.object_of(BIG), position // 8, position % 8)
+
+    assert_rejected(sealed, BIG)
