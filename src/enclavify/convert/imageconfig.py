@@ -18,7 +18,7 @@ LABEL_PREFIX = "org.enclavify."
 LABEL_VERSION = LABEL_PREFIX + "runtime.version"
 LABEL_MEASUREMENT = LABEL_PREFIX + "measurement"
 LABEL_REGIONS = LABEL_PREFIX + "protected"
-LABEL_FSPF = LABEL_PREFIX + "fspf"
+LABEL_PLAIN = LABEL_PREFIX + "plain"
 
 # The only variable kept from the native Env: a shell started with `podman exec` needs it,
 # and a search path is not a secret. Everything else goes to the session.
@@ -47,6 +47,7 @@ def confidential_config(
     runtime_version: str,
     measurement: str,
     regions: Sequence[str],
+    plain: Sequence[str] = (),
 ) -> ImageConfig:
     """Return the configuration of the confidential image.
 
@@ -55,7 +56,7 @@ def confidential_config(
     settings name), the working directory is ``/``, and the Env keeps only ``PATH``.
     ExposedPorts, Volumes, StopSignal and Labels stay. Labels ``org.enclavify.*`` are added
     (and any the native image had are replaced); they carry the runtime version, the
-    measurement and the protected directories' names, never content.
+    measurement, the protected directories' names and the ``--plain`` ones, never content.
     """
     kept_env = [item for item in config.env if item.partition("=")[0] in KEPT_ENV]
     labels = {
@@ -64,6 +65,8 @@ def confidential_config(
     labels[LABEL_VERSION] = runtime_version
     labels[LABEL_MEASUREMENT] = measurement
     labels[LABEL_REGIONS] = json.dumps(list(regions))
+    if plain:
+        labels[LABEL_PLAIN] = json.dumps(list(plain))
     changed = config.replace(
         entrypoint=list(entrypoint),
         cmd=None,

@@ -21,7 +21,7 @@ from enclavify.attest import measurement
 from enclavify.errors import Error, ImageError
 from enclavify.image import MergedFilesystem, open_image
 
-from .imageconfig import LABEL_MEASUREMENT, LABEL_REGIONS, LABEL_VERSION
+from .imageconfig import LABEL_MEASUREMENT, LABEL_PLAIN, LABEL_REGIONS, LABEL_VERSION
 from .options import FSPF_PATH, OBJECTS_DIR, RUNTIME_DIR
 from .runtimelayer import SETTINGS_NAME
 
@@ -166,7 +166,7 @@ def _inspect_confidential(
         confidential=True,
         platform=platform,
         regions=regions,
-        plain=[str(item) for item in settings.get("plain") or []],
+        plain=[str(item) for item in json.loads(labels.get(LABEL_PLAIN, "[]"))],
         protected_objects=objects,
         runtime_version=settings.get("runtime_version") or labels.get(LABEL_VERSION),
         interpreter=interpreter if isinstance(interpreter, dict) else {},

@@ -235,6 +235,7 @@ def _convert_opened(
         runtime_version=built.version,
         measurement=measured,
         regions=checked.protected,
+        plain=checked.plain,
     )
     service = {
         "command": imageconfig.original_command(source.config),

@@ -18,6 +18,7 @@ from typing import Any
 
 from enclavify.image import LayerWriter, MergedFilesystem
 from enclavify.runtime.builder import ImageFiles, build_runtime
+from enclavify.runtime.config import RuntimeConfig
 
 from .options import FSPF_PATH, RUNTIME_DIR
 
@@ -61,27 +62,30 @@ class BuiltRuntime:
 def settings_document(
     settings: RuntimeSettings, *, version: str, interpreter: dict[str, Any]
 ) -> dict[str, Any]:
-    """Return the content of ``runtime.json``."""
-    document: dict[str, Any] = {
-        "format": 1,
-        "runtime_version": version,
-        "interpreter": interpreter,
-        "binary": settings.binary,
-        "heap": settings.heap,
-        "stack": settings.stack,
-        "dlopen": settings.dlopen,
-        "regions": list(settings.regions),
-        "plain": list(settings.plain),
-        "fspf_path": FSPF_PATH,
-        "cas_address": settings.cas_address,
-        "cas_certificate": None,
-        "cas_fingerprint": settings.cas_fingerprint,
-        "config_id": settings.config_id,
-        "user": settings.user,
-    }
+    """Return the content of ``runtime.json``, in the launcher's own schema.
+
+    The ``--plain`` directories are not in it: the launcher has nothing to do with them, and
+    the file is part of the measurement. They are in the result and in an image label.
+    """
+    certificate = None
     if settings.cas_certificate is not None:
-        document["cas_certificate"] = f"{RUNTIME_DIR}/{CAS_CERTIFICATE_NAME}"
-    return document
+        certificate = f"{RUNTIME_DIR}/{CAS_CERTIFICATE_NAME}"
+    config = RuntimeConfig(
+        binary=settings.binary,
+        heap=settings.heap,
+        stack=settings.stack,
+        dlopen=settings.dlopen,
+        regions=list(settings.regions),
+        fspf_path=FSPF_PATH,
+        cas_address=settings.cas_address,
+        cas_certificate=certificate,
+        cas_fingerprint=settings.cas_fingerprint,
+        config_id=settings.config_id,
+        user=settings.user,
+        runtime_version=version,
+        interpreter=interpreter,
+    )
+    return config.to_json()
 
 
 def write_settings(root: Path, document: dict[str, Any], cas_certificate: bytes | None) -> None:
