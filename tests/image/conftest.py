@@ -51,14 +51,15 @@ def require_tool(name: str) -> str:
 
 @pytest.fixture
 def engine_name(podman: str) -> Iterator[str]:
-    """A unique podman image name, removed after the test."""
+    """A unique podman image name; every image whose name starts with it is removed after."""
     name = f"localhost/enclavify-test-{uuid.uuid4().hex[:10]}"
     yield name
     listed = subprocess.run(
-        [podman, "images", "--format", "{{.Repository}}:{{.Tag}}", name],
+        [podman, "images", "--format", "{{.Repository}}:{{.Tag}}"],
         capture_output=True,
         text=True,
         check=False,
     )
     for line in listed.stdout.split():
-        subprocess.run([podman, "rmi", "-f", line], capture_output=True, check=False)
+        if line.startswith(name):
+            subprocess.run([podman, "rmi", "-f", line], capture_output=True, check=False)

@@ -138,11 +138,25 @@ class RegistryClient:
                 response, name=f"manifest {reference}", digest=None, limit=MAX_JSON
             )
         media_type = (response.getheader("Content-Type") or "").split(";")[0].strip() or None
+        # Pulled by digest, the manifest must match it; pulled by tag, the registry's
+        # Docker-Content-Digest header (when sent) is checked, and the caller computes the
+        # digest of what arrived.
         digest = reference if reference.startswith("sha256:") else None
+        advertised = response.getheader("Docker-Content-Digest")
+        if digest is None and advertised and advertised.startswith("sha256:"):
+            digest = advertised
         return Root(data, media_type, digest)
 
     def open_blob(self, digest: str) -> IO[bytes]:
         return self.request("GET", f"blobs/{digest}", what=f"fetching blob {digest}")
+
+    def open_manifest(self, digest: str) -> IO[bytes]:
+        return self.request(
+            "GET",
+            f"manifests/{digest}",
+            headers={"Accept": _ACCEPT},
+            what=f"fetching manifest {digest}",
+        )
 
     # -- writing -------------------------------------------------------------------------
 
@@ -206,6 +220,9 @@ class RegistryStore(BlobStore):
 
     def open_blob(self, digest: str, size: int | None = None) -> IO[bytes]:
         return self.client.open_blob(digest)
+
+    def open_manifest(self, digest: str) -> IO[bytes]:
+        return self.client.open_manifest(digest)
 
 
 def push_image(

@@ -259,8 +259,8 @@ def open_image(
             resolved = _resolve_docker_archive(members, reference)
         else:
             opened = _open_store(reference, work, insecure_http)
-            if isinstance(opened, TarMembers):  # an engine that writes docker archives
-                resolved = _resolve_docker_archive(opened, reference)
+            if isinstance(opened, TarMembers):  # an engine export: one image, whatever its name
+                resolved = _resolve_docker_archive(opened, reference, sole_image=True)
             else:
                 store = opened
                 resolved = _resolve_manifest(store, reference, wanted)
@@ -305,7 +305,9 @@ def _resolve_manifest(
     root = store.root(reference.tag, reference.digest)
     if reference.digest is not None and root.digest is None:
         root = type(root)(root.data, root.media_type, reference.digest)
-    if root.digest is not None:
+    if root.digest is None:
+        root = type(root)(root.data, root.media_type, sha256_digest(root.data))
+    else:
         blobs.read_verified(
             io.BytesIO(root.data),
             name=f"manifest {root.digest}",
@@ -382,16 +384,16 @@ def _select_platform(
     )
 
 
-def _resolve_docker_archive(members: TarMembers, reference: ImageReference) -> _Resolved:
+def _resolve_docker_archive(
+    members: TarMembers, reference: ImageReference, *, sole_image: bool = False
+) -> _Resolved:
     where = str(reference)
     entries = load_list(members.read("manifest.json"), f"{where}: manifest.json")
     chosen: dict[str, Any] | None = None
-    if reference.repository is not None:
-        wanted = {
-            reference.name,
-            f"localhost/{reference.name}",
-            f"docker.io/library/{reference.name}",
-        }
+    if sole_image and len(entries) == 1:
+        chosen = entries[0]
+    elif reference.repository is not None:
+        wanted = _archive_names(reference)
         for entry in entries:
             if wanted & set(entry.get("RepoTags") or []):
                 chosen = entry
@@ -427,6 +429,23 @@ def _resolve_docker_archive(members: TarMembers, reference: ImageReference) -> _
             )
         )
     return _Resolved(None, None, config_bytes, layers, None)
+
+
+def _archive_names(reference: ImageReference) -> set[str]:
+    """Return the spellings under which engines record ``reference`` in a docker archive.
+
+    podman writes local names as ``localhost/x:tag``; docker and skopeo write Docker Hub
+    names in full (``docker.io/library/x:tag``, ``docker.io/team/x:tag``).
+    """
+    name = reference.name
+    assert name is not None
+    names = {name, f"localhost/{name}"}
+    first = name.split("/", 1)[0]
+    if "/" not in name:
+        names.add(f"docker.io/library/{name}")
+    elif not ("." in first or ":" in first or first == "localhost"):
+        names.add(f"docker.io/{name}")
+    return names
 
 
 def _member_opener(members: TarMembers, name: str) -> Callable[[], IO[bytes]]:

@@ -50,6 +50,10 @@ class BlobStore(ABC):
     def open_blob(self, digest: str, size: int | None = None) -> IO[bytes]:
         """Open a blob by digest (not yet verified)."""
 
+    def open_manifest(self, digest: str) -> IO[bytes]:
+        """Open a manifest by digest (registries keep manifests apart from blobs)."""
+        return self.open_blob(digest)
+
     def close(self) -> None:  # noqa: B027 (most stores hold nothing open)
         """Release what the store holds open."""
 
@@ -94,7 +98,7 @@ def descriptor_root(descriptor: dict[str, Any], store: BlobStore, where: str) ->
     media_type = descriptor.get("mediaType")
     if media_type not in (*MANIFEST_TYPES, *INDEX_TYPES, None):
         raise ImageError(f"{where}: unsupported manifest media type {media_type!r}")
-    with store.open_blob(digest) as stream:
+    with store.open_manifest(digest) as stream:
         data = blobs.read_verified(stream, name=f"manifest {digest}", digest=digest, limit=MAX_JSON)
     return Root(data, media_type if isinstance(media_type, str) else None, digest)
 

@@ -34,6 +34,8 @@ from enclavify.errors import HostileEntryError, ImageError
 
 log = logging.getLogger(__name__)
 
+MAX_WARNINGS = 3  # per layer and kind; a summary with the count follows
+
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 
@@ -102,6 +104,7 @@ def index_layer(tar_path: Path, layer: str) -> list[TarEntry]:
     entries: list[TarEntry] = []
     stored: dict[str, TarEntry] = {}
     absolute_names = 0
+    specials = 0
     try:
         with tarfile.open(tar_path, mode="r:") as tar:
             while True:
@@ -112,6 +115,16 @@ def index_layer(tar_path: Path, layer: str) -> list[TarEntry]:
                 entry = _index_member(member, layer, stored)
                 if entry is None:
                     continue
+                if entry.kind == SPECIAL:
+                    specials += 1
+                    if specials <= MAX_WARNINGS:
+                        what = "FIFO" if member.isfifo() else "device node"
+                        log.warning(
+                            "layer %s: %s %r is left out of the image view and of rewritten layers",
+                            layer,
+                            what,
+                            member.name,
+                        )
                 if entry.path != "/" and member.name.startswith("/"):
                     absolute_names += 1
                     if absolute_names == 1:
@@ -137,6 +150,8 @@ def index_layer(tar_path: Path, layer: str) -> list[TarEntry]:
                 entries.append(entry)
     except tarfile.TarError as exc:
         raise ImageError(f"layer {layer}: malformed tar: {exc}") from exc
+    if specials > MAX_WARNINGS:
+        log.warning("layer %s: %d device nodes and FIFOs in all were left out", layer, specials)
     if absolute_names > 1:
         log.warning("layer %s: %d entries had absolute names", layer, absolute_names)
     return entries
@@ -216,13 +231,6 @@ def _index_member(
             kind, linkname = SYMLINK, original.linkname
         size, data_offset = original.size, original.data_offset
     elif member.ischr() or member.isblk() or member.isfifo():
-        what = "FIFO" if member.isfifo() else "device node"
-        log.warning(
-            "layer %s: %s %r is left out of the image view and of rewritten layers",
-            layer,
-            what,
-            member.name,
-        )
         kind = SPECIAL
     else:
         raise ImageError(
