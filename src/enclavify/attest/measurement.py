@@ -114,6 +114,7 @@ def runtime_digest(root: Path) -> str:
     and times do not count, because they change when an image is rebuilt or unpacked.
     Raises OSError when the tree cannot be read.
     """
+    root = Path(root)
     lines = []
     for relative in _sorted_tree(root):
         full = root / relative

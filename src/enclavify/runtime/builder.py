@@ -198,6 +198,7 @@ def build_runtime(
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".runtime-", dir=output.parent))
     try:
+        os.chmod(staging, 0o755)
         info = _Builder(files, staging, python=python, source=source).build()
         os.replace(staging, output)
     except BaseException:
