@@ -261,7 +261,7 @@ def test_failed_commit_leaves_nothing(source: SourceImage, tmp_path: Path) -> No
         with pytest.raises(ImageError, match="failed verification"):
             builder.commit(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-    # A docker archive holds the uncompressed tars unpacked at open; they are checked too.
+    # A docker archive contains the uncompressed tars unpacked at open; they are checked too.
     unpacked = source.layers[0].tar_path
     unpacked.write_bytes(unpacked.read_bytes().replace(b"ELF", b"FLE"))
     with pytest.raises(ImageError, match="failed verification"):

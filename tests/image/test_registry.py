@@ -53,7 +53,7 @@ def test_push_then_pull_round_trip(open_layers: OpenLayers, registry: str, workd
 
 
 @pytest.mark.registry
-def test_skopeo_reads_pushed_image_and_we_read_skopeo_push(
+def test_registry_interop_with_skopeo(
     open_layers: OpenLayers, registry: str, tmp_path: Path, workdir: Path
 ) -> None:
     skopeo = require_tool("skopeo")

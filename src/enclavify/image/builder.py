@@ -79,7 +79,7 @@ class OutputLayer:
 
 @dataclass(frozen=True)
 class BuiltImage:
-    """What a destination writes: the config and manifest bytes and the layers."""
+    """The config and manifest bytes and the layers that a destination writes."""
 
     config: bytes
     config_digest: str
@@ -343,7 +343,7 @@ def _open_binary(path: Path) -> IO[bytes]:
 def _history_groups(source: SourceImage) -> list[list[dict[str, Any]]]:
     """Split the source history into one group per layer plus a trailing group.
 
-    Group ``i`` holds the ``empty_layer`` entries before layer ``i`` and layer ``i``'s own
+    Group ``i`` contains the ``empty_layer`` entries before layer ``i`` and layer ``i``'s own
     entry. A history that does not match the layers is replaced by one neutral entry each.
     """
     history = source.history

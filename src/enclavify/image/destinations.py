@@ -176,7 +176,11 @@ def _link_or_copy(source: Path, destination: Path) -> None:
 
 
 def _swap_directory(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target``, replacing an existing directory there."""
+    """Move ``staging`` to ``target``, replacing an existing directory there.
+
+    NOTE: replacing takes two renames, so a reader in between finds no layout at ``target``
+    for a moment; a crash in between leaves the old layout under ``.NAME.old-*`` beside it.
+    """
     if not target.exists():
         os.rename(staging, target)
         return

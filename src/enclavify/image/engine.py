@@ -65,7 +65,7 @@ def export_image(reference: ImageReference, work: Path) -> TarMembers:
     name = reference.name
     assert name is not None
     archive = work / "engine-export.tar"
-    # A docker archive holds the layers uncompressed, which is what the first pass wants
+    # A docker archive contains the layers uncompressed, which is what the first pass wants
     # anyway: podman writes it in 1.5 s where an oci-archive, recompressed, takes 4.4 s for
     # a 130 MB image on a 2-core test machine.
     if engine == "podman":

@@ -41,7 +41,7 @@ _TYPES = {
 class FileEntry:
     """One entry of the merged view.
 
-    ``type`` is ``file``, ``dir``, ``symlink`` or ``hardlink``; ``mode`` holds the permission
+    ``type`` is ``file``, ``dir``, ``symlink`` or ``hardlink``; ``mode`` contains the permission
     bits (including setuid, setgid and sticky); ``linkname`` is the symlink target as stored,
     or for a hardlink the absolute path of the file it shares content with (a hardlink whose
     target is no longer that same file in the merged view is reported as a ``file``).

@@ -3,7 +3,7 @@
 HTTPS with certificate verification is the default. Plain HTTP is used for loopback hosts
 (the traffic never leaves the machine) and, for any other host, only when the caller passes
 ``insecure_http=True``, which logs a WARNING on every use. Registry authentication (token
-or basic) is not implemented: a 401 answer becomes an ImageError that says so.
+or basic) is not implemented: a 401 response becomes an ImageError that says so.
 """
 
 from __future__ import annotations
@@ -233,6 +233,10 @@ def push_image(
     progress: blobs.Progress | None = None,
 ) -> None:
     """Push the blobs the registry lacks, then the manifest (which makes the image visible)."""
+    if reference.digest is not None and reference.digest != image.manifest_digest:
+        raise ImageError(
+            f"cannot push to {reference}: the image's manifest digest is {image.manifest_digest}"
+        )
     client = RegistryClient(reference, insecure_http=insecure_http)
     items = [blob for blob in image.blobs() if blob.digest != image.manifest_digest]
     total = sum(blob.size for blob in items)

@@ -242,7 +242,7 @@ def open_image(
     Raises:
         UsageError: the reference or platform is malformed.
         ImageError: the image cannot be found, read or verified.
-        HostileEntryError: a layer holds an entry that would escape the root.
+        HostileEntryError: a layer contains an entry that would escape the root.
     """
     reference = parse_reference(ref) if isinstance(ref, str) else ref
     wanted = Platform.parse(platform) if platform else None
@@ -408,7 +408,7 @@ def _resolve_docker_archive(
     else:
         tags = sorted(t for e in entries for t in (e.get("RepoTags") or []))
         raise ImageError(
-            f"{where}: holds {len(entries)} images; name one (names: {', '.join(tags)})"
+            f"{where}: contains {len(entries)} images; name one (names: {', '.join(tags)})"
         )
 
     config_name = _member_name(chosen.get("Config"), f"{where}: Config")

@@ -1,4 +1,4 @@
-"""Where image blobs are read from: OCI layouts, tar archives, registries.
+"""Image sources that blobs are read from: OCI layouts, tar archives, registries.
 
 A store hands out the top-level manifest (or index) for a reference and opens blobs by
 digest. Digests are checked by the caller while it reads, so a store returns raw streams.
@@ -89,7 +89,7 @@ def pick_from_index(index: dict[str, Any], tag: str | None, where: str) -> dict[
         return manifests[0]  # type: ignore[no-any-return]
     available = ", ".join(sorted(named)) or "none"
     raise ImageError(
-        f"{where}: holds {len(manifests)} images; name one with a tag (tags: {available})"
+        f"{where}: contains {len(manifests)} images; name one with a tag (tags: {available})"
     )
 
 
