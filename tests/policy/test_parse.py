@@ -369,3 +369,22 @@ secrets:
     with pytest.raises(PolicyError) as info:
         parse_session(bad)
     assert info.value.path == "secrets[1].key_type"
+
+
+def test_repr_hides_key_material() -> None:
+    text = (
+        VALID_SESSION.replace(
+            "    kind: ascii\n    size: 24", "    kind: ascii\n    value: hunter2-very-secret"
+        )
+        + "volumes:\n  - {name: data, fspf_key: '"
+        + "99" * 32
+        + "', fspf_tag: '"
+        + "88" * 16
+        + "'}\n"
+    )
+    session = parse_session(text)
+    shown = repr(session) + str(session)
+    assert "hunter2-very-secret" not in shown
+    assert FSPF_KEY not in shown
+    assert "99" * 32 not in shown
+    assert "db_password" in shown

@@ -72,7 +72,8 @@ class Service:
     environment: Mapping[str, str] = field(default_factory=dict)
     pwd: str = "/"  # noqa: S105 - the working directory, not a password
     fspf_path: str | None = None
-    fspf_key: str | None = None
+    # Key material is left out of repr, so logging a session cannot leak it.
+    fspf_key: str | None = field(default=None, repr=False)
     fspf_tag: str | None = None
 
 
@@ -104,10 +105,10 @@ class Image:
 
 @dataclass(frozen=True)
 class Volume:
-    """A named encrypted volume; the CAS generates its key and tag when they are not given."""
+    """A named encrypted volume with an optional explicit key and tag."""
 
     name: str
-    fspf_key: str | None = None
+    fspf_key: str | None = field(default=None, repr=False)
     fspf_tag: str | None = None
 
 
@@ -129,7 +130,7 @@ class SecretDefinition:
 
     name: str
     kind: str
-    value: str | None = None
+    value: str | None = field(default=None, repr=False)
     size: int | None = None
     key_type: str | None = None
     private_key: str | None = None
