@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import threading
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from enclavify import crypto
 from enclavify.cas import audit
 from enclavify.cas.client import CasClient, Identity
 from enclavify.cas.storage import Database
 from enclavify.errors import CasError, CasRejected
 
-from .conftest import CasProcess, namespace_yaml, start_cas, unique
+from .conftest import CasProcess, app_yaml, namespace_yaml, start_cas, unique
+from .test_release import _request_body
 
 RACERS = 8
 
@@ -164,3 +167,26 @@ def _crash_during_writes(data: Path, db: str | None, identity: Identity) -> None
         database.close()
     assert result.ok, result.problems
     assert result.records >= len(acknowledged)
+
+
+@pytest.mark.postgres
+def test_nonce_shared_across_processes(
+    postgres_url: str, tmp_path: Path, identities: dict[str, Identity]
+) -> None:
+    first = start_cas(tmp_path / "cas", db=postgres_url)
+    second = start_cas(tmp_path / "cas", db=postgres_url)
+    try:
+        name = unique("pair")
+        first.client(identities["alice"]).create_session(app_yaml(name))
+        nonce = bytes.fromhex(
+            first.client(None)._request("POST", "/v1/attest/challenge", b"{}")["nonce"]
+        )
+        _, public = crypto.x25519_generate()
+        body = json.dumps(_request_body(f"{name}/api", nonce, public)).encode()
+        answer = second.client(None)._request("POST", "/v1/attest", body)
+        assert set(answer) == {"cas_public_key", "nonce", "ciphertext"}
+        with pytest.raises(CasRejected, match="nonce already used"):
+            first.client(None)._request("POST", "/v1/attest", body)
+    finally:
+        first.stop()
+        second.stop()
