@@ -295,3 +295,17 @@ def test_layer_from_other_image_is_refused(source: SourceImage, open_layers: Ope
     other = open_layers([BASE])
     with pytest.raises(ValueError, match="does not belong"):
         ImageBuilder(source).copy_layer(other.layers[0])
+
+
+def test_progress_reports_rewrite_and_commit(source: SourceImage, tmp_path: Path) -> None:
+    calls: list[tuple[int, int, str]] = []
+    builder = ImageBuilder(
+        source, progress=lambda done, total, label: calls.append((done, total, label))
+    )
+    builder.copy_layer_without(source.layers[0], ["/app"])
+    builder.commit(f"oci-archive:{tmp_path / 'out.tar'}")
+    labels = {label for _, _, label in calls}
+    assert labels == {"rewriting layer 0", "writing archive"}
+    for label in labels:
+        last = [call for call in calls if call[2] == label][-1]
+        assert last[0] == last[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from enclavify.errors import ImageError
@@ -218,3 +220,20 @@ def test_metadata_is_reported(open_layers: OpenLayers) -> None:
     entry = image.filesystem().entry("/s")
     assert entry is not None
     assert (entry.mode, entry.uid, entry.size, entry.mtime) == (0o4755, 1000, 1, 1_700_000_000)
+
+
+def test_open_uses_constant_memory(open_layers: OpenLayers) -> None:
+    size = 32 * 1024 * 1024
+    image = open_layers([tar_bytes([file("big", b"\x5a" * size)])], compression="none")
+    files = image.filesystem()
+    tracemalloc.start()
+    try:
+        read = 0
+        with files.open("/big") as stream:
+            while chunk := stream.read(65536):
+                read += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert read == size
+    assert peak < 4 * 1024 * 1024, f"reading used {peak} bytes at peak"

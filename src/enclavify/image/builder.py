@@ -200,9 +200,11 @@ class ImageBuilder:
         *,
         created: datetime | None = None,
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        progress: blobs.Progress | None = None,
     ) -> None:
         self.source = source
         self.compression_level = compression_level
+        self.progress = progress
         self.config: ImageConfig = source.config
         self.layers: list[OutputLayer] = []
         self._created = (created or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -248,7 +250,7 @@ class ImageBuilder:
         log.debug("rewriting layer %d (%s) without %s", layer.index, layer.digest, prefixes)
         blob = self._work / f"rewrite-{layer.index}.tar.gz"
         with _GzipTarOutput(blob, self.compression_level) as output:
-            _rewrite_tar(layer, prefixes, output.stream)
+            _rewrite_tar(layer, prefixes, output.stream, self.progress)
         self.layers.append(output.layer(history=self._history_for(layer, rewritten=True)))
         return True
 
@@ -325,7 +327,11 @@ class ImageBuilder:
             raise ImageError("the image has no layers; copy or add at least one")
         image = self.build()
         destinations.write(
-            image, reference, self._work, insecure_http=insecure_http, progress=progress
+            image,
+            reference,
+            self._work,
+            insecure_http=insecure_http,
+            progress=progress or self.progress,
         )
         self.config_digest = image.config_digest
         log.debug("committed %s as %s", reference, image.manifest_digest)
@@ -399,13 +405,19 @@ def _dropped(entry: tarindex.TarEntry, prefixes: Sequence[str]) -> bool:
     return False
 
 
-def _rewrite_tar(layer: Layer, prefixes: Sequence[str], out: IO[bytes]) -> None:
+def _rewrite_tar(
+    layer: Layer, prefixes: Sequence[str], out: IO[bytes], progress: blobs.Progress | None
+) -> None:
     """Copy the members of ``layer`` to ``out`` byte for byte, leaving dropped ones out."""
+    label = f"rewriting layer {layer.index}"
+    total = layer.uncompressed_size
     by_offset = {entry.header_offset: entry for entry in layer.entries}
     latest: dict[str, tarindex.TarEntry] = {}
     with open(layer.tar_path, "rb") as source, tarfile.open(layer.tar_path, mode="r:") as tar:
         while (member := tar.next()) is not None:
             tar.members = []  # type: ignore[attr-defined]
+            if progress is not None:
+                progress(member.offset, total, label)
             entry = by_offset.get(member.offset)
             if entry is None:  # the root entry, which the index skips
                 _copy_range(source, out, member.offset, member.offset_data)
@@ -422,6 +434,8 @@ def _rewrite_tar(layer: Layer, prefixes: Sequence[str], out: IO[bytes]) -> None:
                     continue
             _copy_range(source, out, member.offset, entry.end_offset)
     out.write(b"\0" * 1024)
+    if progress is not None:
+        progress(total, total, label)
 
 
 def _write_materialized(

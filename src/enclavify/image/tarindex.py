@@ -111,20 +111,13 @@ def index_layer(tar_path: Path, layer: str) -> list[TarEntry]:
                 member = tar.next()
                 if member is None:
                     break
-                tar.members = []  # type: ignore[attr-defined]  # tarfile keeps every member otherwise; we keep our own index
+                # tarfile would otherwise keep every member in memory; the index is enough.
+                tar.members = []  # type: ignore[attr-defined]
                 entry = _index_member(member, layer, stored)
                 if entry is None:
                     continue
                 if entry.kind == SPECIAL:
-                    specials += 1
-                    if specials <= MAX_WARNINGS:
-                        what = "FIFO" if member.isfifo() else "device node"
-                        log.warning(
-                            "layer %s: %s %r is left out of the image view and of rewritten layers",
-                            layer,
-                            what,
-                            member.name,
-                        )
+                    specials += _report_special(member, entry.path, layer, specials)
                 if entry.path != "/" and member.name.startswith("/"):
                     absolute_names += 1
                     if absolute_names == 1:
@@ -151,10 +144,34 @@ def index_layer(tar_path: Path, layer: str) -> list[TarEntry]:
     except tarfile.TarError as exc:
         raise ImageError(f"layer {layer}: malformed tar: {exc}") from exc
     if specials > MAX_WARNINGS:
-        log.warning("layer %s: %d device nodes and FIFOs in all were left out", layer, specials)
+        log.warning(
+            "layer %s: %d device nodes and FIFOs outside /dev in all were left out",
+            layer,
+            specials,
+        )
     if absolute_names > 1:
         log.warning("layer %s: %d entries had absolute names", layer, absolute_names)
     return entries
+
+
+def _report_special(member: tarfile.TarInfo, path: str, layer: str, reported: int) -> int:
+    """Log a device node or FIFO being dropped; return 1 if it counts towards the warnings.
+
+    Images made from a debootstrap tree carry the standard nodes in ``/dev``, which runtimes
+    hide under their own ``/dev`` mount, so those are logged at DEBUG only.
+    """
+    what = "FIFO" if member.isfifo() else "device node"
+    if path.startswith("/dev/"):
+        log.debug("layer %s: %s %r left out", layer, what, member.name)
+        return 0
+    if reported < MAX_WARNINGS:
+        log.warning(
+            "layer %s: %s %r is left out of the image view and of rewritten layers",
+            layer,
+            what,
+            member.name,
+        )
+    return 1
 
 
 def _check_parents(path: str, name: str, layer: str, stored: dict[str, TarEntry]) -> None:
