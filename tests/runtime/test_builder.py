@@ -146,3 +146,24 @@ def test_base_image_runtime_without_stdlib(base_rootfs: Path, tmp_path: Path) ->
     second = build_runtime(DirectoryFiles(base_rootfs), tmp_path / "rt2", source="base")
     assert runtime_digest(output) == runtime_digest(tmp_path / "rt2")
     assert second.interpreter_sha256 == info.interpreter_sha256
+
+
+def _other_pythons() -> list[Path]:
+    """Interpreters of other versions on this machine (pyenv builds), oldest and newest."""
+    def version(path: Path) -> tuple[int, ...]:
+        return tuple(int(x) for x in path.name[len("python") :].split("."))
+
+    candidates = Path("/").glob("root/.pyenv/versions/3.*/bin/python3.*[0-9]")
+    # The carried code supports Python 3.8 and newer.
+    found = sorted((p for p in candidates if version(p) >= (3, 8)), key=version)
+    return [found[0], found[-1]] if len(found) > 1 else found
+
+
+@pytest.mark.parametrize("python", _other_pythons(), ids=lambda p: p.name)
+def test_runtime_for_other_python_versions(python: Path, tmp_path: Path) -> None:
+    output = tmp_path / "root" / "opt" / "enclavify"
+    info = build_runtime(DirectoryFiles(Path("/")), output, python=str(python), source="host")
+    assert info.python_version.startswith(python.name[len("python") :])
+    probe = run_in_root(tmp_path / "root", info.entrypoint[:-3], "-c", PROBE)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.splitlines()[0] == "/opt/enclavify"

@@ -84,9 +84,18 @@ CARRIED_MODULES = (
 CARRIED_FILES = ("enclavify/runtime/__main__.py",)
 
 # Standard library modules needed beyond what importing the launcher shows: the codecs the
-# interpreter and the socket and ssl modules look up by name at run time.
+# interpreter and the socket and ssl modules look up by name at run time, and the hash
+# modules that hashlib imports at start-up on Pythons that build them as extensions (the
+# names vary between versions; those an interpreter lacks are skipped).
 EXTRA_STDLIB = (
     "runpy",
+    "_md5",
+    "_sha1",
+    "_sha2",
+    "_sha256",
+    "_sha512",
+    "_sha3",
+    "_blake2",
     "encodings",
     "encodings.aliases",
     "encodings.utf_8",
@@ -198,7 +207,7 @@ def build_runtime(
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".runtime-", dir=output.parent))
     try:
-        os.chmod(staging, 0o755)
+        os.chmod(staging, 0o755)  # noqa: S103  (an ordinary directory in the image)
         info = _Builder(files, staging, python=python, source=source).build()
         os.replace(staging, output)
     except BaseException:
@@ -564,7 +573,9 @@ def _module_imports(source: bytes, package: str) -> set[str]:
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
-        return set()
+        # Source for a newer Python than the host's: fall back to reading import lines,
+        # which also finds imports inside functions and so copies a little more.
+        return _scan_imports(source, package)
     found: set[str] = set()
     stack: list[ast.AST] = list(tree.body)
     while stack:
@@ -585,6 +596,37 @@ def _module_imports(source: bytes, package: str) -> set[str]:
                 # names that are not modules.
                 found.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
         stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
+_IMPORT_LINE = re.compile(
+    rb"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+\(?([\w ,\t]+)|import[ \t]+([\w., \t]+))",
+    re.MULTILINE,
+)
+
+
+def _scan_imports(source: bytes, package: str) -> set[str]:
+    found: set[str] = set()
+    for match in _IMPORT_LINE.finditer(source):
+        base, names, plain = (group.decode() if group else "" for group in match.groups())
+        if plain:
+            for item in plain.split(","):
+                words = item.split()
+                if words:
+                    found.add(words[0])
+            continue
+        level = len(base) - len(base.lstrip("."))
+        base = base.lstrip(".")
+        if level:
+            anchor = package.split(".")
+            anchor = anchor[: len(anchor) - (level - 1)]
+            base = ".".join([*anchor, base] if base else anchor)
+        if base:
+            found.add(base)
+            for item in names.split(","):
+                words = item.split()
+                if words:
+                    found.add(f"{base}.{words[0]}")
     return found
 
 
