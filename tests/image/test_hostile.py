@@ -6,6 +6,7 @@ names the layer (its digest) and the entry.
 
 from __future__ import annotations
 
+import io
 import logging
 import tarfile
 from pathlib import Path
@@ -183,3 +184,30 @@ def test_malformed_tar_is_image_error(tmp_path: Path, workdir: Path) -> None:
     with pytest.raises(ImageError, match=r"malformed tar|failed verification"):
         open_image(f"oci:{tmp_path / 'layout'}", workdir=workdir)
     assert list(workdir.iterdir()) == []
+
+
+def test_archive_manifest_cannot_name_host_files(tmp_path: Path, workdir: Path) -> None:
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in (
+            ("config.json", config),
+            ("manifest.json", b'[{"Config":"config.json","Layers":["../../../../etc/passwd"]}]'),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ImageError, match="layer '../../../../etc/passwd' is missing from the archive"):
+        open_image(f"docker-archive:{archive}", workdir=workdir)
+
+
+def test_layout_index_cannot_name_paths_as_digests(tmp_path: Path, workdir: Path) -> None:
+    write_layout(tmp_path / "layout", [tar_bytes([file("a")])])
+    index = tmp_path / "layout" / "index.json"
+    index.write_text(
+        '{"schemaVersion":2,"manifests":[{"mediaType":'
+        '"application/vnd.oci.image.manifest.v1+json","digest":"sha256:../../../etc/passwd",'
+        '"size":10}]}'
+    )
+    with pytest.raises(ImageError, match="invalid or unsupported digest"):
+        open_image(f"oci:{tmp_path / 'layout'}", workdir=workdir)
