@@ -5,7 +5,17 @@ import time
 import pytest
 
 from enclavify.errors import PolicyError
-from enclavify.policy import Limits, load_yaml, parse_session
+from enclavify.policy import Limits, load_yaml, loader, parse_session
+
+
+@pytest.fixture(autouse=True, params=["libyaml", "pure-python"])
+def event_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every test with libyaml's parser (when PyYAML has it) and with PyYAML's own."""
+    if request.param == "libyaml" and loader._CParser is None:
+        pytest.skip("PyYAML was built without libyaml")
+    if request.param == "pure-python":
+        monkeypatch.setattr(loader, "_CParser", None)
+    return str(request.param)
 
 
 def _billion_laughs(levels: int = 9, width: int = 10) -> str:
@@ -21,7 +31,7 @@ def _refused_quickly(text: str | bytes, words: str) -> None:
     with pytest.raises(PolicyError) as info:
         parse_session(text)
     elapsed = time.perf_counter() - started
-    assert words in str(info.value)
+    assert words in str(info.value).lower()
     # About 0.2 s here for the deepest case; the bound leaves room for a loaded CI machine.
     assert elapsed < 1.0, f"took {elapsed:.3f} s"
 
@@ -39,7 +49,9 @@ def test_expansion_with_few_aliases_is_refused() -> None:
 
 
 def test_deep_nesting_is_refused_fast() -> None:
-    _refused_quickly("[" * 200_000 + "]" * 200_000, "nesting deeper than 64")
+    # libyaml stops at its own limit of 1000 levels while reading ahead, before the composer's
+    # limit of 64 applies; either way the document is rejected.
+    _refused_quickly("[" * 200_000 + "]" * 200_000, "nesting")
 
 
 def test_deep_nesting_through_aliases_is_refused() -> None:
