@@ -11,6 +11,7 @@ uncompressed tars, inside the work directory.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -303,17 +304,12 @@ def _resolve_manifest(
 ) -> _Resolved:
     where = str(reference)
     root = store.root(reference.tag, reference.digest)
-    if reference.digest is not None and root.digest is None:
-        root = type(root)(root.data, root.media_type, reference.digest)
     if root.digest is None:
-        root = type(root)(root.data, root.media_type, sha256_digest(root.data))
-    else:
-        blobs.read_verified(
-            io.BytesIO(root.data),
-            name=f"manifest {root.digest}",
-            digest=root.digest,
-            limit=MAX_JSON,
-        )
+        # Nothing to check a manifest pulled by tag against; record what arrived.
+        root = dataclasses.replace(root, digest=reference.digest or sha256_digest(root.data))
+    blobs.read_verified(
+        io.BytesIO(root.data), name=f"manifest {root.digest}", digest=root.digest, limit=MAX_JSON
+    )
     document = load_json(root.data, f"{where}: manifest")
     media_type = document.get("mediaType") or root.media_type
     chosen: Platform | None = None
