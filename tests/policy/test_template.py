@@ -265,3 +265,7 @@ def test_invalid_filled_values_name_the_path() -> None:
 )
 def test_session_image_name(reference: str, expected: str) -> None:
     assert session_image_name(reference) == expected
+
+
+def test_empty_working_directory_is_root() -> None:
+    assert parse_session(_fill(pwd="")).services[0].pwd == "/"

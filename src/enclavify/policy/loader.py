@@ -135,11 +135,13 @@ def _where(mark: Any) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
-def load_yaml(data: str | bytes, *, limits: Limits = DEFAULT_LIMITS, what: str = "document") -> Any:
+def load_yaml(
+    data: str | bytes, *, limits: Limits = DEFAULT_LIMITS, label: str = "document"
+) -> Any:
     """Parse one YAML document into dicts, lists, strings, numbers, booleans and None.
 
     Raises:
-        PolicyError: the input is too large, not UTF-8, not valid YAML, empty, holds several
+        PolicyError: the input is too large, not UTF-8, not valid YAML, empty, contains several
             documents, or breaks one of the limits or tag rules above.
     """
     if isinstance(data, str):
@@ -151,9 +153,9 @@ def load_yaml(data: str | bytes, *, limits: Limits = DEFAULT_LIMITS, what: str =
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise PolicyError(f"{what} is not valid UTF-8 (byte {exc.start})") from None
+                raise PolicyError(f"{label} is not valid UTF-8 (byte {exc.start})") from None
     if size > limits.max_bytes:
-        raise PolicyError(f"{what} is {size} bytes, more than the limit of {limits.max_bytes}")
+        raise PolicyError(f"{label} is {size} bytes, more than the limit of {limits.max_bytes}")
     if text.startswith("\ufeff"):
         text = text[1:]
 
@@ -163,18 +165,18 @@ def load_yaml(data: str | bytes, *, limits: Limits = DEFAULT_LIMITS, what: str =
         loader = (_LimitedLoader if _CParser is None else _LimitedCLoader)(text, limits)
         node = loader.get_single_node()
         if node is None:
-            raise PolicyError(f"{what} is empty")
+            raise PolicyError(f"{label} is empty")
         _check_graph(node, limits)
         return loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         problem = exc.problem or exc.context or "invalid YAML"
         raise PolicyError(
-            f"invalid YAML in {what} at {_where(exc.problem_mark)}: {problem}"
+            f"invalid YAML in {label} at {_where(exc.problem_mark)}: {problem}"
         ) from None
     except yaml.YAMLError as exc:
-        raise PolicyError(f"invalid YAML in {what}: {exc}") from None
+        raise PolicyError(f"invalid YAML in {label}: {exc}") from None
     except RecursionError:
-        raise PolicyError(f"{what} is nested too deeply") from None
+        raise PolicyError(f"{label} is nested too deeply") from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -201,6 +203,7 @@ def _check_graph(root: Node, limits: Limits) -> None:
         if node.tag not in _ALLOWED_TAGS:
             raise PolicyError(f"unsupported tag {node.tag!r} at {_where(node.start_mark)}")
         in_progress.add(key)
+
         children: list[Node] = []
         if isinstance(node, SequenceNode):
             children = list(node.value)
@@ -222,6 +225,7 @@ def _check_graph(root: Node, limits: Limits) -> None:
                     )
                 seen.add(identity)
                 children.append(value_node)
+
         total = 1 + (len(node.value) if isinstance(node, MappingNode) else 0)
         height = 0
         for child in children:
@@ -233,6 +237,7 @@ def _check_graph(root: Node, limits: Limits) -> None:
                     f"document expands to more than {limits.max_nodes} nodes "
                     f"(alias expansion) at {_where(node.start_mark)}"
                 )
+
         if children:
             height += 1
         if height > limits.max_depth:
@@ -240,6 +245,7 @@ def _check_graph(root: Node, limits: Limits) -> None:
                 f"nesting deeper than {limits.max_depth} levels (alias expansion) "
                 f"at {_where(node.start_mark)}"
             )
+
         in_progress.discard(key)
         measured[key] = (total, height)
         return total, height

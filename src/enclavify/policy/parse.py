@@ -57,7 +57,7 @@ def parse_session(text: str | bytes, *, limits: Limits = DEFAULT_LIMITS) -> mode
     Raises:
         PolicyError: the document is not a valid session; ``path`` locates the fault.
     """
-    document = load_yaml(text, limits=limits, what="session")
+    document = load_yaml(text, limits=limits, label="session")
     return session_from_dict(document)
 
 

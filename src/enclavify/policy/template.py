@@ -105,7 +105,8 @@ def fill_template(
         "MRENCLAVE": measurement,
         "COMMAND": list(command),
         "ENVIRONMENT": dict(environment),
-        "PWD": pwd,
+        # An image without a working directory has an empty one, which means "/".
+        "PWD": pwd or "/",
         "FSPF_PATH": fspf_path,
         "FSPF_KEY": fspf_key,
         "FSPF_TAG": fspf_tag,
@@ -161,7 +162,7 @@ def _checked_hook(fragment: str | None, hook: str) -> str | None:
         return None
     text = textwrap.dedent(fragment.expandtabs(8)).strip("\n") + "\n"
     expected = HOOKS[hook]
-    document = load_yaml(text, what=f"the {hook} hook")
+    document = load_yaml(text, label=f"the {hook} hook")
     if not isinstance(document, dict) or list(document) != [expected]:
         raise PolicyError(
             f"the {hook} hook must be a YAML mapping with the single key {expected!r}"
