@@ -175,7 +175,8 @@ async def openapi(request: web.Request) -> web.Response:
 
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/v1/sessions", submit_session),
-    # The history route comes first: a name ending in "/history" asks for the history.
+    # The history route comes first, so a path ending in "/history" returns the history.
+    # NOTE: a session whose last name component is "history" cannot be read by its own path.
     ("GET", "/v1/sessions/{name:.+}/history", session_history),
     ("GET", "/v1/sessions/{name:.+}", get_session),
     ("GET", "/v1/values/session={name:.+}", public_values),

@@ -399,6 +399,8 @@ class CasService:
             self._challenges += 1
             if self._challenges % 200 == 0:
                 # Forget nonces an hour past expiry; until then a reuse is reported as such.
+                # NOTE: challenges need no client certificate and are not rate-limited, so a
+                # flood of them grows this table for up to an hour.
                 tx.execute(
                     "DELETE FROM nonces WHERE expires_at < ?", (now.timestamp() - 3600,)
                 )
