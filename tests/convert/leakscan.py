@@ -25,7 +25,7 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import zstandard
 
@@ -94,7 +94,7 @@ def open_blob(path: Path) -> IO[bytes]:
     with open(path, "rb") as probe:
         magic = probe.read(4)
     if magic[:2] == b"\x1f\x8b":
-        return gzip.open(path, "rb")
+        return cast(IO[bytes], gzip.open(path, "rb"))
     if magic == b"\x28\xb5\x2f\xfd":
         return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
     return open(path, "rb")
