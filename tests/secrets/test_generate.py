@@ -361,3 +361,31 @@ secrets:
     values = generate_secrets(parse_session(text), {}, _no_imports, now=now)
     assert _cert(values["leaf"]).not_valid_after_utc == _cert(values["ca"]).not_valid_after_utc
     assert _cert(values["ca"]).not_valid_after_utc == now + dt.timedelta(days=2)
+
+
+def test_leaf_issued_by_imported_ca() -> None:
+    exporter = generate_secrets(
+        parse_session(
+            "name: ns/pki\nsecrets:\n  - {name: root, kind: x509-ca, export: {session: ns/app}}\n"
+        ),
+        {},
+        _no_imports,
+    )
+    text = """
+name: ns/app
+secrets:
+  - name: ca
+    kind: x509-ca
+    import: {session: ns/pki, secret: root}
+  - name: server
+    kind: x509
+    issuer: ca
+    dns: [app.internal]
+"""
+    values = generate_secrets(parse_session(text), {}, lambda session, secret: exporter[secret])
+    leaf = _cert(values["server"])
+    assert leaf.issuer == _cert(exporter["root"]).subject
+    leaf.verify_directly_issued_by(_cert(exporter["root"]))
+    assert values["server"].render("chain") == values["server"].render("crt") + exporter[
+        "root"
+    ].render("crt")
