@@ -84,3 +84,38 @@ def test_missing_engine_cli_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ImageError, match="no container engine found"):
         find_engine()
+
+
+def test_reads_image_built_by_podman(
+    podman: str, engine_name: str, tmp_path: Path, workdir: Path
+) -> None:
+    context = tmp_path / "context"
+    (context / "app").mkdir(parents=True)
+    (context / "app" / "main.py").write_text("print('built')\n")
+    (context / "Containerfile").write_text(
+        "FROM scratch\nCOPY app /app\nENV GREETING=hello\nWORKDIR /app\n"
+        'COPY app/main.py /app/copy.py\nCMD ["python3", "main.py"]\n'
+    )
+    built = subprocess.run(
+        [podman, "build", "-q", "-t", f"{engine_name}:built", str(context)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    with open_image(f"{engine_name}:built", workdir=workdir) as image:
+        files = image.filesystem()
+        assert files.read_bytes("/app/main.py") == b"print('built')\n"
+        assert files.read_bytes("/app/copy.py") == b"print('built')\n"
+        assert image.config.cmd == ["python3", "main.py"]
+        assert "GREETING=hello" in image.config.env
+        assert image.config.working_dir == "/app"
+        layers_in_history = [e for e in image.history if not e.get("empty_layer")]
+        assert len(layers_in_history) == len(image.layers)
+        builder = ImageBuilder(image)
+        for layer in image.layers:
+            builder.copy_layer_without(layer, ["/app"])
+        history = json.loads(builder.build().config)["history"]
+        assert any("ENV GREETING=hello" in e.get("created_by", "") for e in history)
+        assert not any("COPY" in e.get("created_by", "") for e in history)
