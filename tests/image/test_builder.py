@@ -309,3 +309,28 @@ def test_progress_reports_rewrite_and_commit(source: SourceImage, tmp_path: Path
     for label in labels:
         last = [call for call in calls if call[2] == label][-1]
         assert last[0] == last[1]
+
+
+def test_rewrite_keeps_headers_byte_for_byte(open_layers: OpenLayers) -> None:
+    long_name = "usr/" + "d" * 120 + "/tool"
+    capable, data = file("usr/bin/ping", b"ELF")
+    capable.pax_headers = {"SCHILY.xattr.security.capability": "\x01\x00\x00\x02"}
+    gnu = io.BytesIO()
+    with tarfile.open(fileobj=gnu, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info, content = file(long_name, b"long")
+        tar.addfile(info, io.BytesIO(content or b""))
+    pax_part = tar_bytes([(capable, data), file("app/secret", SECRET), file("ünïcode", b"u")])
+    # Two tar streams joined: GNU long-name member first, then the PAX members.
+    layer = gnu.getvalue().rstrip(b"\0") + b"\0" * (-len(gnu.getvalue().rstrip(b"\0")) % 512)
+    layer += pax_part
+    source = open_layers([layer])
+    builder = ImageBuilder(source)
+    assert builder.copy_layer_without(source.layers[0], ["/app"]) is True
+    raw = _built_layer_bytes(builder, 0)
+    assert SECRET not in raw
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        names = tar.getnames()
+        ping = tar.getmember("usr/bin/ping")
+    assert long_name in names
+    assert "ünïcode" in names
+    assert ping.pax_headers["SCHILY.xattr.security.capability"] == "\x01\x00\x00\x02"
