@@ -334,3 +334,14 @@ def test_rewrite_keeps_headers_byte_for_byte(open_layers: OpenLayers) -> None:
     assert long_name in names
     assert "ünïcode" in names
     assert ping.pax_headers["SCHILY.xattr.security.capability"] == "\x01\x00\x00\x02"
+
+
+def test_same_layer_rewritten_twice_keeps_both(source: SourceImage) -> None:
+    builder = ImageBuilder(source)
+    builder.copy_layer_without(source.layers[0], ["/app"])
+    builder.copy_layer_without(source.layers[0], ["/etc"])
+    first = _built_layer_bytes(builder, 0)
+    second = _built_layer_bytes(builder, 1)
+    assert b"os-release" in first
+    assert b"os-release" not in second
+    assert SECRET + b"-util" in second

@@ -210,7 +210,7 @@ class ImageBuilder:
         self._created = (created or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
         self._work = Path(tempfile.mkdtemp(prefix="build-", dir=source.work))
         self._history_groups = _history_groups(source)
-        self._copied: set[int] = set()
+        self._blob_count = 0
         self.config_digest: str | None = None
 
     # -- layers --------------------------------------------------------------------------
@@ -248,7 +248,7 @@ class ImageBuilder:
             self.copy_layer(layer)
             return False
         log.debug("rewriting layer %d (%s) without %s", layer.index, layer.digest, prefixes)
-        blob = self._work / f"rewrite-{layer.index}.tar.gz"
+        blob = self._new_blob_path(f"rewrite-{layer.index}")
         with _GzipTarOutput(blob, self.compression_level) as output:
             _rewrite_tar(layer, prefixes, output.stream, self.progress)
         self.layers.append(output.layer(history=self._history_for(layer, rewritten=True)))
@@ -256,7 +256,7 @@ class ImageBuilder:
 
     def add_layer(self, fill: Callable[[LayerWriter], None], *, created_by: str) -> None:
         """Append a new layer whose entries ``fill`` writes (gzip-compressed, streamed)."""
-        blob = self._work / f"new-{len(self.layers)}.tar.gz"
+        blob = self._new_blob_path("new")
         with (
             _GzipTarOutput(blob, self.compression_level) as output,
             tarfile.open(fileobj=output.stream, mode="w|", format=tarfile.PAX_FORMAT) as tar,
@@ -268,7 +268,11 @@ class ImageBuilder:
     def _check_layer(self, layer: Layer) -> None:
         if layer.index >= len(self.source.layers) or self.source.layers[layer.index] is not layer:
             raise ValueError("the layer does not belong to this builder's source image")
-        self._copied.add(layer.index)
+
+    def _new_blob_path(self, kind: str) -> Path:
+        # Every blob gets its own file: earlier output layers keep pointing at theirs.
+        self._blob_count += 1
+        return self._work / f"{kind}-{self._blob_count}.tar.gz"
 
     def _history_for(self, layer: Layer, *, rewritten: bool) -> list[dict[str, Any]]:
         group = [dict(entry) for entry in self._history_groups[layer.index]]
