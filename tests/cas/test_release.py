@@ -6,8 +6,10 @@ import base64
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -240,3 +242,26 @@ def test_unknown_service_and_session_refused(
 )
 def test_malformed_attest_request_is_400(release_cas: CasProcess, body: dict[str, object]) -> None:
     assert _attest_raw(release_cas, body).status == 400
+
+
+def test_racing_nonce_reuse_releases_once(
+    release_cas: CasProcess, identities: dict[str, Identity]
+) -> None:
+    _, name = _create(release_cas, identities["alice"])
+    _, public = crypto.x25519_generate()
+    nonce = _challenge(release_cas)
+    body = json.dumps(_request_body(f"{name}/api", nonce, public)).encode()
+    barrier = threading.Barrier(8)
+
+    def attempt(_: int) -> int:
+        barrier.wait()
+        try:
+            release_cas.client(None)._request("POST", "/v1/attest", body)
+        except CasRejected as error:
+            assert "nonce already used" in str(error)
+            return error.status
+        return 200
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = sorted(pool.map(attempt, range(8)))
+    assert statuses == [200] + [403] * 7

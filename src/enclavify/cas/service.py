@@ -406,9 +406,25 @@ class CasService:
                 )
         return {"nonce": nonce, "expires_at": expires.isoformat()}
 
-    def _consume_nonce(self, nonce: str) -> None:
-        """Mark ``nonce`` used (committed whatever happens next), or raise why it cannot be used."""
+    def _check_nonce(self, nonce: str) -> None:
+        """Raise why ``nonce`` cannot be used, before any expensive check (read only)."""
+        with self.database.transaction(write=False) as tx:
+            rows = tx.execute(
+                "SELECT expires_at, consumed_at FROM nonces WHERE nonce = ?", (nonce,)
+            )
+        used_before = bool(rows) and rows[0][1] is not None
+        _nonce_problem(rows, used_before=used_before, now=self.clock().timestamp())
+
+    def _finish_attestation(self, nonce: str, record: AuditRecord) -> str | None:
+        """Consume ``nonce`` and append ``record`` in one transaction.
+
+        The nonce is consumed whatever the outcome, so one piece of evidence answers at most
+        one request. When ``record`` is a release but the nonce turned out to be used or
+        expired (a concurrent request won), the record is written as a refusal instead and
+        the reason is returned; otherwise None.
+        """
         now = self.clock().timestamp()
+        problem: str | None = None
         with self.database.transaction(write=True) as tx:
             tx.execute(
                 "UPDATE nonces SET consumed_at = ? WHERE nonce = ? AND consumed_at IS NULL",
@@ -416,21 +432,29 @@ class CasService:
             )
             consumed_now = tx.rowcount == 1
             rows = tx.execute("SELECT expires_at FROM nonces WHERE nonce = ?", (nonce,))
-        if not rows:
-            raise AttestationError("unknown nonce: ask for a challenge first")
-        if not consumed_now:
-            raise AttestationError("nonce already used")
-        if float(rows[0][0]) < now:
-            raise AttestationError("nonce expired")
+            if record.outcome == "ok":
+                try:
+                    _nonce_problem(rows, used_before=not consumed_now, now=now)
+                except AttestationError as error:
+                    problem = error.diagnostics()
+                    record = dataclasses.replace(record, outcome="refused", reason=problem)
+            head = self._audit(tx, record)
+        self._advance_head(head)
+        return problem
 
     def attest(self, body: Any, client: str | None) -> dict[str, Any]:
-        """Check evidence and return the service's configuration sealed to the launcher's key."""
+        """Check evidence and return the service's configuration sealed to the launcher's key.
+
+        All checks run before anything is written; then one transaction consumes the nonce
+        and appends the audit record, so a release costs a single commit.
+        """
         request = _parse_attest_request(body)
+        nonce = request.nonce.hex()
         session_name, _, service_name = request.config_id.rpartition("/")
         who = client or ANONYMOUS
         session_hash: str | None = None
         try:
-            self._consume_nonce(request.nonce.hex())
+            self._check_nonce(nonce)
             with self.database.transaction(write=False) as tx:
                 current = self._load(tx, session_name) if session_name else None
             if current is None:
@@ -458,25 +482,30 @@ class CasService:
             sealed = _seal_configuration(configuration, request.public_key, request.nonce)
         except (AttestationError, SecretError, PolicyError) as error:
             reason = error.diagnostics()
-            self._audit_alone(AuditRecord(
+            self._finish_attestation(nonce, AuditRecord(
                 action="release", client=who, session=request.config_id, outcome="refused",
                 reason=reason, hash_before=session_hash, hash_after=session_hash,
             ))
             log.warning("rejected attestation for %s: %s", request.config_id, reason)
             raise refuse(HTTPStatus.FORBIDDEN, reason) from error
+
         notes = list(warnings)
         if claims.evidence_type == SIMULATION:
             notes.insert(0, "insecure: simulation evidence, nothing vouches for the measurement")
+        problem = self._finish_attestation(nonce, AuditRecord(
+            action="release", client=who, session=request.config_id, outcome="ok",
+            reason="; ".join(notes), hash_before=session_hash, hash_after=session_hash,
+        ))
+        if problem is not None:
+            log.warning("rejected attestation for %s: %s", request.config_id, problem)
+            raise refuse(HTTPStatus.FORBIDDEN, problem)
+        if claims.evidence_type == SIMULATION:
             log.warning(
                 "INSECURE release of %s to simulation evidence (measurement %s): no hardware"
                 " vouches for it", request.config_id, claims.measurement,
             )
         for note in warnings:
             log.warning("release of %s: %s", request.config_id, note)
-        self._audit_alone(AuditRecord(
-            action="release", client=who, session=request.config_id, outcome="ok",
-            reason="; ".join(notes), hash_before=session_hash, hash_after=session_hash,
-        ))
         return sealed
 
     def _release_values(self, current: StoredSession) -> dict[str, Any]:
@@ -488,6 +517,16 @@ class CasService:
                     current.name, definition.import_from.session, definition.import_from.secret
                 )
         return values
+
+
+def _nonce_problem(rows: list[tuple[Any, ...]], *, used_before: bool, now: float) -> None:
+    """Raise why a nonce does not allow a release; ``rows`` holds its ``expires_at``."""
+    if not rows:
+        raise AttestationError("unknown nonce: ask for a challenge first")
+    if used_before:
+        raise AttestationError("nonce already used")
+    if float(rows[0][0]) < now:
+        raise AttestationError("nonce expired")
 
 
 @dataclass(frozen=True)
