@@ -10,8 +10,14 @@
 #      exports from the session (curl --cacert, not -k),
 #   6. stop everything and remove what it made.
 #
-# Usage: examples/flask-restapi/run-walkthrough.sh [--keep]
-#   --keep   leave the container, the CAS and the scratch directory running/in place
+# Usage: examples/flask-restapi/run-walkthrough.sh [--pause | --keep]
+#   --pause  once the requests have succeeded, wait for a line on stdin (Enter) before
+#            cleaning up, to try the running service by hand
+#   --keep   leave the container, the CAS, the images and the scratch directory in place
+#
+# Environment: NATIVE_IMAGE and IMAGE name the native and the confidential image (default
+# native_flask_restapi_image and flask_restapi_image); CAS_PORT is the CAS's port (8081).
+# Both images are removed at the end, and so is everything else the script made.
 #
 # The directories protected here follow the Debian layout of the local base image:
 # /usr/lib/python3.11 (the standard library), /usr/lib/python3 (Flask and its
@@ -21,7 +27,15 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 keep=false
-[[ ${1:-} == --keep ]] && keep=true
+pause=false
+case ${1:-} in
+    --keep) keep=true ;;
+    --pause) pause=true ;;
+    "") ;;
+    *) echo "usage: $0 [--pause | --keep]" >&2; exit 2 ;;
+esac
+native_image=${NATIVE_IMAGE:-native_flask_restapi_image}
+image=${IMAGE:-flask_restapi_image}
 
 "$top/scripts/setup"
 # shellcheck source=../../scripts/env
@@ -53,8 +67,11 @@ cleanup() {
     if [[ -f $work/docker-compose.yml ]]; then
         (cd "$work" && "${compose[@]}" down >/dev/null 2>&1) || true
     fi
-    [[ -z $cas_pid ]] || kill "$cas_pid" 2>/dev/null || true
-    "$engine" rmi -f flask_restapi_image >/dev/null 2>&1 || true
+    if [[ -n $cas_pid ]]; then
+        kill "$cas_pid" 2>/dev/null || true
+        wait "$cas_pid" 2>/dev/null || true
+    fi
+    "$engine" rmi -f "$image" "$native_image" >/dev/null 2>&1 || true
     rm -rf "$work"
     exit $status
 }
@@ -63,7 +80,8 @@ trap cleanup EXIT
 step() { printf '\n== %s\n' "$*" >&2; }
 
 step "Stage one: the native image"
-"$here/create_native_image.sh"
+# BUILDAH_LAYERS=false: podman keeps no intermediate images that the clean-up would miss.
+IMAGE=$native_image BUILDAH_LAYERS=false "$here/create_native_image.sh" >&2
 
 step "A local CAS on 127.0.0.1:$cas_port (data in $ENCLAVIFY_CAS_DATA)"
 enclavify cas serve --data "$ENCLAVIFY_CAS_DATA" --listen "127.0.0.1:$cas_port" \
@@ -81,8 +99,8 @@ done
 step "Stage two: sconify_image"
 # shellcheck source=hooks.sh
 source "$here/hooks.sh"
-export NATIVE_IMAGE=native_flask_restapi_image
-export IMAGE=flask_restapi_image
+export NATIVE_IMAGE=$native_image
+export IMAGE=$image
 export SCONE_CAS_ADDR=localhost:$cas_port
 export NAMESPACE="my_namespace-$RANDOM"
 export BINARY=/usr/bin/python3
@@ -134,4 +152,14 @@ step "GET /patient/patient_3"
 curl -fsS --cacert api-ca.crt --resolve api:4996:127.0.0.1 -X GET "$url/patient/patient_3"
 echo
 
+step "The server's certificate, verified against the session's CA for the name api"
+openssl s_client -connect 127.0.0.1:4996 -servername api -verify_hostname api \
+    -CAfile api-ca.crt -verify_return_error </dev/null 2>/dev/null \
+    | grep -E '^(subject|issuer)=|Verify return code' >&2
+
+if $pause; then
+    echo "run-walkthrough: the service answers at $url (--resolve api:4996:127.0.0.1," \
+        "--cacert $work/api-ca.crt); press Enter to stop it and clean up" >&2
+    read -r _ || true
+fi
 step "Done"

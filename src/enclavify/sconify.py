@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from enclavify.convert import HEAP_RANGE, STACK_RANGE, ConvertOptions, convert_i
 from enclavify.convert.options import FSPF_PATH
 from enclavify.errors import CasError, CasRejected, UsageError
 from enclavify.policy import default_template, fill_template, parse_session, session_hash
-from enclavify.progress import for_stream
+from enclavify.progress import Progress, for_stream
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ def sconify(options: SconifyOptions) -> str:
         CasError: the CAS cannot be reached, is not the pinned one, or refuses the upload.
         ImageError, ProtectError: the conversion failed; nothing was uploaded.
     """
-    session_name = f"{options.namespace}/{options.name}"
-    config_id = f"{session_name}/{options.service_name}"
     template = _read_template(options.template)
     attestation_mode = choose_attestation_mode(options.attestation_mode)
 
@@ -114,6 +113,45 @@ def sconify(options: SconifyOptions) -> str:
         _check_namespace(client, options)
 
     progress = for_stream(bars=options.show_progress)
+    # The conversion result holds the fspf key, which the session file holds too; without
+    # --result it lives only until the session file is written, in a private directory.
+    scratch = None
+    result_path = options.result_file
+    if result_path is None:
+        directory = _directory_of(options.session_file)
+        scratch = Path(tempfile.mkdtemp(prefix=".sconify-", dir=directory))
+        result_path = scratch / "result.json"
+    try:
+        return _convert_and_upload(
+            options,
+            template=template,
+            attestation_mode=attestation_mode,
+            ca_pem=ca_pem,
+            client=client,
+            progress=progress,
+            result_path=result_path,
+        )
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _directory_of(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path()
+
+
+def _convert_and_upload(
+    options: SconifyOptions,
+    *,
+    template: str,
+    attestation_mode: str,
+    ca_pem: bytes,
+    client: CasClient | None,
+    progress: Progress,
+    result_path: Path,
+) -> str:
+    session_name = f"{options.namespace}/{options.name}"
+    config_id = f"{session_name}/{options.service_name}"
     result = convert_image(
         ConvertOptions(
             source=options.source,
@@ -126,7 +164,7 @@ def sconify(options: SconifyOptions) -> str:
             dlopen=int(options.dlopen),
             platform=options.platform,
             base=options.base,
-            result_path=options.result_file,
+            result_path=result_path,
             cas_address=options.cas,
             cas_certificate=ca_pem,
             config_id=config_id,
