@@ -81,7 +81,7 @@ def test_confidential_image_is_not_converted_again(app_image: str, tmp_path: Pat
     first = convert_image(options(app_image, tmp_path))
     second_dir = tmp_path / "again"
     second_dir.mkdir()
-    with pytest.raises(UsageError, match="already contains /.enclavify/fspf"):
+    with pytest.raises(UsageError, match=r"already contains /\.enclavify/fspf"):
         convert_image(options(first.image, second_dir))
     assert_nothing_left(second_dir)
 
