@@ -345,3 +345,14 @@ def test_same_layer_rewritten_twice_keeps_both(source: SourceImage) -> None:
     assert b"os-release" in first
     assert b"os-release" not in second
     assert SECRET + b"-util" in second
+
+
+def test_file_system_errors_become_image_errors(source: SourceImage, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    builder = ImageBuilder(source)
+    builder.copy_layer(source.layers[0])
+    for target in (f"oci-archive:{blocker}/out.tar", f"oci:{blocker}/layout"):
+        with pytest.raises(ImageError, match="failed: "):
+            builder.commit(target)
+    assert blocker.read_text() == "not a directory"

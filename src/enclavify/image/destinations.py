@@ -55,7 +55,25 @@ def write(
     insecure_http: bool = False,
     progress: blobs.Progress | None = None,
 ) -> None:
-    """Write ``image`` to ``reference`` (see :meth:`ImageBuilder.commit`)."""
+    """Write ``image`` to ``reference`` (see :meth:`ImageBuilder.commit`).
+
+    Raises:
+        ImageError: the destination cannot be written (file system errors included).
+    """
+    try:
+        _write(image, reference, work, insecure_http=insecure_http, progress=progress)
+    except OSError as exc:
+        raise ImageError(f"writing {reference} failed: {exc}") from exc
+
+
+def _write(
+    image: BuiltImage,
+    reference: ImageReference,
+    work: Path,
+    *,
+    insecure_http: bool,
+    progress: blobs.Progress | None,
+) -> None:
     if reference.transport == OCI:
         assert reference.path is not None
         write_layout(image, reference.path, reference.tag, progress)

@@ -273,14 +273,21 @@ def open_image(
             )
         image._unpack(progress)
         return image
+    except OSError as exc:
+        _discard(image, store, work)
+        raise ImageError(f"reading {reference} failed: {exc}") from exc
     except BaseException:
-        if image is not None:
-            image.close()
-        else:
-            if store is not None:
-                store.close()
-            shutil.rmtree(work, ignore_errors=True)
+        _discard(image, store, work)
         raise
+
+
+def _discard(image: SourceImage | None, store: BlobStore | None, work: Path) -> None:
+    if image is not None:
+        image.close()
+        return
+    if store is not None:
+        store.close()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _open_store(
