@@ -21,10 +21,13 @@ from pathlib import Path
 import pytest
 
 from enclavify.attest import measurement
+from enclavify.cas.client import pem_fingerprint
+from enclavify.cas.identity import load_or_create_identity
 from enclavify.protect import seal_tree
 from enclavify.protect.unseal import open_fspf
 from enclavify.runtime.builder import DirectoryFiles, build_runtime
 from enclavify.runtime.config import RuntimeConfig
+from tests.cas.conftest import start_cas
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
@@ -35,7 +38,8 @@ APP = r"""
 import os, signal, stat, sys, time
 print("data", open("/app/data.txt").read().strip())
 token = "/app/secrets/token"
-print("token", open(token).read(), oct(stat.S_IMODE(os.stat(token).st_mode)))
+if os.path.exists(token):
+    print("token", open(token).read(), oct(stat.S_IMODE(os.stat(token).st_mode)))
 print("ids", os.getuid(), os.getgid())
 print("cwd", os.getcwd())
 print("env", ",".join(sorted(os.environ)))
@@ -61,6 +65,7 @@ class Confidential:
     measurement: str
     key: str
     tag: str
+    config: RuntimeConfig
 
 
 def _podman(podman: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -125,15 +130,17 @@ def confidential(
     # The same image with one flipped ciphertext byte in /app/data.txt's object.
     manifest = open_fspf((context / "enclavify" / "fspf").read_bytes(), volume.key, volume.tag)
     data_object = next(e.object for e in manifest.entries if e.path == "/app/data.txt")
-    object_path = context / "enclavify" / "objects" / data_object
+    tampered_context = work / "tampered"
+    shutil.copytree(context, tampered_context, symlinks=True)
+    object_path = tampered_context / "enclavify" / "objects" / data_object
     content = bytearray(object_path.read_bytes())
     content[3] ^= 0x01
     object_path.write_bytes(bytes(content))
     tampered = f"localhost/enclavify-test/launcher-tampered:{tag}"
-    build = _podman(podman, "build", "-q", "-t", tampered, str(context))
+    build = _podman(podman, "build", "-q", "-t", tampered, str(tampered_context))
     assert build.returncode == 0, build.stderr
 
-    yield Confidential(image, tampered, work, expected, volume.key.hex(), volume.tag.hex())
+    yield Confidential(image, tampered, work, expected, volume.key.hex(), volume.tag.hex(), config)
     _podman(podman, "rmi", "-f", image, tampered)
 
 
@@ -234,3 +241,91 @@ def test_wrong_measurement_is_refused(podman: str, confidential: Confidential) -
     assert result.returncode == 1
     assert confidential.measurement in result.stderr
     assert result.stdout == ""
+
+
+SESSION = """\
+name: {name}
+version: "0.3"
+services:
+  - name: app
+    mrenclaves: ["{measurement}"]
+    command: python3 /app/main.py 9
+    environment:
+      PATH: /usr/local/bin:/usr/bin:/bin
+      LANG: C.UTF-8
+      GREETING: $$SCONE::greeting$$
+    pwd: /app
+    fspf_path: /.enclavify/fspf
+    fspf_key: "{key}"
+    fspf_tag: "{tag}"
+secrets:
+  - name: greeting
+    kind: ascii
+    size: 12
+security:
+  attestation:
+    mode: simulation
+"""
+
+
+def test_app_starts_after_attesting_to_cas(
+    podman: str, confidential: Confidential, base_rootfs: Path, tmp_path: Path
+) -> None:
+    cas = start_cas(tmp_path / "cas", extra_env={"PYTHONWARNINGS": "ignore"})
+    image = f"localhost/enclavify-test/launcher-cas:{uuid.uuid4().hex[:12]}"
+    try:
+        # The image pins this CAS: its certificate is part of the runtime and the measurement.
+        context = tmp_path / "context"
+        shutil.copytree(confidential.context / "context", context, symlinks=True)
+        runtime = context / "runtime"
+        (runtime / "cas-ca.pem").write_bytes(cas.ca_pem)
+        name = f"launcher{uuid.uuid4().hex[:8]}"
+        config = RuntimeConfig(
+            **dict(
+                confidential.config.to_json(),
+                cas_address="127.0.0.1:1",
+                cas_certificate="/opt/enclavify/cas-ca.pem",
+                cas_fingerprint=pem_fingerprint(cas.ca_pem),
+                config_id=f"{name}/app",
+            )
+        )
+        config.write(runtime / "runtime.json")
+        measured = measurement.compute(
+            runtime_digest=measurement.runtime_digest(runtime),
+            binary=config.binary,
+            binary_digest=measurement.binary_digest(
+                DirectoryFiles(base_rootfs), config.binary, config.regions
+            ),
+            fspf_digest=measurement.fspf_digest(context / "enclavify" / "fspf"),
+            heap=config.heap,
+            stack=config.stack,
+            dlopen=config.dlopen,
+        )
+        build = _podman(podman, "build", "-q", "-t", image, str(context))
+        assert build.returncode == 0, build.stderr
+        identity = load_or_create_identity(tmp_path / "owner.pem")
+        session = SESSION.format(
+            name=name, measurement=measured, key=confidential.key, tag=confidential.tag
+        )
+        cas.client(identity).create_session(session)
+
+        # The address baked in is wrong on purpose: the environment overrides it.
+        result = _podman(
+            podman,
+            "run",
+            "--rm",
+            "--network=host",
+            "-e",
+            f"ENCLAVIFY_CAS_ADDR={cas.address}",
+            *TMPFS,
+            image,
+        )
+        assert result.returncode == 9, result.stderr + cas.log()
+        assert "data decrypted data" in result.stdout.splitlines()
+        assert "env GREETING,LANG,PATH" in result.stdout.splitlines()
+        assert "ENCLAVIFY_INSECURE_CONFIG_FILE" not in result.stderr
+        # Without a TEE the evidence is simulated, and the launcher says so.
+        assert "simulation evidence" in result.stderr
+    finally:
+        cas.stop()
+        _podman(podman, "rmi", "-f", image)
