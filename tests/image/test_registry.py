@@ -142,12 +142,3 @@ def test_plain_http_needs_loopback_or_insecure_flag(caplog: pytest.LogCaptureFix
         assert caplog.text == ""
         assert RegistryClient(remote, insecure_http=True).scheme == "http"
     assert "plain HTTP to registry registry.example:5000" in caplog.text
-
-
-def test_multiplatform_registry_selection_error_lists_platforms(
-    tmp_path: Path, workdir: Path
-) -> None:
-    # The same selection code serves every transport; checked here on a layout.
-    write_multiplatform_layout(tmp_path / "m", {"linux/amd64": LAYERS[:1]})
-    with pytest.raises(ImageError, match="available: linux/amd64"):
-        open_image(f"oci:{tmp_path / 'm'}", platform="linux/arm/v7", workdir=workdir)
