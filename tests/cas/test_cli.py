@@ -78,6 +78,10 @@ def test_session_commands(shared_cas: CasProcess, tmp_path: Path) -> None:
     values = _enclavify("session", "values", *common, name, home=tmp_path)
     assert "BEGIN CERTIFICATE" in json.loads(values.stdout)["ca"]
 
+    # The key hash printed for the identity is the session's creator.
+    whoami = _enclavify("session", "identity", home=tmp_path)
+    assert whoami.stdout.strip() == document["creator"]
+
     # Another identity can neither read nor update.
     other = ["--identity", str(tmp_path / "other.pem")]
     refused = _enclavify("session", "show", *common, *other, name, home=tmp_path)

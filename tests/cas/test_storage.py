@@ -15,7 +15,7 @@ import pytest
 
 from enclavify.cas import audit
 from enclavify.cas.audit import AuditRecord, HeadFile
-from enclavify.cas.masterkey import MasterKey
+from enclavify.cas.masterkey import MasterKey, master_key_path
 from enclavify.cas.storage import SCHEMA_VERSION, Database
 from enclavify.errors import CasError
 
@@ -144,6 +144,16 @@ def test_master_key_file_is_private(tmp_path: Path) -> None:
     os.chmod(path, 0o644)
     with pytest.raises(CasError, match="accessible by others"):
         MasterKey.load_or_create(path)
+
+
+def test_master_key_file_from_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "keys" / "cas-master.key"
+    monkeypatch.setenv("ENCLAVIFY_CAS_MASTER_KEY_FILE", str(elsewhere))
+    assert master_key_path(tmp_path / "data") == elsewhere
+    monkeypatch.delenv("ENCLAVIFY_CAS_MASTER_KEY_FILE")
+    assert master_key_path(tmp_path / "data") == tmp_path / "data" / "master.key"
 
 
 @pytest.mark.postgres

@@ -243,6 +243,7 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
+        log.info("CAS on https://%s stopping", address)
     finally:
         await runner.cleanup()
         setup.database.close()

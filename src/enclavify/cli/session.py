@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from enclavify.cas.client import CasClient
-from enclavify.cas.identity import load_or_create_identity
+from enclavify.cas.identity import identity_key_hash, load_or_create_identity
 from enclavify.cas.paths import CA_CERT, default_data_dir
 from enclavify.errors import UsageError
 from enclavify.policy import parse_session
@@ -32,6 +32,17 @@ def register(subparsers: Any) -> None:
         add_cas_flags(command)
         command.add_argument("target", metavar=metavar)
         command.set_defaults(handler=handler)
+
+    identity = commands.add_parser(
+        "identity",
+        help="print this client's key hash, the entry to put in another session's access_policy",
+    )
+    identity.add_argument(
+        "--identity", type=Path, metavar="FILE",
+        help="client key and certificate (default ~/.config/enclavify/identity.pem; made on"
+        " first use)",
+    )
+    identity.set_defaults(handler=_identity)
 
 
 def add_cas_flags(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +125,11 @@ def set_predecessor(text: str, predecessor: str) -> str:
     if kept and not kept[-1].endswith("\n"):
         kept[-1] += "\n"
     return "".join(kept) + f"predecessor: {predecessor}\n"
+
+
+def _identity(args: argparse.Namespace) -> int:
+    print(identity_key_hash(load_or_create_identity(args.identity)))
+    return 0
 
 
 def _show(args: argparse.Namespace) -> int:
