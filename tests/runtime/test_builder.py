@@ -63,7 +63,7 @@ def test_host_runtime_layout(host_runtime: tuple[Path, RuntimeInfo]) -> None:
     files = [p for p in runtime.rglob("*") if p.is_file() and not p.is_symlink()]
     assert info.files == len(files)
     assert info.size == sum(p.stat().st_size for p in files)
-    # Small compared with the interpreter's full installation (about 100 MB).
+    # A bound that fails if whole library directories were copied.
     assert info.size < 40 * 1024 * 1024
 
 
@@ -111,7 +111,7 @@ def test_image_without_python_needs_base(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["root"]
 
 
-def test_existing_output_is_refused(host_runtime: tuple[Path, RuntimeInfo]) -> None:
+def test_existing_output_is_rejected(host_runtime: tuple[Path, RuntimeInfo]) -> None:
     runtime, _info = host_runtime
     with pytest.raises(ImageError, match="already exists"):
         build_runtime(DirectoryFiles(Path("/")), runtime, source="host")
@@ -150,6 +150,7 @@ def test_base_image_runtime_without_stdlib(base_rootfs: Path, tmp_path: Path) ->
 
 def _other_pythons() -> list[Path]:
     """Interpreters of other versions on this machine (pyenv builds), oldest and newest."""
+
     def version(path: Path) -> tuple[int, ...]:
         return tuple(int(x) for x in path.name[len("python") :].split("."))
 

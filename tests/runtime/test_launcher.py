@@ -137,7 +137,7 @@ def test_find_program_uses_configuration_path(tmp_path: Path) -> None:
         launcher.find_program("tool", {"PATH": "/opt/bin"}, tmp_path)
 
 
-def test_program_other_than_binary_is_refused(tmp_path: Path) -> None:
+def test_program_other_than_binary_rejected(tmp_path: Path) -> None:
     program = _program(tmp_path, "/usr/bin/python3.11")
     os.symlink("python3.11", tmp_path / "usr/bin/python3")
     other = _program(tmp_path, "/bin/sh")
@@ -180,9 +180,7 @@ def test_filesystem_type_from_mount_table(tmp_path: Path) -> None:
     assert not mounts.is_memory_backed(f"{app}/data", table)
 
 
-def test_injection_outside_memory_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_injection_outside_memory_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mounts, "is_memory_backed", lambda path, mountinfo=None: False)
     item = InjectionFile("/etc/app/token", b"secret", 0o600)
     with pytest.raises(LaunchError, match="--tmpfs /etc/app"):

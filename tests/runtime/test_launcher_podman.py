@@ -216,7 +216,7 @@ def test_sigterm_reaches_app(podman: str, confidential: Confidential) -> None:
         _podman(podman, "rm", "-f", name)
 
 
-def test_region_not_in_memory_is_refused(podman: str, confidential: Confidential) -> None:
+def test_region_not_in_memory_is_rejected(podman: str, confidential: Confidential) -> None:
     config = _config_file(confidential, "nomem.json", "0")
     result = _podman(podman, *_run_args(config), confidential.image)
     assert result.returncode == 1
@@ -225,7 +225,7 @@ def test_region_not_in_memory_is_refused(podman: str, confidential: Confidential
     assert "decrypted data" not in result.stdout
 
 
-def test_flipped_ciphertext_byte_is_refused(podman: str, confidential: Confidential) -> None:
+def test_flipped_ciphertext_byte_is_rejected(podman: str, confidential: Confidential) -> None:
     config = _config_file(confidential, "tampered.json", "0", measurement=None)
     result = _podman(podman, *_run_args(config), *TMPFS, confidential.tampered)
     assert result.returncode == 1
@@ -235,7 +235,7 @@ def test_flipped_ciphertext_byte_is_refused(podman: str, confidential: Confident
     assert result.stdout == ""
 
 
-def test_wrong_measurement_is_refused(podman: str, confidential: Confidential) -> None:
+def test_wrong_measurement_is_rejected(podman: str, confidential: Confidential) -> None:
     config = _config_file(confidential, "other.json", "0", measurement="0" * 64)
     result = _podman(podman, *_run_args(config), *TMPFS, confidential.image)
     assert result.returncode == 1
@@ -324,8 +324,19 @@ def test_app_starts_after_attesting_to_cas(
         assert "data decrypted data" in result.stdout.splitlines()
         assert "env GREETING,LANG,PATH" in result.stdout.splitlines()
         assert "ENCLAVIFY_INSECURE_CONFIG_FILE" not in result.stderr
-        # Without a TEE the evidence is simulated, and the launcher says so.
+        # Without a TEE the evidence is simulated, and the launcher logs a warning.
         assert "simulation evidence" in result.stderr
     finally:
         cas.stop()
         _podman(podman, "rmi", "-f", image)
+
+
+def test_launcher_mounts_tmpfs_when_allowed(podman: str, confidential: Confidential) -> None:
+    config = _config_file(confidential, "selfmount.json", "5")
+    result = _podman(podman, *_run_args(config), "--cap-add", "SYS_ADMIN", confidential.image)
+    if result.returncode == 1 and "may not mount" in result.stderr:
+        pytest.skip(
+            f"this container runtime forbids mounts even with CAP_SYS_ADMIN: {result.stderr}"
+        )
+    assert result.returncode == 5, result.stderr
+    assert "data decrypted data" in result.stdout.splitlines()

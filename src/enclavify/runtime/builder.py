@@ -13,9 +13,9 @@ image, the interpreter's own standard library included, so it carries everything
 
 The interpreter is started as ``lib/<loader> --library-path /opt/enclavify/lib bin/python3``.
 The loader hands the program ``/opt/enclavify/bin/python3`` as ``argv[0]``, and Python looks
-for its prefix from there: it walks up from ``bin/`` until it finds ``lib/python3.X/os.py``
-(and ``lib-dynload`` for the exec prefix), which is why the standard library subset keeps
-the layout of a normal installation. ``-I -S`` keeps environment variables, the user site
+for its prefix from there. It walks up from ``bin/`` until it finds ``lib/python3.X/os.py``
+(and ``lib-dynload`` for the exec prefix), so the standard library subset keeps the layout of
+a normal installation. ``-I -S`` keeps environment variables, the user site
 directory and ``site`` out of it, so nothing outside ``/opt/enclavify`` is read before the
 launcher has decrypted the protected regions.
 
@@ -83,10 +83,10 @@ CARRIED_MODULES = (
 # Runtime package files copied even though importing them has side effects.
 CARRIED_FILES = ("enclavify/runtime/__main__.py",)
 
-# Standard library modules needed beyond what importing the launcher shows: the codecs the
-# interpreter and the socket and ssl modules look up by name at run time, and the hash
-# modules that hashlib imports at start-up on Pythons that build them as extensions (the
-# names vary between versions; those an interpreter lacks are skipped).
+# Standard library modules that importing the launcher does not show. The interpreter and the
+# socket and ssl modules look codecs up by name at run time. On Pythons that build the hash
+# functions as extension modules, hashlib imports them at start-up. Names vary between
+# versions, and those an interpreter lacks are skipped.
 EXTRA_STDLIB = (
     "runpy",
     "_md5",
@@ -161,7 +161,7 @@ class DirectoryFiles(RootFiles):
 
 @dataclass(frozen=True)
 class RuntimeInfo:
-    """What :func:`build_runtime` produced, recorded in the conversion result."""
+    """Summary of a runtime built by :func:`build_runtime`, recorded in the conversion result."""
 
     size: int
     files: int
@@ -197,7 +197,7 @@ def build_runtime(
     """Build the carried runtime from the image ``files`` into the new directory ``output``.
 
     ``python`` is the interpreter's path in the image (default: the first of
-    ``/usr/local/bin/python3`` and ``/usr/bin/python3`` that exists); ``source`` says where
+    ``/usr/local/bin/python3`` and ``/usr/bin/python3`` that exists); ``source`` names where
     the image came from (the image itself or a ``--base`` image) and is recorded. ``output``
     must not exist; it is written under a temporary name and renamed when complete.
     Raises ImageError when the image has no usable Python.

@@ -57,7 +57,7 @@ class InjectionFile:
 
 @dataclass(frozen=True)
 class Configuration:
-    """What the CAS releases for one service. ``fspf_key`` and ``fspf_tag`` are secrets."""
+    """Configuration the CAS releases for one service. ``fspf_key`` and ``fspf_tag`` are secrets."""
 
     command: List[str]
     environment: Dict[str, str]

@@ -56,7 +56,7 @@ def _existing_ancestor(path: str) -> str:
 
 
 def filesystem_type(path: str, mountinfo: str = MOUNTINFO) -> Optional[str]:
-    """Return the type of the file system that holds ``path`` (or would hold it if created).
+    """Return the type of the file system that contains ``path`` (or would, once created).
 
     Uses the mount table when it is readable, else statfs(2) (then only tmpfs and ramfs
     are told apart; other types are reported as ``"other"``). None when neither works.
@@ -83,9 +83,10 @@ def _statfs_type(path: str) -> Optional[str]:
             return None
     except (OSError, AttributeError):
         return None
-    # f_type is the first field of struct statfs: a long on glibc and musl for 64-bit
-    # architectures. Reading it as a native unsigned int matches both magic numbers there
-    # and on 32-bit ones.
+    # f_type is the first field of struct statfs, a long on most 64-bit architectures (glibc
+    # and musl). Its low 32 bits, read as a native unsigned int, hold the magic number on
+    # little-endian and 32-bit systems. NOTE: on big-endian 64-bit systems with a long
+    # f_type this misreads, but the mount table is read first and /proc is normally there.
     magic = struct.unpack_from("=I", buffer.raw)[0]
     if magic == _TMPFS_MAGIC:
         return "tmpfs"
