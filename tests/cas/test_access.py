@@ -3,6 +3,9 @@ against every endpoint, asserting that nothing unauthorised is read or written."
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,28 @@ def test_client_pins_the_cas(shared_cas: CasProcess, tmp_path: Path) -> None:
     pinned_wrong = CasClient(shared_cas.address, fingerprint=other.fingerprint())
     with pytest.raises(CasError, match="fingerprint mismatch"):
         pinned_wrong.public_values("x")
+
+
+def test_refusals_are_audited(shared_cas: CasProcess, identities: dict[str, Identity]) -> None:
+    alice = shared_cas.client(identities["alice"])
+    bob = shared_cas.client(identities["bob"])
+    name = unique("audited")
+    text = namespace_yaml(name)
+    digest = alice.create_session(text)
+    _rejected(lambda: bob.update_session(text + f"predecessor: {digest}\n"), 403)
+    listing = subprocess.run(
+        [sys.executable, "-m", "enclavify", "cas", "audit", "--data", str(shared_cas.data)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    records = [json.loads(line) for line in listing.splitlines()]
+    mine = [r for r in records if r["session"] == name]
+    assert [(r["action"], r["outcome"]) for r in mine] == [("create", "ok"), ("update", "refused")]
+    assert mine[0]["client"] == key_hash(identities["alice"])
+    assert mine[0]["hash_after"] == digest
+    assert mine[1]["client"] == key_hash(identities["bob"])
+    assert "may not update" in mine[1]["reason"]
+    verified = subprocess.run(
+        [sys.executable, "-m", "enclavify", "cas", "audit", "--data", str(shared_cas.data),
+         "--verify"], capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert verified.returncode == 0, verified.stderr
