@@ -6,6 +6,8 @@ import base64
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -259,3 +261,52 @@ def test_runtime_settings_are_checked(tmp_path: Path) -> None:
     config.write(path)
     assert RuntimeConfig.load(path) == config
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_cli_runs_app_from_host(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path, binary="/usr/bin/app")
+    app = _program(tmp_path, "/usr/bin/app")
+    app.write_text(
+        '#!/bin/sh\necho "$0 $1 $GREETING $(pwd)"; env | sort | cut -d= -f1 | tr "\\n" ,\nexit 3\n'
+    )
+    (tmp_path / "srv").mkdir()
+    document = tmp_path / "config.json"
+    document.write_text(
+        json.dumps(
+            {
+                "command": ["app", "one"],
+                "environment": {"PATH": "/usr/bin", "GREETING": "hi"},
+                "pwd": "/srv",
+            }
+        )
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        launcher.INSECURE_CONFIG_VARIABLE: str(document),
+        "UNRELATED": "x",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "enclavify",
+        "run",
+        "--runtime-dir",
+        str(runtime),
+        "--root",
+        str(tmp_path),
+    ]
+    measured = subprocess.run(
+        [*command, "--measure"], env=env, capture_output=True, text=True, check=True
+    )
+    config = RuntimeConfig.load(runtime / "runtime.json")
+    assert measured.stdout.strip() == launcher.measure(config, runtime, tmp_path)
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 3, result.stderr
+    first, second = result.stdout.splitlines()
+    # A script sees its path as $0: the kernel hands it to the interpreter.
+    assert first == f"{app} one hi {tmp_path}/srv"
+    # The shell adds PWD, SHLVL and _ itself; nothing of the caller's environment remains.
+    assert "UNRELATED" not in second
+    assert "ENCLAVIFY" not in second
+    assert "INSECURE" in result.stderr

@@ -111,8 +111,9 @@ EXTRA_STDLIB = (
 # Extension modules without which the launcher cannot work; the others have pure Python
 # fallbacks or exist only in some Python versions.
 REQUIRED_EXTENSIONS = ("_socket", "_ssl", "select", "_ctypes", "_struct", "binascii", "math")
-# Loaded with dlopen by glibc before 2.34 to resolve host names; harmless to carry.
-EXTRA_LIBRARIES = ("libnss_files.so.2", "libnss_dns.so.2", "libresolv.so.2")
+# Loaded with dlopen by glibc: the NSS modules (before 2.34) to resolve host names, and
+# libgcc_s when a thread exits or is cancelled. Each is carried when the image has it.
+EXTRA_LIBRARIES = ("libnss_files.so.2", "libnss_dns.so.2", "libresolv.so.2", "libgcc_s.so.1")
 
 _MACHINES = {
     "EM_X86_64": ("x86_64", "x86_64-linux-gnu"),
@@ -356,7 +357,10 @@ class _Builder:
                 symbols = {s.name for s in dynsym.iter_symbols() if s.name.startswith("PyInit_")}
             return _Elf(path, elf["e_machine"], elf.elfclass, interp, needed, search, symbols)
         except ELFError as error:
-            raise ImageError(f"{path!r} in the image is not a valid ELF file: {error}") from error
+            raise ImageError(
+                f"{path!r} in the image is not a valid ELF file ({error}); pass --base IMAGE "
+                "or name the interpreter binary itself"
+            ) from error
 
     def _python_version(self, path: str, elf: _Elf) -> str:
         match = _VERSION_NAME.search(posixpath.basename(path))

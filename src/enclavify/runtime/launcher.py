@@ -372,8 +372,9 @@ def check_binary(program: str, config: RuntimeConfig, root: Path) -> None:
 
 
 def drop_privileges(user: User) -> None:
+    """Switch to ``user``; a launcher that already runs unprivileged stays as it is."""
     if os.getuid() != 0:
-        if user.uid != os.getuid():
+        if user.uid not in (0, os.getuid()):
             raise LaunchError(f"cannot switch to uid {user.uid}: the launcher is not root")
         return
     os.setgroups(user.groups)
