@@ -191,31 +191,15 @@ class CasService:
             raise
 
     def _create(self, session: Session, text: bytes, client: str) -> dict[str, Any]:
-        namespace = session.namespace
         with self.database.transaction(write=False) as tx:
-            if self._load(tx, session.name) is not None:
-                raise refuse(
-                    HTTPStatus.CONFLICT,
-                    f"session {session.name!r} already exists; update it with a predecessor",
-                )
-            if namespace is not None:
-                parent = self._load(tx, namespace)
-                if parent is None:
-                    raise refuse(
-                        HTTPStatus.NOT_FOUND, f"namespace {namespace!r} does not exist"
-                    )
-                if not may(parent.session.access_policy.create_sessions, client, parent.creator):
-                    raise refuse(
-                        HTTPStatus.FORBIDDEN,
-                        f"client {client} may not create sessions in namespace {namespace!r}",
-                    )
+            self._check_creation(tx, session, client)
         values, definitions = self._generate(session, {}, {})
         digest = policy.session_hash(session)
         sealed = self._seal(session.name, digest, text, values, definitions)
         now = self.clock().isoformat()
         with self.database.transaction(write=True) as tx:
-            if tx.execute("SELECT 1 FROM sessions WHERE name = ?", (session.name,)):
-                raise refuse(HTTPStatus.CONFLICT, f"session {session.name!r} already exists")
+            # Checked again under the write lock: the namespace may have changed meanwhile.
+            self._check_creation(tx, session, client)
             tx.execute(
                 "INSERT INTO sessions (name, hash, revision, creator, sealed, updated_at)"
                 " VALUES (?, ?, 1, ?, ?, ?)",
@@ -229,6 +213,25 @@ class CasService:
         self._advance_head(head)
         log.debug("created session %s (%s)", session.name, digest)
         return {"name": session.name, "hash": digest, "revision": 1}
+
+    def _check_creation(self, tx: Transaction, session: Session, client: str) -> None:
+        """Raise unless the name is free and ``client`` may create sessions in its namespace."""
+        if tx.execute("SELECT 1 FROM sessions WHERE name = ?", (session.name,)):
+            raise refuse(
+                HTTPStatus.CONFLICT,
+                f"session {session.name!r} already exists; update it with a predecessor",
+            )
+        namespace = session.namespace
+        if namespace is None:
+            return
+        parent = self._load(tx, namespace)
+        if parent is None:
+            raise refuse(HTTPStatus.NOT_FOUND, f"namespace {namespace!r} does not exist")
+        if not may(parent.session.access_policy.create_sessions, client, parent.creator):
+            raise refuse(
+                HTTPStatus.FORBIDDEN,
+                f"client {client} may not create sessions in namespace {namespace!r}",
+            )
 
     def _update(self, session: Session, text: bytes, client: str) -> dict[str, Any]:
         with self.database.transaction(write=False) as tx:
