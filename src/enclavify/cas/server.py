@@ -33,7 +33,6 @@ from enclavify.errors import CasError, CasRejected
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1024 * 1024
-DEFAULT_LISTEN = "127.0.0.1:8081"
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -1,4 +1,4 @@
-"""What the CAS does, independent of HTTP: sessions, access control, attested release.
+"""The CAS's operations, independent of HTTP: sessions, access control, attested release.
 
 Every method takes the caller's client key hash (``None`` for a caller without a client
 certificate) and either returns plain data or raises :class:`CasRejected` with the HTTP
@@ -421,7 +421,7 @@ class CasService:
     def _finish_attestation(self, nonce: str, record: AuditRecord) -> str | None:
         """Consume ``nonce`` and append ``record`` in one transaction.
 
-        The nonce is consumed whatever the outcome, so one piece of evidence answers at most
+        The nonce is consumed whatever the outcome, so one piece of evidence serves at most
         one request. When ``record`` is a release but the nonce turned out to be used or
         expired (a concurrent request won), the record is written as a refusal instead and
         the reason is returned; otherwise None.
