@@ -81,6 +81,15 @@ def test_invalid_session_names_yaml_path(
     assert "services[0]" in str(answer["error"])
 
 
+def test_non_utf8_session_is_400(
+    shared_cas: CasProcess, identities: dict[str, Identity]
+) -> None:
+    text = namespace_yaml(unique("utf16")).encode("utf-16")
+    status, answer, _ = _post(shared_cas, identities["alice"], "/v1/sessions", text)
+    assert status == 400
+    assert "UTF-8" in str(answer["error"])
+
+
 def test_openapi_matches_routes() -> None:
     served = {(method.lower(), _canonical(path)) for method, path, _ in ROUTES}
     described = {

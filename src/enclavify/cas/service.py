@@ -173,6 +173,10 @@ class CasService:
         if client is None:
             raise refuse(HTTPStatus.FORBIDDEN, "a client certificate is required to write sessions")
         try:
+            text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise refuse(HTTPStatus.BAD_REQUEST, f"session is not UTF-8: {error}") from error
+        try:
             session = policy.parse_session(text)
         except PolicyError as error:
             raise refuse(HTTPStatus.BAD_REQUEST, f"invalid session: {error.diagnostics()}") \
