@@ -265,3 +265,16 @@ def test_racing_nonce_reuse_releases_once(
     with ThreadPoolExecutor(8) as pool:
         statuses = sorted(pool.map(attempt, range(8)))
     assert statuses == [200] + [403] * 7
+
+
+@pytest.mark.parametrize("evidence_type", ["sgx-dcap", "tdx", "sev-snp", "no-such-type"])
+def test_junk_hardware_evidence_refused(
+    release_cas: CasProcess, identities: dict[str, Identity], evidence_type: str
+) -> None:
+    _, name = _create(release_cas, identities["alice"], mode="hardware")
+    _, public = crypto.x25519_generate()
+    nonce = _challenge(release_cas)
+    body = _request_body(f"{name}/api", nonce, public, evidence_type=evidence_type)
+    error = _attest_raw(release_cas, body)
+    assert error.status == 403, str(error)
+    assert str(error)
