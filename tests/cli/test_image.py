@@ -80,7 +80,8 @@ def test_convert_command_line(app_image: str, tmp_path: Path) -> None:
     )
     assert process.returncode == 0, process.stderr
     digest = process.stdout.strip()
-    assert digest.startswith("sha256:") and len(digest) == 71
+    assert digest.startswith("sha256:")
+    assert len(digest) == 71
     # Not a terminal: plain progress lines, no bar drawing.
     assert "Encrypting protected files" in process.stderr
     assert "\r" not in process.stderr

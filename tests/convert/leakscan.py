@@ -2,9 +2,9 @@
 
 The sample: every 32-byte window that starts at a multiple of 512 bytes in a protected file,
 and its tail padded with zero bytes when fewer than 32 bytes are left there. A tar stream
-stores a member's content from a 512-byte boundary and pads it with zeros, so a protected file
-left in any layer, whole or in part (from its start to its end), shows at least one of these
-windows at a 512-byte boundary of the decompressed layer. Every file of 1 byte or more has at
+stores a member's content from a 512-byte boundary and pads it with zeros. So a protected file
+left in a layer, whole or in part, shows at least one of these windows at a 512-byte boundary of
+the decompressed layer. Every file of 1 byte or more has at
 least one window, so the sample covers each file. Layer blobs are checked at every 512-byte
 boundary; other blobs (config, manifests, index), which are small, at every offset, and every
 small protected file's whole content is also searched in them as a substring.

@@ -2,8 +2,8 @@
 
 What stays in the image is only what the container engine needs to start the launcher and
 what the measurement depends on. The original command, environment and working directory
-move into the session (through the conversion result), because the image config is readable
-by anyone who holds the image and environment variables often carry secrets.
+move into the session (through the conversion result), because anyone who has the image can
+read its config, and environment variables often carry secrets.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def confidential_config(
 ) -> ImageConfig:
     """Return the configuration of the confidential image.
 
-    Entrypoint becomes the launcher, Cmd is emptied, the user is root (the launcher needs it to
-    mount the memory-backed file systems, then drops to the original user that the runtime
-    settings name), the working directory is ``/``, and the Env keeps only ``PATH``.
+    Entrypoint becomes the launcher and Cmd is removed. The user is root, because the launcher
+    mounts the memory-backed file systems before it drops to the original user named in the
+    runtime settings. The working directory is ``/`` and the Env keeps only ``PATH``.
     ExposedPorts, Volumes, StopSignal and Labels stay. Labels ``org.enclavify.*`` are added
     (and any the native image had are replaced); they carry the runtime version, the
     measurement, the protected directories' names and the ``--plain`` ones, never content.
@@ -78,9 +78,8 @@ def confidential_config(
     )
     raw = changed.raw
     section = raw["config"]
-    # These run commands or name files that the launcher, not the engine, is now in charge of;
-    # a health check or shell form written for the native command is meaningless (or leaks the
-    # native command line) in the confidential image.
+    # These name native commands, which the launcher now starts instead of the engine. A
+    # health check written for the native command is meaningless here and may leak it.
     for key in ("Healthcheck", "OnBuild", "Shell", "ArgsEscaped"):
         section.pop(key, None)
     for key in ("author", "comment"):

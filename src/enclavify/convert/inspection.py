@@ -28,8 +28,11 @@ from .runtimelayer import SETTINGS_NAME
 
 @dataclass(frozen=True)
 class Inspection:
-    """What :func:`inspect_image` found. Fields other than ``confidential`` are empty for a
-    native image; ``problems`` lists inconsistencies of a confidential one."""
+    """Report of :func:`inspect_image`.
+
+    Fields other than ``confidential`` are empty for a native image. ``problems`` lists the
+    inconsistencies found in a confidential one.
+    """
 
     image: str
     confidential: bool
@@ -84,7 +87,7 @@ def inspect_image(
 ) -> Inspection:
     """Open ``reference`` and report on its confidential parts.
 
-    A native image is not an error: the result says ``confidential=False``.
+    A native image is not an error: the result has ``confidential=False``.
 
     Raises:
         ImageError: the image cannot be read.

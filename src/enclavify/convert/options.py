@@ -36,11 +36,11 @@ HEAP_RANGE = (HEAP_MIN, HEAP_MAX)
 STACK_RANGE = (STACK_MIN, STACK_MAX)
 DEFAULT_HEAP = HEAP_DEFAULT
 DEFAULT_STACK = STACK_DEFAULT
-# 2 lets the program load any shared library at run time; it is the default of the
-# original tool, meant for debugging, and changes the measurement like the other settings.
+# 2 lets the program load any shared library at run time. It is the default and is meant for
+# debugging; like the other settings, it changes the measurement.
 DEFAULT_DLOPEN = DLOPEN_DEFAULT
 
-# Where the confidential image keeps its own parts; a region must neither be nor contain them.
+# Directories of the confidential image's own parts. A region must neither be nor contain them.
 ENCLAVIFY_DATA_DIR = "/.enclavify"
 RUNTIME_DIR = "/opt/enclavify"
 FSPF_PATH = ENCLAVIFY_DATA_DIR + "/fspf"
@@ -85,7 +85,7 @@ def _format_size(value: int) -> str:
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    """What to convert and how; sizes in bytes.
+    """Conversion request; sizes in bytes.
 
     ``protected`` are the directories to encrypt (``--dir``), ``plain`` the directories the
     caller states stay in the clear (``--plain``). ``cas_certificate`` is the PEM the launcher
@@ -164,7 +164,7 @@ def _check_region(path: str, *, option: str) -> None:
     for reserved in RESERVED_DIRS:
         if is_within(path, reserved) or is_within(reserved, path):
             raise UsageError(
-                f"{option} {path!r} overlaps {reserved}, which holds the confidential "
+                f"{option} {path!r} overlaps {reserved}, which contains the confidential "
                 f"image's own files"
             )
     for kernel in KERNEL_DIRS:

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ConversionResult:
-    """What a conversion produced. ``fspf_key`` is secret: it is kept out of ``repr``."""
+    """Outcome of a conversion. ``fspf_key`` is secret, so it is kept out of ``repr``."""
 
     image: str
     digest: str
@@ -288,7 +288,7 @@ def _add_sealed_layer(
     progress: Progress,
 ) -> SealedVolume:
     sealed: list[SealedVolume] = []
-    total = sealed_total(filesystem, inventory)
+    total = sealed_total(filesystem, inventory, checked.protected)
 
     def fill(writer: LayerWriter) -> None:
         with progress.task("Encrypting protected files", total=total) as task:

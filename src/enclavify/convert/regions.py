@@ -1,6 +1,6 @@
 """Checks against the source image's file system, and the inventory of what gets protected.
 
-Everything here reads metadata only; it runs before the first irreversible step, so that a bad
+Everything here reads metadata only. It runs before the first irreversible step, so a bad
 ``--dir``, ``--plain`` or ``--binary`` is reported before any layer is written.
 """
 

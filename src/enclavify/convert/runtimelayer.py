@@ -30,7 +30,7 @@ ADDED_MTIME = 0.0
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    """What the launcher reads from ``runtime.json``; sizes in bytes."""
+    """Launcher settings written to ``runtime.json``; sizes in bytes."""
 
     binary: str
     heap: int
@@ -106,7 +106,7 @@ def build(
     it is recorded in ``runtime.json`` and in the result.
 
     Raises:
-        ImageError: ``files`` has no usable Python (the message says to pass ``--base``).
+        ImageError: ``files`` has no usable Python (the message suggests ``--base``).
     """
     info = build_runtime(files, output, source=source).to_json()
     interpreter = {

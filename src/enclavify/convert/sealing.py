@@ -50,21 +50,19 @@ class ChunkStream(io.RawIOBase):
         return count
 
 
-def sealed_total(filesystem: MergedFilesystem, inventory: Inventory) -> int:
+def sealed_total(
+    filesystem: MergedFilesystem, inventory: Inventory, regions: Sequence[str]
+) -> int:
     """Return the bytes of ciphertext objects the inventory will produce."""
     total = 0
     for entry in inventory.entries:
-        size = _content_size(filesystem, entry)
-        if size is not None:
-            total += sealed_size(size, CHUNK_SIZE)
+        if entry.type == "file":
+            total += sealed_size(entry.size, CHUNK_SIZE)
+        elif entry.type == "hardlink" and not _in_regions(entry.linkname, regions):
+            target = filesystem.entry(entry.linkname)
+            if target is not None:
+                total += sealed_size(target.size, CHUNK_SIZE)
     return total
-
-
-def _content_size(filesystem: MergedFilesystem, entry: FileEntry) -> int | None:
-    """Return the plaintext size of an entry sealed as a file, ``None`` for other entries."""
-    if entry.type == "file":
-        return entry.size
-    return None
 
 
 def _in_regions(path: str, regions: Sequence[str]) -> bool:
@@ -83,8 +81,8 @@ def write_sealed_layer(
     """Seal the inventory into ``writer`` under ``/.enclavify`` and return the volume key and tag.
 
     Files are sealed in a random order (``shuffle``, :class:`random.SystemRandom` by default) so
-    that the order of objects in the layer does not follow the sorted paths; their sizes are
-    still visible, as the format documentation says.
+    that the order of objects in the layer does not follow the sorted paths. Their sizes are
+    still visible (see docs/image-format.md).
     """
 
     def write_object(name: str, size: int, chunks: Iterable[bytes]) -> None:
@@ -98,8 +96,8 @@ def write_sealed_layer(
             gid=0,
             mtime=ADDED_MTIME,
         )
-        # The layer took exactly `size` bytes; running the iterator to its end lets the
-        # sealer check that the source file held no more than it declared.
+        # The layer took exactly `size` bytes. Running the iterator to its end lets the
+        # sealer check that the source file contained no more than it declared.
         if next(iterator, None) is not None:
             raise ProtectError(f"sealed object {name} is longer than its declared {size} bytes")
 
@@ -139,10 +137,17 @@ def write_sealed_layer(
     for entry in links:
         target = entry.linkname or ""
         if _in_regions(target, regions):
-            sealer.add_hardlink(entry.path, target)
+            linked = filesystem.entry(target)
+            if linked is not None and linked.type == "symlink":
+                # A tar hard link may name a symbolic link; the copy is the same link.
+                sealer.add_symlink(
+                    entry.path, linked.linkname, uid=linked.uid, gid=linked.gid, mtime=linked.mtime
+                )
+            else:
+                sealer.add_hardlink(entry.path, target)
             continue
-        # The target stays in the clear outside the regions; inside, the link's content is
-        # sealed as a file of its own, since a protected entry cannot point into clear layers.
+        # The target stays in the clear outside the regions. Inside them the link's content is
+        # sealed as a file of its own, because a protected entry cannot point into clear layers.
         target_entry = filesystem.entry(target)
         if target_entry is None or target_entry.type != "file":
             raise _dangling_hardlink(entry)
