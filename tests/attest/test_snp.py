@@ -348,3 +348,11 @@ def test_ask_signed_by_other_root_is_rejected(chain: FakeAmdChain) -> None:
         verify_evidence(
             "sev-snp", configfs_json(make_report(key), table), now=NOW, collateral=collateral
         )
+
+
+def test_der_padding_is_cut_at_element_end() -> None:
+    # A certificate's own encoding may end in zero bytes; only the padding after it goes.
+    element = b"\x30\x03\x02\x01\x00"
+    assert snp.der_prefix(element + b"\x00" * 8) == element
+    long_form = b"\x30\x81\x81" + b"\x00" * 0x81
+    assert snp.der_prefix(long_form + b"\x00" * 3) == long_form

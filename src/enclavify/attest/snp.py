@@ -253,9 +253,27 @@ def load_certificate(blob: bytes) -> x509.Certificate:
             warnings.simplefilter("ignore", CryptographyDeprecationWarning)
             if blob.lstrip().startswith(b"-----BEGIN"):
                 return x509.load_pem_x509_certificate(blob)
-            return x509.load_der_x509_certificate(blob.rstrip(b"\x00"))
+            return x509.load_der_x509_certificate(der_prefix(blob))
     except ValueError as error:
         raise AttestationError(f"invalid certificate in SEV-SNP collateral: {error}") from error
+
+
+def der_prefix(blob: bytes) -> bytes:
+    """Return the DER element at the start of ``blob``, without the padding after it.
+
+    Certificate table entries may be padded with zero bytes. Stripping trailing zeros instead
+    would also cut a certificate whose own encoding ends in zero bytes.
+    """
+    if len(blob) < 2:
+        return blob
+    first = blob[1]
+    if first < 0x80:
+        return blob[: 2 + first]
+    count = first & 0x7F
+    if count == 0 or count > 4 or len(blob) < 2 + count:
+        return blob
+    length = int.from_bytes(blob[2 : 2 + count], "big")
+    return blob[: 2 + count + length]
 
 
 def load_crl(blob: bytes) -> x509.CertificateRevocationList:
