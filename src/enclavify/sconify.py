@@ -28,7 +28,7 @@ from pathlib import Path
 from enclavify.attest import devices
 from enclavify.cas.client import CasClient
 from enclavify.cas.identity import load_or_create_identity
-from enclavify.cas.paths import CA_CERT, default_data_dir
+from enclavify.cas.paths import pinned_ca_certificate
 from enclavify.compose import ComposeSettings, render_compose
 from enclavify.convert import HEAP_RANGE, STACK_RANGE, ConvertOptions, convert_image, parse_size
 from enclavify.convert.options import FSPF_PATH
@@ -104,7 +104,7 @@ def sconify(options: SconifyOptions) -> str:
     # rather than after a long conversion.
     fill_session(options, template, attestation_mode, ServiceValues())
 
-    ca_pem = cas_certificate(options.cas_cert)
+    ca_pem = pinned_ca_certificate(options.cas_cert)
     client = None
     if not options.dry_run:
         client = CasClient(
@@ -260,31 +260,6 @@ def fill_session(
         attestation_mode=attestation_mode,
         tolerate=["debug-mode"] if options.allow_debug_mode else [],
     )
-
-
-def cas_certificate(path: Path | None) -> bytes:
-    """Return the CAS CA certificate to pin.
-
-    The certificate is ``path``, else ``$ENCLAVIFY_CAS_CERT``, else the one in the local CAS's
-    data directory.
-
-    Raises:
-        UsageError: none of them exists or the file cannot be read.
-    """
-    if path is None and os.environ.get("ENCLAVIFY_CAS_CERT"):
-        path = Path(os.environ["ENCLAVIFY_CAS_CERT"])
-    if path is None:
-        local = default_data_dir() / CA_CERT
-        if not local.exists():
-            raise UsageError(
-                "no CAS certificate: pass --cas-cert FILE (the output of 'enclavify cas "
-                "show-certificate') or start a local CAS with 'enclavify cas serve'"
-            )
-        path = local
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise UsageError(f"cannot read the CAS certificate {str(path)!r}: {error}") from error
 
 
 def _session_exists(client: CasClient, name: str) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 
 from enclavify.cas.client import CasClient
 from enclavify.cas.identity import identity_key_hash, load_or_create_identity
-from enclavify.cas.paths import CA_CERT, default_data_dir
+from enclavify.cas.paths import pinned_ca_certificate
 from enclavify.errors import UsageError
 from enclavify.policy import parse_session
 
@@ -65,22 +65,7 @@ def add_cas_flags(parser: argparse.ArgumentParser) -> None:
 def make_client(args: argparse.Namespace, *, with_identity: bool = True) -> CasClient:
     """Build a CasClient from the ``--cas``, ``--cas-cert`` and ``--identity`` flags."""
 
-    cert_path: Path | None = args.cas_cert
-    if cert_path is None and os.environ.get("ENCLAVIFY_CAS_CERT"):
-        cert_path = Path(os.environ["ENCLAVIFY_CAS_CERT"])
-    if cert_path is None:
-        local = default_data_dir() / CA_CERT
-        if local.exists():
-            cert_path = local
-    if cert_path is None:
-        raise UsageError(
-            "no CAS certificate: pass --cas-cert FILE or set $ENCLAVIFY_CAS_CERT"
-            " (the output of 'enclavify cas show-certificate')"
-        )
-    try:
-        ca_pem = cert_path.read_bytes()
-    except OSError as error:
-        raise UsageError(f"cannot read the CAS certificate {cert_path}: {error}") from error
+    ca_pem = pinned_ca_certificate(args.cas_cert)
     identity = load_or_create_identity(args.identity) if with_identity else None
     return CasClient(args.cas, ca_pem=ca_pem, identity=identity)
 
