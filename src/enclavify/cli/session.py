@@ -48,8 +48,8 @@ def register(subparsers: Any) -> None:
 def add_cas_flags(parser: argparse.ArgumentParser) -> None:
     """Add ``--cas``, ``--cas-cert`` and ``--identity``, shared by commands that talk to a CAS."""
     parser.add_argument(
-        "--cas", default=os.environ.get("ENCLAVIFY_CAS", "localhost:8081"), metavar="ADDR",
-        help="CAS address HOST[:PORT] (default $ENCLAVIFY_CAS or localhost:8081)",
+        "--cas", default=os.environ.get("ENCLAVIFY_CAS_ADDR", "localhost:8081"), metavar="ADDR",
+        help="CAS address HOST[:PORT] (default $ENCLAVIFY_CAS_ADDR or localhost:8081)",
     )
     parser.add_argument(
         "--cas-cert", type=Path, metavar="FILE",
