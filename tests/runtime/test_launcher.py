@@ -310,3 +310,14 @@ def test_cli_runs_app_from_host(tmp_path: Path) -> None:
     assert "UNRELATED" not in second
     assert "ENCLAVIFY" not in second
     assert "INSECURE" in result.stderr
+
+
+def test_certificate_outside_runtime_rejected(tmp_path: Path) -> None:
+    runtime = _runtime(
+        tmp_path,
+        cas_address="127.0.0.1:1",
+        config_id="ns/s/svc",
+        cas_certificate="/etc/ssl/cas.pem",
+    )
+    with pytest.raises(LaunchError, match="must lie in /opt/enclavify"):
+        launcher.launch(environ={}, runtime_dir=runtime, root=tmp_path)

@@ -207,9 +207,13 @@ def _cas_configuration(
         )
     ca_pem = None
     if config.cas_certificate:
-        certificate = Path(config.cas_certificate)
-        if not certificate.is_absolute() or not str(certificate).startswith(str(RUNTIME_DIR)):
-            certificate = runtime_dir / certificate.name
+        # Only a certificate inside the runtime tree is covered by the measurement.
+        pinned = posixpath.normpath(config.cas_certificate)
+        if not pinned.startswith(f"{RUNTIME_DIR}/"):
+            raise LaunchError(
+                f"{CONFIG_NAME}: the CAS certificate {pinned!r} must lie in {RUNTIME_DIR}"
+            )
+        certificate = runtime_dir / pinned[len(f"{RUNTIME_DIR}/") :]
         try:
             ca_pem = certificate.read_bytes()
         except OSError as error:
