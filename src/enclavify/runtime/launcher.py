@@ -14,7 +14,8 @@ It runs under the interpreter carried in ``/opt/enclavify`` and, in order:
    application receives the container's signals and its exit status is the container's.
 
 Any failure ends with a one-line error on stderr and exit status 1. Key material is never
-logged, put in the environment or written outside memory-backed mounts.
+logged, put in the environment or written outside memory-backed mounts. Warnings and errors
+go to stderr; ``ENCLAVIFY_LOG_LEVEL=debug`` shows progress too.
 
 This module is carried into confidential images: standard library only, Python 3.8 syntax.
 """
@@ -435,6 +436,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except Error as error:
         print(f"enclavify: error: {error.diagnostics()}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        # For example a full tmpfs while decrypting; the message names the file, not its data.
+        print(f"enclavify: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
