@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from enclavify.convert import ConvertOptions, convert_image, inspect_image
 from enclavify.errors import Error, ImageError, UsageError
+from enclavify.image import open_image
 from enclavify.protect import Sealer
+
+from .test_options import self_signed_pem
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
@@ -133,3 +139,30 @@ def test_plain_directories_are_recorded(app_image: str, tmp_path: Path) -> None:
     assert document["plain"] == ["/usr/share"]
     inspection = inspect_image(result.image, temp_dir=tmp_path / "scratch")
     assert inspection.plain == ["/usr/share"]
+
+
+def test_cas_certificate_is_pinned_in_runtime(app_image: str, tmp_path: Path) -> None:
+    pem = self_signed_pem()
+    result = convert_image(
+        options(
+            app_image,
+            tmp_path,
+            cas_certificate=pem,
+            cas_address="cas.example:8081",
+            config_id="ns/flask/service",
+        )
+    )
+    with open_image(result.image, workdir=tmp_path / "scratch") as image:
+        files = image.filesystem()
+        assert files.read_bytes("/opt/enclavify/cas-ca.pem") == pem
+        settings = json.loads(files.read_bytes("/opt/enclavify/runtime.json"))
+    fingerprint = hashlib.sha256(
+        x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+    ).hexdigest()
+    assert settings["cas_certificate"] == "/opt/enclavify/cas-ca.pem"
+    assert settings["cas_fingerprint"] == fingerprint
+    assert settings["cas_address"] == "cas.example:8081"
+    assert settings["config_id"] == "ns/flask/service"
+    inspection = inspect_image(result.image, temp_dir=tmp_path / "scratch")
+    assert inspection.cas_fingerprint == fingerprint
+    assert inspection.measurement_recomputed == result.measurement
