@@ -114,6 +114,11 @@ def convert_image(options: ConvertOptions, *, progress: Progress | None = None) 
     """
     progress = progress or Progress()
     checked = check_options(options)
+    if options.dlopen == 2:
+        log.warning(
+            "dlopen 2 lets the program load any shared library at run time; it is meant for "
+            "debugging (pass --dlopen 0 or 1 for production)"
+        )
     # Parsing the destination now makes a malformed --to fail before any work is done.
     parse_reference(options.destination)
 
