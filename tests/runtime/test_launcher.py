@@ -321,3 +321,14 @@ def test_certificate_outside_runtime_rejected(tmp_path: Path) -> None:
     )
     with pytest.raises(LaunchError, match="must lie in /opt/enclavify"):
         launcher.launch(environ={}, runtime_dir=runtime, root=tmp_path)
+
+
+def test_preloaded_library_rejected(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    own = "7f00-7f01 r-xp 00000000 08:01 1 /opt/enclavify/lib/libc.so.6"
+    anonymous = "7f01-7f02 rw-p 00000000 00:00 0 [heap]"
+    maps.write_text(f"{own}\n{anonymous}\n")
+    launcher.check_loaded_libraries(Path("/opt/enclavify"), str(maps))
+    maps.write_text(f"{own}\n7f03-7f04 r-xp 00000000 08:01 2 /tmp/evil.so\n")
+    with pytest.raises(LaunchError, match=r"'/tmp/evil\.so' is loaded from outside"):
+        launcher.check_loaded_libraries(Path("/opt/enclavify"), str(maps))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import platform
 import shutil
 import subprocess
 import time
@@ -340,3 +341,14 @@ def test_launcher_mounts_tmpfs_when_allowed(podman: str, confidential: Confident
         )
     assert result.returncode == 5, result.stderr
     assert "data decrypted data" in result.stdout.splitlines()
+
+
+def test_preloaded_library_is_rejected(podman: str, confidential: Confidential) -> None:
+    config = _config_file(confidential, "preload.json", "0")
+    preload = f"/usr/lib/{platform.machine()}-linux-gnu/libz.so.1"
+    result = _podman(
+        podman, *_run_args(config), "-e", f"LD_PRELOAD={preload}", *TMPFS, confidential.image
+    )
+    assert result.returncode == 1
+    assert "is loaded from outside /opt/enclavify" in result.stderr
+    assert result.stdout == ""

@@ -387,6 +387,34 @@ def drop_privileges(user: User) -> None:
     os.setuid(user.uid)
 
 
+def check_loaded_libraries(runtime_dir: Path = RUNTIME_DIR, maps: str = "/proc/self/maps") -> None:
+    """Reject shared objects mapped from outside the runtime tree.
+
+    The loader honours ``LD_PRELOAD`` and ``/etc/ld.so.preload``, neither of which the
+    measurement covers. This catches such libraries before any key is requested. A library
+    that hides itself from ``/proc/self/maps`` is not caught: this is a guard against
+    accidents, not a defence against code already running in the process.
+    """
+    try:
+        with open(maps, encoding="utf-8", errors="surrogateescape") as stream:
+            lines = stream.read().splitlines()
+    except OSError:
+        log.debug("%s is not readable; loaded libraries not checked", maps)
+        return
+    allowed = str(runtime_dir).rstrip("/") + "/"
+    for line in lines:
+        fields = line.split(None, 5)
+        if len(fields) < 6 or not fields[5].startswith("/"):
+            continue
+        path = fields[5]
+        name = posixpath.basename(path)
+        if (".so" in name) and not path.startswith(allowed):
+            raise LaunchError(
+                f"shared library {path!r} is loaded from outside {runtime_dir} (LD_PRELOAD "
+                "or /etc/ld.so.preload?); the launcher runs only with its own libraries"
+            )
+
+
 def launch(
     *,
     environ: Mapping[str, str],
@@ -395,6 +423,8 @@ def launch(
 ) -> None:
     """Start the application; returns only by raising."""
     config = RuntimeConfig.load(runtime_dir / CONFIG_NAME)
+    if runtime_dir == RUNTIME_DIR:
+        check_loaded_libraries(runtime_dir)
     measured = measure(config, runtime_dir, root)
     log.debug("measurement %s", measured)
     configuration = obtain_configuration(config, measured, environ, runtime_dir)
