@@ -56,7 +56,7 @@ class _CryptographyBackend:
         self._x25519 = x25519
 
     def aes_gcm(self, key: bytes) -> Any:
-        return _CryptographyAesGcm(self._aesgcm(bytes(key)), self._invalid_tag)
+        return _BackendAesGcm(self._aesgcm(bytes(key)), self._invalid_tag)
 
     def x25519_generate(self) -> tuple[bytes, bytes]:
         s = self._serialization
@@ -72,10 +72,12 @@ class _CryptographyBackend:
         return own.exchange(peer)
 
 
-class _CryptographyAesGcm:
-    def __init__(self, cipher: Any, invalid_tag: type[Exception]) -> None:
+class _BackendAesGcm:
+    """A backend's AES-GCM cipher whose own tag-failure exception becomes AuthenticationError."""
+
+    def __init__(self, cipher: Any, tag_failure: type[Exception]) -> None:
         self._cipher = cipher
-        self._invalid_tag = invalid_tag
+        self._tag_failure = tag_failure
 
     def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
         return self._cipher.encrypt(nonce, plaintext, aad)  # type: ignore[no-any-return]
@@ -83,7 +85,7 @@ class _CryptographyAesGcm:
     def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
         try:
             return self._cipher.decrypt(nonce, data, aad)  # type: ignore[no-any-return]
-        except self._invalid_tag:
+        except self._tag_failure:
             raise AuthenticationError() from None
 
 
@@ -101,28 +103,13 @@ class _LibcryptoBackend:
             raise BackendUnavailableError(str(exc)) from exc
 
     def aes_gcm(self, key: bytes) -> Any:
-        return _LibcryptoAesGcm(self._module.AesGcm(key, self._lib), self._module.TagMismatchError)
+        return _BackendAesGcm(self._module.AesGcm(key, self._lib), self._module.TagMismatchError)
 
     def x25519_generate(self) -> tuple[bytes, bytes]:
         return self._module.x25519_generate(self._lib)
 
     def x25519_exchange(self, private: bytes, peer_public: bytes) -> bytes:
         return self._module.x25519_exchange(private, peer_public, self._lib)
-
-
-class _LibcryptoAesGcm:
-    def __init__(self, cipher: Any, tag_mismatch: type[Exception]) -> None:
-        self._cipher = cipher
-        self._tag_mismatch = tag_mismatch
-
-    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        return self._cipher.encrypt(nonce, plaintext, aad)  # type: ignore[no-any-return]
-
-    def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
-        try:
-            return self._cipher.decrypt(nonce, data, aad)  # type: ignore[no-any-return]
-        except self._tag_mismatch:
-            raise AuthenticationError() from None
 
 
 _lock = threading.Lock()
