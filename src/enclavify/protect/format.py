@@ -23,6 +23,7 @@ import json
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +140,23 @@ class Manifest:
             "entries": [entry.to_json() for entry in self.entries],
         }
         return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def read_exactly(read: Callable[[int], bytes], size: int) -> bytes:
+    """Call ``read`` until it has returned ``size`` bytes in all or reports the end with b"".
+
+    Streams, pipes and ``os.read`` may return fewer bytes than requested before the end, so
+    a short result from this function always means the data ended.
+    """
+    parts = []
+    remaining = size
+    while remaining:
+        data = read(remaining)
+        if not data:
+            break
+        parts.append(data)
+        remaining -= len(data)
+    return b"".join(parts)
 
 
 def check_path(path: str, label: str = "path") -> str:

@@ -37,6 +37,7 @@ from enclavify.protect.format import (
     chunk_aad,
     chunk_count,
     chunk_nonce,
+    read_exactly,
     region_of,
     sealed_size,
 )
@@ -59,22 +60,6 @@ class SealedVolume:
     fspf: bytes
     key: bytes
     tag: bytes
-
-
-def _read_exactly(stream: BinaryIO, size: int) -> bytes:
-    """Read ``size`` bytes unless the stream ends first (streams may return short reads)."""
-    data = stream.read(size)
-    if len(data) == size or not data:
-        return data
-    parts = [data]
-    remaining = size - len(data)
-    while remaining:
-        more = stream.read(remaining)
-        if not more:
-            break
-        parts.append(more)
-        remaining -= len(more)
-    return b"".join(parts)
 
 
 class Sealer:
@@ -228,7 +213,7 @@ class Sealer:
         remaining = size
         for index in range(count):
             want = min(self._chunk_size, remaining)
-            plaintext = _read_exactly(stream, want)
+            plaintext = read_exactly(stream.read, want)
             if len(plaintext) != want:
                 raise ProtectError(
                     f"file {path!r} ended after {size - remaining + len(plaintext)} bytes, "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hmac
 import logging
 import os
@@ -37,6 +38,7 @@ from enclavify.protect.format import (
     chunk_count,
     chunk_nonce,
     parse_manifest,
+    read_exactly,
     sealed_size,
     split_fspf,
 )
@@ -271,9 +273,10 @@ class _Restorer:
         count = chunk_count(entry.size, chunk_size)
         remaining = entry.size
         write = writer.write
+        read = functools.partial(os.read, source)
         for index in range(count):
             want = min(chunk_size, remaining) + TAG_SIZE
-            data = _read_exactly(source, want)
+            data = read_exactly(read, want)
             if len(data) != want:
                 raise failed
             last = index == count - 1
@@ -338,18 +341,3 @@ class _Restorer:
 def _temporary_name() -> str:
     # Independent of the entry's name, which may already be 255 bytes long.
     return f".enclavify-{os.urandom(8).hex()}.tmp"
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    data = os.read(fd, size)
-    if len(data) == size or not data:
-        return data
-    parts = [data]
-    remaining = size - len(data)
-    while remaining:
-        more = os.read(fd, remaining)
-        if not more:
-            break
-        parts.append(more)
-        remaining -= len(more)
-    return b"".join(parts)
