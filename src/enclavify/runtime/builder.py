@@ -108,6 +108,9 @@ EXTRA_STDLIB = (
     "encodings.unicode_escape",
     "stringprep",
 )
+# Optional imports of shutil and similar modules that the launcher never uses: leaving them
+# out saves their extension modules and libbz2 and liblzma.
+EXCLUDED_STDLIB = frozenset({"bz2", "_bz2", "lzma", "_lzma", "_compression"})
 # Extension modules without which the launcher cannot work; the others have pure Python
 # fallbacks or exist only in some Python versions.
 REQUIRED_EXTENSIONS = ("_socket", "_ssl", "select", "_ctypes", "_struct", "binascii", "math")
@@ -407,7 +410,7 @@ class _Builder:
         extensions: set[str] = set()
         while queue:
             name = queue.pop()
-            if name in seen:
+            if name in seen or name.split(".")[0] in EXCLUDED_STDLIB:
                 continue
             seen.add(name)
             for parent in _parents(name):
