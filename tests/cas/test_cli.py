@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from enclavify.cas.client import Identity
-from enclavify.cas.pki import certificate_fingerprint
+from enclavify.cas.client import Identity, pem_fingerprint
 from enclavify.errors import CasRejected
 
 from .conftest import CasProcess, app_yaml, namespace_yaml, unique
@@ -37,7 +36,7 @@ def test_show_certificate(shared_cas: CasProcess, tmp_path: Path) -> None:
     fingerprint = _enclavify(
         "cas", "show-certificate", "--data", str(shared_cas.data), "--fingerprint", home=tmp_path
     )
-    assert fingerprint.stdout.strip() == certificate_fingerprint(shared_cas.ca_pem)
+    assert fingerprint.stdout.strip() == pem_fingerprint(shared_cas.ca_pem)
     assert fingerprint.stdout.strip() in shared_cas.log()
     for key in ("ca-key.pem", "server-key.pem", "master.key"):
         assert stat.S_IMODE((shared_cas.data / key).stat().st_mode) == 0o600

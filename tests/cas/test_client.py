@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import time
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from enclavify.cas.client import CasClient, parse_address, pem_fingerprint
+from enclavify.cas.pki import ensure_server_pki
 from enclavify.errors import CasError, CasRejected
 
 from .conftest import CasProcess
@@ -36,6 +41,37 @@ def test_invalid_address_rejected(address: str) -> None:
 def test_client_needs_a_trust_anchor() -> None:
     with pytest.raises(CasError, match="no CAS certificate"):
         CasClient("localhost")
+
+
+def test_fingerprint_is_sha256_of_der(tmp_path: Path) -> None:
+    pem = ensure_server_pki(tmp_path)[0].ca_pem()
+    der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+    assert pem_fingerprint(b"comment line\n" + pem) == hashlib.sha256(der).hexdigest()
+
+
+def test_fingerprint_rejects_second_certificate(tmp_path: Path) -> None:
+    # Every certificate in a pinned PEM becomes a trust anchor, so a pin on the first one
+    # must not let a second one in.
+    first = ensure_server_pki(tmp_path / "one")[0].ca_pem()
+    second = ensure_server_pki(tmp_path / "two")[0].ca_pem()
+    with pytest.raises(CasError, match="exactly one PEM block, found 2"):
+        pem_fingerprint(first + second)
+    with pytest.raises(CasError, match="exactly one PEM block"):
+        CasClient("localhost", ca_pem=first + second, fingerprint=pem_fingerprint(first))
+
+
+@pytest.mark.parametrize(
+    "pem",
+    [
+        b"",
+        b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        b"-----BEGIN CERTIFICATE-----\nQUJD\n",
+        b"-----BEGIN PRIVATE KEY-----\nQUJD\n-----END PRIVATE KEY-----\n",
+    ],
+)
+def test_fingerprint_rejects_non_certificate(pem: bytes) -> None:
+    with pytest.raises(CasError, match="not a PEM certificate"):
+        pem_fingerprint(pem)
 
 
 def test_connection_failure_retried_then_raised(shared_cas: CasProcess) -> None:

@@ -13,10 +13,12 @@ verifies the server against that CA, host name included.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import http.client
 import json
 import logging
+import re
 import ssl
 import time
 import urllib.parse
@@ -35,6 +37,10 @@ CONFIG_INFO = b"enclavify-config-v1"
 
 # Responses larger than this are refused rather than read into memory.
 _MAX_RESPONSE = 16 * 1024 * 1024
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----"
+)
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,26 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def pem_fingerprint(pem: bytes) -> str:
-    """Return the hex SHA-256 of the DER encoding of the first certificate in ``pem``."""
+    """Return the hex SHA-256 of the DER encoding of the one certificate in ``pem``.
+
+    A PEM with a second block is rejected rather than fingerprinted by its first: the
+    client trusts every certificate in a pinned PEM, so the pin must cover all of them.
+
+    Raises:
+        CasError: ``pem`` does not contain exactly one PEM certificate.
+    """
+    if pem.count(b"-----BEGIN ") != 1:
+        raise CasError(
+            f"not a PEM certificate: expected exactly one PEM block,"
+            f" found {pem.count(b'-----BEGIN ')}"
+        )
+    match = _PEM_CERTIFICATE.search(pem)
+    if match is None:
+        raise CasError("not a PEM certificate: no complete BEGIN/END CERTIFICATE block")
     try:
-        der = ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CasError(f"not a PEM certificate: {error}") from error
+        der = base64.b64decode(b"".join(match.group(1).split()), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise CasError(f"not a PEM certificate: invalid base64: {error}") from error
     return hashlib.sha256(der).hexdigest()
 
 

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from enclavify.cas.client import pem_fingerprint
 from enclavify.cas.paths import CA_CERT
 from enclavify.errors import CasError
 
@@ -52,16 +53,7 @@ class ServerPki:
         return self.ca_cert.read_bytes()
 
     def fingerprint(self) -> str:
-        return certificate_fingerprint(self.ca_pem())
-
-
-def certificate_fingerprint(pem: bytes) -> str:
-    """Return the hex SHA-256 of the DER encoding of the first certificate in ``pem``."""
-    try:
-        certificate = x509.load_pem_x509_certificate(pem)
-    except ValueError as error:
-        raise CasError(f"not a PEM certificate: {error}") from error
-    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+        return pem_fingerprint(self.ca_pem())
 
 
 def client_key_hash(certificate_der: bytes) -> str:

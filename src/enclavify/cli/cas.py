@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from enclavify.cas import audit
+from enclavify.cas.client import pem_fingerprint
 from enclavify.cas.paths import CA_CERT, database_url, default_data_dir
-from enclavify.cas.pki import certificate_fingerprint
 from enclavify.cas.storage import Database
 from enclavify.errors import Error, UsageError
 
@@ -105,7 +105,7 @@ def _show_certificate(args: argparse.Namespace) -> int:
         raise UsageError(f"no CAS certificate at {path}: run 'enclavify cas serve' first") \
             from error
     if args.fingerprint:
-        print(certificate_fingerprint(pem))
+        print(pem_fingerprint(pem))
     else:
         sys.stdout.write(pem.decode("ascii"))
     return 0
