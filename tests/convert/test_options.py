@@ -136,6 +136,11 @@ def test_check_options_fingerprints_cas_certificate(tmp_path: Path) -> None:
     assert checked.cas_fingerprint == hashlib.sha256(der).hexdigest()
 
 
+def test_check_options_rejects_two_certificates(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="exactly one PEM block"):
+        check_options(options(tmp_path, cas_certificate=self_signed_pem() + self_signed_pem()))
+
+
 def test_check_options_rejects_garbage_certificate(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"--cas-cert is not a PEM X\.509 certificate"):
         check_options(options(tmp_path, cas_certificate=b"not a certificate"))

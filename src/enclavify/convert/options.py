@@ -8,7 +8,6 @@ in :mod:`enclavify.convert.regions`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import re
@@ -16,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from enclavify.attest.measurement import (
     DLOPEN_DEFAULT,
@@ -30,7 +28,8 @@ from enclavify.attest.measurement import (
     STACK_MAX,
     STACK_MIN,
 )
-from enclavify.errors import UsageError
+from enclavify.cas.client import pem_fingerprint
+from enclavify.errors import CasError, UsageError
 
 HEAP_RANGE = (HEAP_MIN, HEAP_MAX)
 STACK_RANGE = (STACK_MIN, STACK_MAX)
@@ -204,16 +203,19 @@ def check_config_id(config_id: str) -> None:
 
 
 def certificate_fingerprint(pem: bytes) -> str:
-    """Return the hex SHA-256 of the DER form of the first certificate in ``pem``.
+    """Return the pin of ``pem``: the hex SHA-256 of the DER form of its one certificate.
+
+    The launcher's CAS client computes the same pin, and it trusts every certificate in a
+    pinned PEM, so a PEM with more than one block is rejected.
 
     Raises:
-        UsageError: ``pem`` holds no parseable X.509 certificate.
+        UsageError: ``pem`` is not exactly one parseable X.509 certificate.
     """
     try:
-        certificate = x509.load_pem_x509_certificate(pem)
-    except ValueError as error:
+        x509.load_pem_x509_certificate(pem)
+        return pem_fingerprint(pem)
+    except (ValueError, CasError) as error:
         raise UsageError(f"--cas-cert is not a PEM X.509 certificate: {error}") from error
-    return hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
 
 
 def _check_result_path(path: Path) -> None:
