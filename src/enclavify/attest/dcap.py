@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +29,10 @@ TEE_TYPE_SGX = 0x00000000
 TEE_TYPE_TDX = 0x00000081
 SGX_QUOTE_VERSIONS = (3, 4, 5)
 TDX_QUOTE_VERSIONS = (4, 5)
+
+# The reason dcap-qvl (0.3.9 and later) gives when a quote's platform TCB matches no level of
+# the TCB info. Intel's QVL returns STATUS_TCB_NOT_SUPPORTED in that case.
+NO_TCB_LEVEL_REASON = "No matching TCB level found"
 
 # ATTRIBUTES.DEBUG of an SGX enclave (bit 1 of the flags) and TDATTRIBUTES.DEBUG of a TD
 # (bit 0), as defined by Intel's SGX and TDX architecture specifications.
@@ -83,7 +88,12 @@ class _DcapVerifier:
         try:
             verified = dcap_qvl.verify(data, quote_collateral, int(now.timestamp()))
         except ValueError as error:
-            raise AttestationError(f"{self.evidence_type} quote rejected: {error}") from error
+            reason = str(error)
+            if NO_TCB_LEVEL_REASON in reason:
+                explanation = _explain_unmatched_tcb(dcap_qvl, data, collateral.dcap)
+                if explanation is not None:
+                    reason = f"{explanation} (dcap-qvl: {NO_TCB_LEVEL_REASON})"
+            raise AttestationError(f"{self.evidence_type} quote rejected: {reason}") from error
 
         result: dict[str, Any] = json.loads(verified.to_json())
         status = str(result["status"])
@@ -169,6 +179,80 @@ class TdxVerifier(_DcapVerifier):
             advisories=advisories,
             details=details,
         )
+
+
+def _explain_unmatched_tcb(dcap_qvl: Any, data: bytes, dcap: Mapping[str, Any]) -> str | None:
+    """Describe which SVNs of the quote fall short of the lowest level in its TCB info.
+
+    Intel's QVL (``TcbLevelCheck``) takes the first level whose 16 SGX TCB component SVNs and
+    PCE SVN are each at or below the PCK certificate's. For TDX, each TEE TCB SVN of the TD
+    report must also be at least the level's ``tdxtcbcomponents`` entry. That comparison
+    starts at index 2 when TEE_TCB_SVN[1] is nonzero, because indexes 0 and 1 then are the TDX
+    module's SVN and major version, which are judged against ``tdxModuleIdentities`` instead.
+    Intel lists levels from highest to lowest, so the last one is the lowest. Returns None
+    when the quote or TCB info cannot be read this way or shows no shortfall against that
+    level, so dcap-qvl's own reason stands.
+    """
+    try:
+        quote = dcap_qvl.parse_quote(data)
+        tcb_info = json.loads(dcap["tcb_info"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    pck = quote.pck_extension()
+    levels = tcb_info.get("tcbLevels") if isinstance(tcb_info, dict) else None
+    if pck is None or not isinstance(levels, list) or not levels:
+        return None
+    lowest = levels[-1]
+    tcb = lowest.get("tcb") if isinstance(lowest, dict) else None
+    if not isinstance(tcb, dict):
+        return None
+
+    shortfalls = []
+    sgx_needed = _component_svns(tcb, "sgxtcbcomponents", "sgxtcbcomp{:02d}svn")
+    if sgx_needed is None:
+        return None
+    for index, (have, needed) in enumerate(zip(pck.cpu_svn, sgx_needed, strict=False)):
+        if have < needed:
+            shortfalls.append(
+                f"SGX TCB component {index + 1} >= {needed} where the PCK certificate has {have}"
+            )
+    pce_needed = tcb.get("pcesvn")
+    if isinstance(pce_needed, int) and pck.pce_svn < pce_needed:
+        shortfalls.append(f"PCE SVN >= {pce_needed} where the PCK certificate has {pck.pce_svn}")
+    tee_tcb_svn = getattr(quote.report, "tee_tcb_svn", None)
+    tdx_needed = _component_svns(tcb, "tdxtcbcomponents", None)
+    if isinstance(tee_tcb_svn, bytes) and tdx_needed is not None:
+        start = 2 if len(tee_tcb_svn) > 1 and tee_tcb_svn[1] > 0 else 0
+        for index in range(start, min(len(tee_tcb_svn), len(tdx_needed))):
+            if tee_tcb_svn[index] < tdx_needed[index]:
+                shortfalls.append(
+                    f"TEE TCB SVN[{index}] >= {tdx_needed[index]}"
+                    f" where the TD report has {tee_tcb_svn[index]}"
+                )
+    if not shortfalls:
+        return None
+    return (
+        f"its platform TCB matches none of the {len(levels)} TCB levels listed for FMSPC"
+        f" {tcb_info.get('fmspc')} (TCB evaluation data number"
+        f" {tcb_info.get('tcbEvaluationDataNumber')}), because even the lowest level"
+        f" (tcbDate {lowest.get('tcbDate')}, {lowest.get('tcbStatus')}) needs"
+        f" {', '.join(shortfalls)}"
+    )
+
+
+def _component_svns(
+    tcb: Mapping[str, Any], list_key: str, flat_key: str | None
+) -> list[int] | None:
+    """Return a TCB level's component SVNs from TCB info version 3 lists or version 2 keys."""
+    components = tcb.get(list_key)
+    if isinstance(components, list):
+        svns = [component.get("svn") for component in components if isinstance(component, dict)]
+    elif flat_key is not None:
+        svns = [tcb.get(flat_key.format(number)) for number in range(1, 17)]
+    else:
+        return None
+    numbers = [svn for svn in svns if isinstance(svn, int)]
+    return numbers if len(numbers) == len(svns) == 16 else None
 
 
 def _dcap_qvl() -> Any:
