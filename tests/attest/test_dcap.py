@@ -140,7 +140,7 @@ def test_tdx_v5_below_all_tcb_levels_rejected() -> None:
     # Intel's rule: a TCB level matches only if every SGX TCB component SVN of the PCK
     # certificate is at least the level's. Component 8 of this platform is 3 and every level
     # listed for its FMSPC needs 5, so it has no TCB status (Intel's QVL: TCB not supported).
-    # dcap-qvl 0.3.5 to 0.3.8 compared the 16 components as one byte string, so they matched
+    # dcap-qvl 0.3.4 to 0.3.8 compared the 16 components as one byte string, so they matched
     # the 2024-03-13 level and returned OutOfDate; 0.3.9 and later reject as Intel does.
     quote, collateral = load("tdx_quote_outdated")
     assert struct.unpack_from("<HHI", quote) == (5, 2, 0x81)
