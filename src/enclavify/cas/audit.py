@@ -21,12 +21,12 @@ import datetime
 import fcntl
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from enclavify import atomic
 from enclavify.cas.storage import GENESIS_HASH, Database, Transaction
 from enclavify.errors import CasError
 
@@ -111,17 +111,8 @@ class HeadFile:
             current = self.read()
             if current is not None and current[0] >= seq:
                 return
-            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            with open(temporary, "w") as stream:
-                json.dump({"seq": seq, "hash": digest}, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, self.path)
-            directory = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            record = json.dumps({"seq": seq, "hash": digest}).encode("ascii")
+            atomic.write_bytes(self.path, record, mode=0o600)
 
 
 @dataclass(frozen=True)

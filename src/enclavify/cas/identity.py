@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from enclavify import atomic
 from enclavify.cas.client import Identity
-from enclavify.cas.pki import client_key_hash, write_private
+from enclavify.cas.pki import client_key_hash
 from enclavify.errors import CasError
 
 
@@ -34,7 +35,7 @@ def load_or_create_identity(path: Path | None = None) -> Identity:
     path = path or default_identity_path()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_private(path, _new_identity_pem())
+        atomic.write_bytes(path, _new_identity_pem(), mode=0o600)
     data = path.read_bytes()
     if b"PRIVATE KEY-----" not in data or b"BEGIN CERTIFICATE-----" not in data:
         raise CasError(f"{path}: expected a PEM private key and certificate")

@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclavify.cas.pki import write_private
+from enclavify import atomic
 from enclavify.errors import CasError
 
 MASTER_KEY_FILE = "master.key"
@@ -46,7 +46,7 @@ class MasterKey:
         """
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            write_private(path, os.urandom(32))
+            atomic.write_bytes(path, os.urandom(32), mode=0o600)
         try:
             mode = path.stat().st_mode
             data = path.read_bytes()

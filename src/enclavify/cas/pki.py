@@ -14,7 +14,6 @@ import datetime
 import hashlib
 import ipaddress
 import logging
-import os
 import re
 import ssl
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from enclavify import atomic
 from enclavify.cas.client import pem_fingerprint
 from enclavify.cas.paths import CA_CERT
 from enclavify.errors import CasError
@@ -63,21 +63,6 @@ def client_key_hash(certificate_der: bytes) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return hashlib.sha256(spki).hexdigest()
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically with mode 0600 from the first byte on."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -138,9 +123,8 @@ def ensure_server_pki(
             )
             .sign(ca_key, hashes.SHA256())
         )
-        write_private(ca_key_path, _key_pem(ca_key))
-        write_private(pki.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
-        os.chmod(pki.ca_cert, 0o644)
+        atomic.write_bytes(ca_key_path, _key_pem(ca_key), mode=0o600)
+        atomic.write_bytes(pki.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
         pki.server_cert.unlink(missing_ok=True)
         created = True
         log.debug("created CAS CA in %s", data_dir)
@@ -171,9 +155,9 @@ def ensure_server_pki(
             )
             .sign(ca_key_loaded, hashes.SHA256())
         )
-        write_private(pki.server_key, _key_pem(server_key))
+        atomic.write_bytes(pki.server_key, _key_pem(server_key), mode=0o600)
         chain = server_cert.public_bytes(serialization.Encoding.PEM)
-        write_private(pki.server_cert, chain)
+        atomic.write_bytes(pki.server_cert, chain, mode=0o600)
         log.debug("issued CAS server certificate for %s", ", ".join(wanted))
     return pki, created
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from enclavify import atomic
 from enclavify.errors import ImageError
 from enclavify.image import blobs
 from enclavify.image.blobs import Blob, VerifyingReader
@@ -220,17 +221,8 @@ def _atomic_file(target: Path) -> Iterator[IO[bytes]]:
     if target.is_dir():
         raise ImageError(f"{str(target)!r} is a directory; an archive path must name a file")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(name, 0o644)
-        os.replace(name, target)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    with atomic.writer(target, mode=0o644) as stream:
+        yield stream
 
 
 def _add_member(
