@@ -146,6 +146,22 @@ def test_master_key_file_is_private(tmp_path: Path) -> None:
         MasterKey.load_or_create(path)
 
 
+def test_master_key_race_keeps_first_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second CAS process that checked for the key file just before the first one wrote it
+    # must adopt that key, not replace it: records are already sealed under it.
+    path = tmp_path / "master.key"
+    first = MasterKey.load_or_create(path)
+    sealed = first.seal(b"secret value", "secret:s:x")
+    written = path.read_bytes()
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: False if self == path else real_exists(self))
+    second = MasterKey.load_or_create(path)
+    assert path.read_bytes() == written
+    assert second.open(sealed, "secret:s:x") == b"secret value"
+
+
 def test_master_key_file_from_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

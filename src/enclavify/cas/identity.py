@@ -6,6 +6,7 @@ validity carry no meaning; they exist because TLS needs a certificate to present
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from pathlib import Path
@@ -35,7 +36,9 @@ def load_or_create_identity(path: Path | None = None) -> Identity:
     path = path or default_identity_path()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic.write_bytes(path, _new_identity_pem(), mode=0o600)
+        # Two commands creating the identity at once must end up with the same one.
+        with contextlib.suppress(FileExistsError):
+            atomic.write_bytes(path, _new_identity_pem(), mode=0o600, replace=False)
     data = path.read_bytes()
     if b"PRIVATE KEY-----" not in data or b"BEGIN CERTIFICATE-----" not in data:
         raise CasError(f"{path}: expected a PEM private key and certificate")

@@ -10,6 +10,7 @@ PostgreSQL database must be given the same master key file.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -46,7 +47,10 @@ class MasterKey:
         """
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            atomic.write_bytes(path, os.urandom(32), mode=0o600)
+            # A second process starting at the same moment must not replace the key the
+            # first one may already have sealed records under: the first key written wins.
+            with contextlib.suppress(FileExistsError):
+                atomic.write_bytes(path, os.urandom(32), mode=0o600, replace=False)
         try:
             mode = path.stat().st_mode
             data = path.read_bytes()
