@@ -24,6 +24,7 @@ import pytest
 from enclavify.attest import measurement
 from enclavify.cas.client import pem_fingerprint
 from enclavify.cas.identity import load_or_create_identity
+from enclavify.errors import CasRejected
 from enclavify.protect import seal_tree
 from enclavify.protect.unseal import open_fspf
 from enclavify.runtime.builder import DirectoryFiles, build_runtime
@@ -308,7 +309,10 @@ def test_app_starts_after_attesting_to_cas(
         session = SESSION.format(
             name=name, measurement=measured, key=confidential.key, tag=confidential.tag
         )
-        cas.client(identity).create_session(session)
+        try:
+            cas.client(identity).create_session(session)
+        except CasRejected as error:
+            pytest.fail(f"the CAS rejected the session: {error}\n{cas.log()}")
 
         # The address baked in is wrong on purpose: the environment overrides it.
         result = _podman(
