@@ -169,9 +169,10 @@ def _convert_opened(
         regions.check_directory(filesystem, directory, option="--plain")
     regions.check_binary(filesystem, checked.binary)
     inventory = regions.take_inventory(filesystem, checked.protected)
+    count = len(checked.protected)
     progress.step(
-        f"Protecting {len(checked.protected)} directories: {inventory.file_count} files, "
-        f"{format_bytes(inventory.plain_bytes)}"
+        f"Protecting {count} {'directory' if count == 1 else 'directories'}: "
+        f"{inventory.file_count} files, {format_bytes(inventory.plain_bytes)}"
     )
     runtime_files: MergedFilesystem = base.filesystem() if base is not None else filesystem
     runtime_source = f"base image {options.base}" if base is not None else "the image itself"
