@@ -99,12 +99,12 @@ def _etc(root: Path) -> Path:
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("", User(0, 0, [0], "/root")),
-        ("root", User(0, 0, [0], "/root")),
-        ("app", User(1000, 1001, [1001, 2000], "/home/app")),
-        ("1000", User(1000, 1001, [1001, 2000], "/home/app")),
-        ("app:data", User(1000, 2000, [2000], "/home/app")),
-        ("4242:4343", User(4242, 4343, [4343], "/")),
+        ("", User(0, 0, [0])),
+        ("root", User(0, 0, [0])),
+        ("app", User(1000, 1001, [1001, 2000])),
+        ("1000", User(1000, 1001, [1001, 2000])),
+        ("app:data", User(1000, 2000, [2000])),
+        ("4242:4343", User(4242, 4343, [4343])),
     ],
 )
 def test_resolve_user(tmp_path: Path, spec: str, expected: User) -> None:
@@ -113,6 +113,10 @@ def test_resolve_user(tmp_path: Path, spec: str, expected: User) -> None:
 
 def test_unknown_user_or_group(tmp_path: Path) -> None:
     root = _etc(tmp_path)
+    with (root / "etc" / "passwd").open("a") as stream:
+        stream.write("broken:x:one:two:::\n")
+    with pytest.raises(LaunchError, match="invalid entry for user 'broken'"):
+        launcher.resolve_user("broken", root)
     with pytest.raises(LaunchError, match="user 'ghost' not found"):
         launcher.resolve_user("ghost", root)
     with pytest.raises(LaunchError, match="group 'ghosts' not found"):
@@ -186,14 +190,14 @@ def test_injection_outside_memory_rejected(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(mounts, "is_memory_backed", lambda path, mountinfo=None: False)
     item = InjectionFile("/etc/app/token", b"secret", 0o600)
     with pytest.raises(LaunchError, match="--tmpfs /etc/app"):
-        launcher.write_injection_files([item], User(os.getuid(), os.getgid(), [], "/"), tmp_path)
+        launcher.write_injection_files([item], User(os.getuid(), os.getgid(), []), tmp_path)
     assert not (tmp_path / "etc").exists()
 
 
 def test_injection_writes_file_with_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mounts, "is_memory_backed", lambda path, mountinfo=None: True)
     item = InjectionFile("/run/app/deep/token", b"secret", 0o640)
-    launcher.write_injection_files([item], User(os.getuid(), os.getgid(), [], "/"), tmp_path)
+    launcher.write_injection_files([item], User(os.getuid(), os.getgid(), []), tmp_path)
     target = tmp_path / "run/app/deep/token"
     assert target.read_bytes() == b"secret"
     assert target.stat().st_mode & 0o7777 == 0o640

@@ -267,7 +267,6 @@ class User:
     uid: int
     gid: int
     groups: List[int]
-    home: str
 
 
 def resolve_user(spec: str, root: Path) -> User:
@@ -277,38 +276,39 @@ def resolve_user(spec: str, root: Path) -> User:
     through NSS, whose modules the carried runtime does not have.
     """
     if not spec or spec in ("root", "0", "0:0"):
-        return User(0, 0, [0], "/root")
+        return User(0, 0, [0])
     user_part, _, group_part = spec.partition(":")
     passwd = _read_table(root / "etc" / "passwd")
     groups = _read_table(root / "etc" / "group")
-    name = None
-    home = "/"
-    if user_part.isdigit():
-        uid = int(user_part)
-        match = next((row for row in passwd if len(row) > 3 and row[2] == user_part), None)
-        gid = int(match[3]) if match else uid
-        if match:
-            name, home = match[0], match[5] if len(match) > 5 else "/"
-    else:
-        match = next((row for row in passwd if row and row[0] == user_part), None)
-        if match is None or len(match) < 4:
-            raise LaunchError(f"user {user_part!r} not found in the image's /etc/passwd")
-        name, uid, gid = match[0], int(match[2]), int(match[3])
-        home = match[5] if len(match) > 5 else "/"
-    if group_part:
+    try:
+        name = None
+        if user_part.isdigit():
+            uid = int(user_part)
+            match = next((row for row in passwd if len(row) > 3 and row[2] == user_part), None)
+            gid = int(match[3]) if match else uid
+            name = match[0] if match else None
+        else:
+            match = next((row for row in passwd if row and row[0] == user_part), None)
+            if match is None or len(match) < 4:
+                raise LaunchError(f"user {user_part!r} not found in the image's /etc/passwd")
+            name, uid, gid = match[0], int(match[2]), int(match[3])
         if group_part.isdigit():
             gid = int(group_part)
-        else:
+        elif group_part:
             found = next((row for row in groups if row and row[0] == group_part), None)
             if found is None or len(found) < 3:
                 raise LaunchError(f"group {group_part!r} not found in the image's /etc/group")
             gid = int(found[2])
+    except ValueError as error:
+        raise LaunchError(
+            f"invalid entry for user {spec!r} in the image's /etc/passwd or /etc/group"
+        ) from error
     supplementary = [gid]
     if name is not None:
         for row in groups:
             if len(row) > 3 and name in row[3].split(",") and row[2].isdigit():
                 supplementary.append(int(row[2]))
-    return User(uid, gid, sorted(set(supplementary)), home)
+    return User(uid, gid, sorted(set(supplementary)))
 
 
 def _read_table(path: Path) -> List[List[str]]:
@@ -460,9 +460,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             config = RuntimeConfig.load(RUNTIME_DIR / CONFIG_NAME)
             print(measure(config))
             return 0
-        print(
-            f"enclavify-runtime: unknown command {command!r}; use run or measure", file=sys.stderr
-        )
+        print(f"enclavify: unknown command {command!r}; use run or measure", file=sys.stderr)
         return 2
     except Error as error:
         print(f"enclavify: error: {error.diagnostics()}", file=sys.stderr)
