@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import socket
 import time
@@ -11,7 +12,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from enclavify.cas.client import CasClient, parse_address, pem_fingerprint
+from enclavify import crypto
+from enclavify.cas.client import (
+    CONFIG_INFO,
+    CasClient,
+    _open_configuration,
+    parse_address,
+    pem_fingerprint,
+)
 from enclavify.cas.pki import ensure_server_pki
 from enclavify.errors import CasError, CasRejected
 
@@ -102,3 +110,53 @@ def test_fingerprint_pin_fetches_ca(shared_cas: CasProcess) -> None:
     with pytest.raises(CasRejected) as caught:
         client.public_values("no-such-session")
     assert caught.value.status == 404
+
+
+CHALLENGE = b"c" * 32
+
+
+def _sealed_answer(plaintext: bytes, launcher_public: bytes) -> dict[str, str]:
+    # What the CAS sends back: the configuration sealed to the launcher's X25519 key.
+    cas_private, cas_public = crypto.x25519_generate()
+    key = crypto.hkdf_sha256(
+        crypto.x25519_exchange(cas_private, launcher_public), salt=CHALLENGE, info=CONFIG_INFO
+    )
+    nonce = bytes(12)
+    ciphertext = crypto.aes_gcm_encrypt(key, nonce, plaintext, b"")
+    return {
+        "cas_public_key": cas_public.hex(),
+        "nonce": nonce.hex(),
+        "ciphertext": base64.b64encode(ciphertext).decode("ascii"),
+    }
+
+
+def test_sealed_configuration_opens() -> None:
+    private, public = crypto.x25519_generate()
+    answer = _sealed_answer(b'{"env": {"A": "1"}}', public)
+    assert _open_configuration(answer, private, CHALLENGE) == {"env": {"A": "1"}}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"cas_public_key": "00" * 31}, "unusable public key"),
+        ({"cas_public_key": "00" * 32}, "unusable public key"),
+        ({"nonce": "00" * 11}, "malformed configuration"),
+        ({"ciphertext": "AAAA"}, "failed authentication"),
+    ],
+)
+def test_malformed_sealed_configuration_rejected(change: dict[str, str], message: str) -> None:
+    private, public = crypto.x25519_generate()
+    answer = _sealed_answer(b"{}", public) | change
+    with pytest.raises(CasError, match=message):
+        _open_configuration(answer, private, CHALLENGE)
+
+
+def test_non_json_configuration_hides_plaintext() -> None:
+    private, public = crypto.x25519_generate()
+    answer = _sealed_answer(b'{"secret": "hunter2\xff"}', public)
+    with pytest.raises(CasError, match="not valid JSON") as caught:
+        _open_configuration(answer, private, CHALLENGE)
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__
+    assert "hunter2" not in str(caught.value)

@@ -255,7 +255,7 @@ class CasClient:
             reason = answer.get("error") or f"HTTP {status}"
             raise CasRejected(str(reason), status)
         if status >= 300:
-            raise CasError(f"CAS answered {method} {path} with unexpected HTTP {status}")
+            raise CasError(f"CAS returned unexpected HTTP {status} for {method} {path}")
         return answer
 
     def _exchange(
@@ -299,7 +299,9 @@ class CasClient:
                 except (OSError, http.client.HTTPException) as error:
                     raise CasError(f"{method} {path} to the CAS failed: {error}") from error
                 if len(data) > _MAX_RESPONSE:
-                    raise CasError(f"CAS answer to {method} {path} is too large")
+                    raise CasError(
+                        f"CAS response to {method} {path} exceeds {_MAX_RESPONSE} bytes"
+                    )
                 return response.status, data
             finally:
                 connection.close()
@@ -327,14 +329,23 @@ def _open_configuration(
         ciphertext = base64.b64decode(str(answer["ciphertext"]), validate=True)
     except (KeyError, ValueError) as error:
         raise CasError(f"CAS sent a malformed configuration: {error}") from error
-    key = crypto.hkdf_sha256(
-        crypto.x25519_exchange(private_key, cas_public), salt=challenge_nonce, info=CONFIG_INFO
-    )
+    try:
+        shared = crypto.x25519_exchange(private_key, cas_public)
+    except ValueError as error:
+        raise CasError(f"CAS sent an unusable public key: {error}") from error
+    key = crypto.hkdf_sha256(shared, salt=challenge_nonce, info=CONFIG_INFO)
     try:
         plaintext = crypto.aes_gcm_decrypt(key, gcm_nonce, ciphertext, b"")
+    except ValueError as error:
+        raise CasError(f"CAS sent a malformed configuration: {error}") from error
     except crypto.AuthenticationError as error:
         raise CasError("the configuration from the CAS failed authentication") from error
-    configuration = json.loads(plaintext.decode("utf-8"))
+    try:
+        configuration = json.loads(plaintext.decode("utf-8"))
+    except ValueError:
+        # from None: a UnicodeDecodeError keeps the whole plaintext, secrets included, in
+        # its ``object`` attribute and quotes a byte of it in its message.
+        raise CasError("the configuration from the CAS is not valid JSON") from None
     if not isinstance(configuration, dict):
         raise CasError("the configuration from the CAS is not a JSON object")
     return configuration
