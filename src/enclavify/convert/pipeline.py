@@ -302,5 +302,12 @@ def _add_sealed_layer(
                 write_sealed_layer(writer, filesystem, inventory, checked.protected, task=task)
             )
 
-    builder.add_layer(fill, created_by="enclavify: protected file system")
+    # Ciphertext does not compress, so the layer is stored in gzip without compression, which
+    # saves the compressor's time on every protected byte.
+    level = builder.compression_level
+    builder.compression_level = 0
+    try:
+        builder.add_layer(fill, created_by="enclavify: protected file system")
+    finally:
+        builder.compression_level = level
     return sealed[0]
