@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from enclavify.attest.pccs import CollateralService
+from enclavify.attest.pccs import MAX_RESPONSE, CollateralService
 from enclavify.attest.verify import verify_evidence
 from enclavify.cli import main
 from enclavify.errors import AttestationError
@@ -32,6 +32,8 @@ class FakePccs:
     ) -> None:
         self.collaterals = collaterals  # by tee: "sgx" or "tdx"
         self.omit_header = omit_header
+        self.redirect_to: str | None = None
+        self.oversize = False
         self.requests: list[str] = []
 
     def answer(self, path: str) -> tuple[bytes, dict[str, str]]:
@@ -44,6 +46,8 @@ class FakePccs:
                 "SGX-PCK-CRL-Issuer-Chain": urllib.parse.quote(document["pck_crl_issuer_chain"])
             }
         if url.path == "/sgx/certification/v4/rootcacrl":
+            if self.oversize:
+                return b"0" * (MAX_RESPONSE + 1), {}
             return next(iter(self.collaterals.values()))["root_ca_crl"].encode(), {}
         document = self.collaterals[tee]
         if url.path.endswith("/tcb"):
@@ -74,6 +78,12 @@ def pccs() -> Iterator[tuple[FakePccs, str]]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             fake.requests.append(self.path)
+            if fake.redirect_to is not None:
+                self.send_response(302)
+                self.send_header("Location", fake.redirect_to + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             try:
                 body, headers = fake.answer(self.path)
             except KeyError:
@@ -151,6 +161,24 @@ def test_missing_issuer_chain_is_rejected(pccs: tuple[FakePccs, str]) -> None:
     fake.omit_header = "TCB-Info-Issuer-Chain"
     quote = sample("dcap-qvl/sgx_quote").read_bytes()
     with pytest.raises(AttestationError, match="response lacks the tcb-info-issuer-chain header"):
+        CollateralService(address).collateral_for(quote, now=INSIDE)
+
+
+def test_redirect_is_not_followed(pccs: tuple[FakePccs, str]) -> None:
+    fake, address = pccs
+    # Followed, the redirect would reach the same fake again under another host name.
+    fake.redirect_to = address.replace("127.0.0.1", "localhost")
+    quote = sample("dcap-qvl/sgx_quote").read_bytes()
+    with pytest.raises(AttestationError, match=r"HTTP Error 302: redirect to .* rejected"):
+        CollateralService(address).collateral_for(quote, now=INSIDE)
+    assert len(fake.requests) == 1
+
+
+def test_oversized_response_is_rejected(pccs: tuple[FakePccs, str]) -> None:
+    fake, address = pccs
+    fake.oversize = True
+    quote = sample("dcap-qvl/sgx_quote").read_bytes()
+    with pytest.raises(AttestationError, match=f"exceeds {MAX_RESPONSE} bytes"):
         CollateralService(address).collateral_for(quote, now=INSIDE)
 
 

@@ -19,6 +19,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from http.client import HTTPMessage
+from typing import IO
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # Fetch(url) -> (body, headers with lower-case names); injectable for tests and other transports.
 Fetch = Callable[[str], tuple[bytes, dict[str, str]]]
+
+# Collateral documents are kilobytes (CRLs, TCB info, QE identity); a larger response is
+# rejected before it is read whole into memory.
+MAX_RESPONSE = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -129,10 +135,34 @@ class CollateralService:
 
     def _urlopen(self, url: str) -> tuple[bytes, dict[str, str]]:
         request = urllib.request.Request(url, headers={"Accept": "*/*"})  # noqa: S310 -- http(s) only, checked in __init__
-        context = self._context if url.startswith("https:") else None
-        with urllib.request.urlopen(request, timeout=self._timeout, context=context) as response:  # noqa: S310
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=self._context), _RedirectRejected()
+        )
+        with opener.open(request, timeout=self._timeout) as response:
             headers = {name.lower(): value for name, value in response.headers.items()}
-            return response.read(), headers
+            body: bytes = response.read(MAX_RESPONSE + 1)
+        if len(body) > MAX_RESPONSE:
+            raise AttestationError(
+                f"collateral service response to {url} exceeds {MAX_RESPONSE} bytes"
+            )
+        return body, headers
+
+
+class _RedirectRejected(urllib.request.HTTPRedirectHandler):
+    """Turns a redirect into an error, so that only the configured address is contacted."""
+
+    def redirect_request(  # noqa: PLR0917 - urllib calls it with these positional arguments
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        raise urllib.error.HTTPError(
+            req.full_url, code, f"redirect to {newurl!r} rejected", headers, fp
+        )
 
 
 def _quote_identity(quote: bytes) -> tuple[str, str, str]:
