@@ -4,7 +4,8 @@ One conversion of the example's native image is shared by the whole module. Arou
 the service starts with exactly the session's environment and injected files; a changed
 ciphertext byte, a changed measurement, a session without simulation and an unreachable
 CAS each stop the container with a reason; no secret reaches image metadata, layers, logs
-or the host's disk (except the session file, which holds the fspf key by design, mode 0600).
+or the host's disk (except the session file, which contains the fspf key by design, mode
+0600).
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ def test_service_runs_with_the_session_configuration(
                     "/tls/flask.crt").decode().split("\n")
     assert listing[0] == "600 /tls/flask.key"
     key = _exec(deployment, running, "cat", "/tls/flask.key")
-    assert key.startswith(b"-----BEGIN") and b"PRIVATE KEY" in key
+    assert key.startswith(b"-----BEGIN")
+    assert b"PRIVATE KEY" in key
     mounts = _exec(deployment, running, "cat", "/proc/mounts").decode()
     for region in ("/app", "/tls", "/usr/lib/python3.11"):
         assert f" {region} tmpfs " in mounts
@@ -341,8 +343,8 @@ def test_no_secret_outside_memory(
         assert not found, f"{', '.join(found)} in layer blob {blob.name}"
 
     # The host's disk: the container storage (every image, layer and container's files) and
-    # the directories the test worked in. session.yml holds the fspf key by design (mode
-    # 0600): it is what sconify_image hands to whoever deploys the session.
+    # the directories the test worked in. session.yml contains the fspf key by design (mode
+    # 0600): sconify_image writes it for the operator who deploys the session.
     assert stat.S_IMODE(deployment.session_file.stat().st_mode) == 0o600
     graphroot = output("info", "--format", "{{.Store.GraphRoot}}").decode().strip()
     exclude = {deployment.session_file}
@@ -373,7 +375,7 @@ def test_changed_ciphertext_byte_stops_start_naming_the_file(deployment: Deploym
     assert "protected file '/app/rest_api.py' failed verification" in done.stderr, done.stderr
 
 
-def test_measurement_not_in_session_is_refused_by_the_cas(deployment: Deployment) -> None:
+def test_unknown_measurement_rejected_by_cas(deployment: Deployment) -> None:
     # The same image with one byte appended to the interpreter the session measured.
     real = subprocess.run(
         [deployment.podman, "run", "--rm", "--network=none", "--entrypoint", "readlink",
@@ -389,7 +391,7 @@ def test_measurement_not_in_session_is_refused_by_the_cas(deployment: Deployment
     measured = definition["attestation"]["mrenclave"][0]
     assert re.search(r"measurement [0-9a-f]{64} of .* is not in its mrenclave list",
                      done.stderr), done.stderr
-    assert measured in done.stderr  # the CAS says which measurements it accepts
+    assert measured in done.stderr  # the CAS lists the measurements it accepts
 
 
 def test_session_without_simulation_refuses_simulation_evidence(

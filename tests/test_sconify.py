@@ -228,7 +228,8 @@ def test_dry_run_uploads_nothing(setup: Setup, tmp_path: Path) -> None:
     done = setup.sconify(tmp_path, target=target, namespace=namespace, extra=("--dry-run",))
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout == f"{namespace}/flask\n"
-    assert (tmp_path / "session.yml").exists() and (tmp_path / "docker-compose.yml").exists()
+    assert (tmp_path / "session.yml").exists()
+    assert (tmp_path / "docker-compose.yml").exists()
     for name in (namespace, f"{namespace}/flask"):
         with pytest.raises(CasRejected) as refused:
             setup.client().get_session(name)

@@ -113,8 +113,8 @@ def sconify(options: SconifyOptions) -> str:
         _check_namespace(client, options)
 
     progress = for_stream(bars=options.show_progress)
-    # The conversion result holds the fspf key, which the session file holds too; without
-    # --result it lives only until the session file is written, in a private directory.
+    # The conversion result contains the fspf key, and so does the session file. Without
+    # --result it exists only until the session file is written, in a private directory.
     scratch = None
     result_path = options.result_file
     if result_path is None:
