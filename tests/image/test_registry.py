@@ -129,6 +129,48 @@ def auth_registry() -> Iterator[str]:
     server.server_close()
 
 
+class _RedirectWithEndlessBody(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        if self.path.endswith("/manifests/moved"):
+            self.send_response(302)
+            self.send_header("Location", self.path.replace("/moved", "/here"))
+            self.send_header("Content-Length", str(1 << 40))
+            self.end_headers()
+            self.wfile.write(b"x")
+            self.wfile.flush()
+            self.release.wait(30)  # the rest of the announced body never comes
+            return
+        body = b'{"here": true}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_redirect_body_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A redirect announcing a terabyte body must not be read (or waited for) before it is
+    # followed.
+    monkeypatch.setattr("enclavify.image.registry.TIMEOUT", 3.0)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RedirectWithEndlessBody)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = RegistryClient(parse_reference(f"docker://127.0.0.1:{server.server_address[1]}/a"))
+        with client.request("GET", "manifests/moved", what="fetching manifest moved") as response:
+            assert response.read() == b'{"here": true}'
+    finally:
+        _RedirectWithEndlessBody.release.set()
+        server.shutdown()
+        server.server_close()
+
+
 def test_authentication_required_is_clear(auth_registry: str, workdir: Path) -> None:
     with pytest.raises(ImageError, match=r"needs authentication \(HTTP 401\)"):
         open_image(f"docker://{auth_registry}/private/app:1", workdir=workdir)

@@ -103,7 +103,8 @@ class RegistryClient:
                 raise ImageError(f"registry {self.host}: {what} failed: {exc}") from exc
             if response.status in (301, 302, 303, 307, 308) and method in ("GET", "HEAD"):
                 location = response.getheader("Location")
-                response.read()
+                # Closed unread: a redirect's body is not needed and may be of any size.
+                response.close()
                 connection.close()
                 if not location:
                     break
@@ -164,7 +165,6 @@ class RegistryClient:
         response = self.request(
             "HEAD", f"blobs/{digest}", expected=(200, 404), what=f"checking blob {digest}"
         )
-        response.read()
         response.close()
         return response.status == 200
 
@@ -177,7 +177,6 @@ class RegistryClient:
             expected=(202,),
             what=f"starting upload of {digest}",
         )
-        started.read()
         started.close()
         location = started.getheader("Location")
         if not location:
@@ -192,7 +191,6 @@ class RegistryClient:
             expected=(201,),
             what=f"uploading blob {digest}",
         )
-        finished.read()
         finished.close()
 
     def put_manifest(self, reference: str, data: bytes, media_type: str) -> None:
@@ -204,7 +202,6 @@ class RegistryClient:
             expected=(201,),
             what=f"pushing manifest {self.repository}:{reference}",
         )
-        response.read()
         response.close()
 
 
