@@ -141,6 +141,8 @@ def test_master_key_file_is_private(tmp_path: Path) -> None:
     assert key.open(sealed, "session:a:b") == b"fspf key material"
     with pytest.raises(CasError, match="failed authentication"):
         key.open(sealed, "session:a:c")
+    with pytest.raises(CasError, match="unknown format"):
+        key.open("not base64!", "session:a:b")
     os.chmod(path, 0o644)
     with pytest.raises(CasError, match="accessible by others"):
         MasterKey.load_or_create(path)

@@ -10,6 +10,7 @@ PostgreSQL database must be given the same master key file.
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import os
 import stat
@@ -71,7 +72,10 @@ class MasterKey:
         Raises:
             CasError: the record was sealed under another key or context, or was altered.
         """
-        data = base64.b64decode(sealed)
+        try:
+            data = base64.b64decode(sealed, validate=True)
+        except (binascii.Error, ValueError):
+            data = b""
         if data[:1] != _FORMAT or len(data) < 29:
             raise CasError(f"stored record for {context!r} has an unknown format")
         try:
