@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,28 @@ def test_runtime_starts_in_empty_root(
     lines = probe.stdout.splitlines()
     assert lines[0] == "/opt/enclavify"
     assert all(path.startswith("/opt/enclavify/") for path in eval(lines[2]))
+
+
+def test_plain_image_cannot_replace_stdlib(
+    host_runtime: tuple[Path, RuntimeInfo], tmp_path: Path
+) -> None:
+    # Files outside /opt/enclavify are not measured, so none of them may become the
+    # interpreter's standard library.
+    runtime, info = host_runtime
+    _install(runtime, tmp_path)
+    version = "".join(info.python_version.split(".")[:2])
+    dotted = ".".join(info.python_version.split(".")[:2])
+    hostile = "raise SystemExit(99)\n"
+    for parent in (tmp_path / "opt", tmp_path):
+        (parent / "lib").mkdir(exist_ok=True)
+        with zipfile.ZipFile(parent / "lib" / f"python{version}.zip", "w") as archive:
+            archive.writestr("encodings/__init__.py", hostile)
+            archive.writestr("os.py", hostile)
+        (parent / "lib" / f"python{dotted}").mkdir(parents=True, exist_ok=True)
+        (parent / "lib" / f"python{dotted}" / "os.py").write_text(hostile)
+    probe = run_in_root(tmp_path, info.entrypoint[:-3], "-c", PROBE)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.splitlines()[0] == "/opt/enclavify"
 
 
 def test_launcher_without_settings_fails_cleanly(

@@ -7,6 +7,7 @@ image, the interpreter's own standard library included, so it carries everything
     lib/<loader>                 the ELF loader named by the interpreter's PT_INTERP
     lib/<soname>                 every shared library the interpreter and the carried
                                  extension modules need (DT_NEEDED closure)
+    lib/python3X.zip             an empty zip that stops Python's search for its prefix
     lib/python3.X/               the standard library modules the launcher imports
     lib/python3.X/lib-dynload/   the extension modules among them that are not built in
     lib/python3.X/enclavify/     the carried enclavify modules, as source
@@ -41,6 +42,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -270,6 +272,11 @@ class _Builder:
                     builtin_symbols |= self._read_elf(located).symbols
 
         stdlib_out = self.out / "lib" / f"python{version}"
+        stdlib_out.mkdir()
+        # Python 3.11 and newer look for lib/python3X.zip in every parent directory of bin/
+        # before they look for os.py, so a zip in the image's unmeasured /opt/lib would
+        # become the standard library. An empty zip here ends that search inside the runtime.
+        zipfile.ZipFile(self.out / "lib" / f"python{version.replace('.', '')}.zip", "w").close()
         modules = _launcher_modules()
         extensions = self._copy_stdlib(stdlib_dir, stdlib_out, modules["stdlib"])
         dynload_objects = self._copy_extensions(stdlib_dir, stdlib_out, extensions, builtin_symbols)
