@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
 import os
 import sqlite3
 import stat
@@ -12,10 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from enclavify.cas import audit
 from enclavify.cas.audit import AuditRecord, HeadFile
 from enclavify.cas.masterkey import MasterKey, master_key_path
+from enclavify.cas.paths import CA_CERT
+from enclavify.cas.pki import CA_KEY, SERVER_CERT, ensure_server_pki
 from enclavify.cas.storage import SCHEMA_VERSION, Database
 from enclavify.errors import CasError
 
@@ -184,3 +189,21 @@ def test_postgres_migrates_and_chains(postgres_url: str, tmp_path: Path) -> None
     result = audit.verify_chain(database, head)
     assert result.ok, result.problems
     database.close()
+
+
+def _start_pki(data_dir: str) -> str:
+    return ensure_server_pki(Path(data_dir))[0].fingerprint()
+
+
+def test_concurrent_first_starts_share_one_ca(tmp_path: Path) -> None:
+    # Processes starting together on one data directory must end up with one CA whose key
+    # matches its certificate and signed the server certificate.
+    data = tmp_path / "cas"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        fingerprints = pool.map(_start_pki, [str(data)] * 8)
+    assert len(set(fingerprints)) == 1
+    ca_cert = x509.load_pem_x509_certificate((data / CA_CERT).read_bytes())
+    ca_key = serialization.load_pem_private_key((data / CA_KEY).read_bytes(), None)
+    assert ca_key.public_key() == ca_cert.public_key()
+    server_cert = x509.load_pem_x509_certificate((data / SERVER_CERT).read_bytes())
+    server_cert.verify_directly_issued_by(ca_cert)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import fcntl
 import hashlib
 import ipaddress
 import logging
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 CA_KEY = "ca-key.pem"
 SERVER_CERT = "server.pem"
 SERVER_KEY = "server-key.pem"
+_PKI_LOCK = ".pki.lock"
 DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
 
 _CA_VALIDITY = datetime.timedelta(days=3650)
@@ -94,6 +96,17 @@ def ensure_server_pki(
     """
     now = now or datetime.datetime.now(datetime.UTC)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # CAS processes sharing a data directory may start together. Unserialized, each would
+    # make its own CA and the later writes would pair one process's key with another's
+    # certificate.
+    with open(data_dir / _PKI_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_server_pki_locked(data_dir, extra_sans, now)
+
+
+def _ensure_server_pki_locked(
+    data_dir: Path, extra_sans: Sequence[str], now: datetime.datetime
+) -> tuple[ServerPki, bool]:
     pki = ServerPki(data_dir / CA_CERT, data_dir / SERVER_CERT, data_dir / SERVER_KEY)
     ca_key_path = data_dir / CA_KEY
     created = False
