@@ -81,6 +81,15 @@ def test_registry_round_trip(registry: str, app_archive: Path, tmp_path: Path) -
         assert image.filesystem().entry("/.enclavify/fspf") is not None
 
 
+def test_registry_as_source(registry: str, app_archive: Path, tmp_path: Path) -> None:
+    native = f"docker://{registry}/enclavify-test/native:v1"
+    run("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci-archive:{app_archive}:app",
+        native)
+    measurement = convert(native, f"oci:{tmp_path}/from-registry:v1", tmp_path)
+    labels = labels_of(f"oci:{tmp_path}/from-registry:v1")
+    assert labels["org.enclavify.measurement"] == measurement
+
+
 @pytest.mark.parametrize(
     "name",
     [
