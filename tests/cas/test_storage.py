@@ -21,7 +21,7 @@ from enclavify.cas.audit import AuditRecord, HeadFile
 from enclavify.cas.masterkey import MasterKey, master_key_path
 from enclavify.cas.paths import CA_CERT
 from enclavify.cas.pki import CA_KEY, SERVER_CERT, ensure_server_pki
-from enclavify.cas.storage import SCHEMA_VERSION, Database
+from enclavify.cas.storage import SCHEMA_VERSION, Database, redact_url
 from enclavify.errors import CasError
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
@@ -207,3 +207,18 @@ def test_concurrent_first_starts_share_one_ca(tmp_path: Path) -> None:
     assert ca_key.public_key() == ca_cert.public_key()
     server_cert = x509.load_pem_x509_certificate((data / SERVER_CERT).read_bytes())
     server_cert.verify_directly_issued_by(ca_cert)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://cas:s3cret@db.internal:5432/cas",
+        "postgresql://cas@db.internal/cas?sslmode=require&password=s3cret",
+        "postgres://db.internal/cas?password=s3cret",
+    ],
+)
+def test_database_url_redacts_password(url: str) -> None:
+    redacted = redact_url(url)
+    assert "s3cret" not in redacted
+    assert "***" in redacted
+    assert "db.internal" in redacted

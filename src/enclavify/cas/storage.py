@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -115,8 +116,16 @@ class Database:
         raise NotImplementedError
 
 
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """Return ``url`` without a password, for messages and logs."""
+    """Return ``url`` without a password, for messages and logs.
+
+    libpq takes a password in the user information (``user:secret@host``) and in the
+    ``password`` query parameter; both are replaced by ``***``.
+    """
+    url = _PASSWORD_PARAMETER.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest.split("/", 1)[0]:
         return url
