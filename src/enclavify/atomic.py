@@ -21,9 +21,9 @@ from typing import BinaryIO
 def writer(path: Path, *, mode: int = 0o644, replace: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary stream whose contents become ``path`` when the block ends without error.
 
-    With ``replace=False`` an existing ``path`` is kept: the new file is linked to the name
-    only if that name is still free, so of two processes creating the same file at the same
-    time exactly one wins and the other gets :class:`FileExistsError`.
+    With ``replace=False`` an existing ``path`` is kept, because the new file is linked to
+    the name only while the name is free. Of two processes creating the same file at once,
+    exactly one succeeds and the other gets :class:`FileExistsError`.
 
     Raises:
         FileExistsError: ``replace`` is false and ``path`` already exists.
