@@ -15,7 +15,7 @@ import pytest
 from enclavify.cli import main as cli_main
 from enclavify.convert import ConversionResult, ConvertOptions, convert_image, inspect_image
 from enclavify.convert.options import is_within
-from enclavify.image import MergedFilesystem, open_image
+from enclavify.image import ImageBuilder, MergedFilesystem, open_image
 
 from . import leakscan
 from .conftest import APP_TOKEN, MESSAGE, run
@@ -239,3 +239,26 @@ def test_converted_app_runs_from_decrypted_files(
     refused = podman_run(podman, target, forged_path, REGIONS)
     assert refused.returncode != 0
     assert MESSAGE not in refused.stdout
+
+
+def test_inspect_detects_changed_runtime_settings(converted: Converted, tmp_path: Path) -> None:
+    tampered = f"oci:{tmp_path}/tampered:1"
+    with open_image(converted.reference, workdir=tmp_path / "work") as image:
+        settings = json.loads(image.filesystem().read_bytes("/opt/enclavify/runtime.json"))
+        settings["heap"] = settings["heap"] * 2
+        builder = ImageBuilder(image)
+        for layer in image.layers:
+            builder.copy_layer(layer)
+        builder.add_layer(
+            lambda writer: writer.add_bytes(
+                "/opt/enclavify/runtime.json", json.dumps(settings).encode()
+            ),
+            created_by="test: a changed heap setting",
+        )
+        builder.commit(tampered)
+
+    inspection = inspect_image(tampered, temp_dir=tmp_path)
+    assert inspection.confidential
+    assert inspection.measurement == converted.result.measurement
+    assert inspection.measurement_recomputed != converted.result.measurement
+    assert any("differs from the measurement" in problem for problem in inspection.problems)
