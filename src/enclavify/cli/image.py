@@ -86,7 +86,8 @@ def _register_inspect(commands: Any) -> None:
         description=(
             "Show the protected directories, the runtime version and where its interpreter "
             "came from, and the measurement (recomputed from the image's files). A native "
-            "image is reported as not confidential (exit code 0)."
+            "image is reported as not confidential (exit code 0); a confidential image whose "
+            "parts disagree is reported with its problems (exit code 1)."
         ),
     )
     parser.add_argument("image", metavar="IMAGE", help=_TRANSPORTS)
@@ -137,10 +138,12 @@ def handle_inspect(args: argparse.Namespace) -> int:
     inspection = convert.inspect_image(args.image, platform=args.platform)
     if args.json:
         print(json.dumps(inspection.to_json(), indent=2, sort_keys=True))
-        return 0
-    for line in format_inspection(inspection):
-        print(line)
-    return 0
+    else:
+        for line in format_inspection(inspection):
+            print(line)
+    # A confidential image whose parts disagree (a recomputed measurement that differs from
+    # its label, a missing fspf) is reported in full and fails the command.
+    return 1 if inspection.problems else 0
 
 
 def format_inspection(inspection: Any) -> list[str]:
