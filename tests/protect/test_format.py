@@ -151,13 +151,13 @@ def test_unknown_manifest_version_is_rejected() -> None:
     key = os.urandom(32)
     fspf = seal_manifest({"format": 2, "chunk_size": CHUNK_SIZE, "regions": [], "entries": []}, key)
 
-    with pytest.raises(ProtectError, match="unsupported fspf format version 2"):
-        open_fspf(fspf, key, fspf[-TAG_SIZE:])
+    with pytest.raises(ProtectError, match=r"^'vol/fspf': unsupported fspf format version 2"):
+        open_fspf(fspf, key, fspf[-TAG_SIZE:], name="vol/fspf")
 
 
 def test_file_that_is_not_an_fspf_is_rejected() -> None:
-    with pytest.raises(ProtectError, match="not an enclavify fspf"):
-        open_fspf(b"PK\x03\x04" + bytes(100), os.urandom(32), os.urandom(16))
+    with pytest.raises(ProtectError, match=r"^'vol/fspf': not an enclavify fspf"):
+        open_fspf(b"PK\x03\x04" + bytes(100), os.urandom(32), os.urandom(16), name="vol/fspf")
 
 
 def test_entry_outside_regions_is_rejected_when_sealing() -> None:

@@ -63,14 +63,20 @@ def open_fspf(data: bytes, key: bytes, tag: bytes, *, name: str = "fspf") -> Man
     """
     if len(key) != KEY_SIZE or len(tag) != TAG_SIZE:
         raise ProtectError(f"an fspf key is {KEY_SIZE} bytes and its tag {TAG_SIZE} bytes")
-    header, nonce, sealed = split_fspf(data)
+    try:
+        header, nonce, sealed = split_fspf(data)
+    except ProtectError as exc:
+        raise ProtectError(f"{name!r}: {exc}") from None
     if not hmac.compare_digest(sealed[-TAG_SIZE:], tag):
         raise IntegrityError(f"{name!r} failed verification: it is not the expected fspf")
     try:
         plaintext = crypto.aes_gcm_decrypt(key, nonce, sealed, header)
     except crypto.AuthenticationError:
         raise IntegrityError(f"{name!r} failed verification") from None
-    return parse_manifest(plaintext)
+    try:
+        return parse_manifest(plaintext)
+    except ProtectError as exc:
+        raise ProtectError(f"{name!r}: {exc}") from None
 
 
 def unseal_tree(sealed: Path, key: bytes, tag: bytes, target_root: Path) -> Manifest:
