@@ -262,3 +262,4 @@ def test_inspect_detects_changed_runtime_settings(converted: Converted, tmp_path
     assert inspection.measurement == converted.result.measurement
     assert inspection.measurement_recomputed != converted.result.measurement
     assert any("differs from the measurement" in problem for problem in inspection.problems)
+    assert cli_main(["image", "inspect", tampered]) == 1
