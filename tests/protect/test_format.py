@@ -138,6 +138,20 @@ def test_open_fspf_returns_entries_in_sealing_order() -> None:
     assert (manifest.entries[1].uid, manifest.entries[1].gid) == (1, 2)
 
 
+def test_repr_shows_no_key_material() -> None:
+    _, sealer = seal_example()
+    volume = sealer.finish()
+    manifest = open_fspf(volume.fspf, volume.key, volume.tag)
+    file_entry = manifest.entries[1]
+
+    assert file_entry.key
+    for text in (repr(volume), repr(manifest), repr(file_entry)):
+        assert volume.key.hex() not in text
+        assert repr(volume.key) not in text
+        assert file_entry.key.hex() not in text
+        assert repr(file_entry.key) not in text
+
+
 def test_unknown_header_version_is_rejected() -> None:
     _, sealer = seal_example()
     volume = sealer.finish()

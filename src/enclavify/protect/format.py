@@ -24,7 +24,7 @@ import math
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from enclavify.errors import ProtectError
@@ -96,7 +96,8 @@ class Entry:
     mtime: float = 0.0
     size: int = 0
     object: str = ""
-    key: bytes = b""
+    # Left out of repr so that logging an entry or a manifest cannot leak a file key.
+    key: bytes = field(default=b"", repr=False)
     file_id: bytes = b""
     target: str = ""
 

@@ -14,7 +14,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -58,7 +58,7 @@ class SealedVolume:
     """
 
     fspf: bytes
-    key: bytes
+    key: bytes = field(repr=False)
     tag: bytes
 
 
