@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from enclavify.attest import measurement
 from enclavify.errors import Error, LaunchError
 from enclavify.protect.unseal import unseal_tree
-from enclavify.runtime import mounts
+from enclavify.runtime import libcrypto, mounts
 from enclavify.runtime.config import CONFIG_NAME, RUNTIME_DIR, RuntimeConfig
 
 log = logging.getLogger(__name__)
@@ -415,6 +415,22 @@ def check_loaded_libraries(runtime_dir: Path = RUNTIME_DIR, maps: str = "/proc/s
             )
 
 
+def pin_libcrypto(runtime_dir: Path = RUNTIME_DIR) -> None:
+    """Load libcrypto from the runtime tree by absolute path before anything else asks for it.
+
+    The crypto backend opens libcrypto by soname, trying ``libcrypto.so.3`` first. When the
+    runtime carries another version, the loader would search the image's unmeasured library
+    directories for that name. Loading the carried copy first makes every later request use it.
+    """
+    candidates = sorted(str(path) for path in (runtime_dir / "lib").glob("libcrypto.so*"))
+    if not candidates:
+        return
+    try:
+        libcrypto.load(candidates)
+    except libcrypto.LibcryptoUnavailableError as error:
+        raise LaunchError(f"cannot load the carried libcrypto: {error}") from error
+
+
 def launch(
     *,
     environ: Mapping[str, str],
@@ -425,6 +441,7 @@ def launch(
     config = RuntimeConfig.load(runtime_dir / CONFIG_NAME)
     if runtime_dir == RUNTIME_DIR:
         check_loaded_libraries(runtime_dir)
+        pin_libcrypto(runtime_dir)
     measured = measure(config, runtime_dir, root)
     log.debug("measurement %s", measured)
     configuration = obtain_configuration(config, measured, environ, runtime_dir)
@@ -433,6 +450,8 @@ def launch(
     write_injection_files(configuration.injection_files, user, root)
     program = find_program(configuration.command[0], configuration.environment, root)
     check_binary(program, config, root)
+    if runtime_dir == RUNTIME_DIR:
+        check_loaded_libraries(runtime_dir)
     drop_privileges(user)
     try:
         os.chdir(str(root / configuration.pwd.lstrip("/")))
