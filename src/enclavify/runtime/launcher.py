@@ -367,7 +367,7 @@ def find_program(name: str, environment: Mapping[str, str], root: Path) -> str:
 
 
 def check_binary(program: str, config: RuntimeConfig, root: Path) -> None:
-    """Refuse to run a program other than the measured binary."""
+    """Reject a program other than the measured binary."""
     measured = os.path.realpath(str(root / config.binary.lstrip("/")))
     if os.path.realpath(program) != measured:
         raise LaunchError(
@@ -394,6 +394,11 @@ def check_loaded_libraries(runtime_dir: Path = RUNTIME_DIR, maps: str = "/proc/s
     measurement covers. This catches such libraries before any key is requested. A library
     that hides itself from ``/proc/self/maps`` is not caught: this is a guard against
     accidents, not a defence against code already running in the process.
+
+    NOTE: a CAS host name is resolved through NSS, and with glibc an ``/etc/nsswitch.conf`` in
+    the plain image can name further NSS modules, loaded from the image's library directories.
+    The second check, before the application starts, reports them but only after the keys
+    were received. A CAS address given as an IP address avoids the lookup.
     """
     try:
         with open(maps, encoding="utf-8", errors="surrogateescape") as stream:
@@ -416,7 +421,7 @@ def check_loaded_libraries(runtime_dir: Path = RUNTIME_DIR, maps: str = "/proc/s
 
 
 def pin_libcrypto(runtime_dir: Path = RUNTIME_DIR) -> None:
-    """Load libcrypto from the runtime tree by absolute path before anything else asks for it.
+    """Load libcrypto from the runtime tree by absolute path before any other code requests it.
 
     The crypto backend opens libcrypto by soname, trying ``libcrypto.so.3`` first. When the
     runtime carries another version, the loader would search the image's unmeasured library
