@@ -137,6 +137,14 @@ def test_head_file_never_moves_back(tmp_path: Path) -> None:
     assert head.read() == (5, "e" * 64)
 
 
+@pytest.mark.parametrize("content", ["{}", "[]", '{"seq": "5", "hash": "e"}', '{"seq": 5}'])
+def test_invalid_head_file_is_cas_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / audit.HEAD_FILE
+    path.write_text(content)
+    with pytest.raises(CasError, match=r"audit head file .* is invalid"):
+        HeadFile(path).read()
+
+
 def test_master_key_file_is_private(tmp_path: Path) -> None:
     path = tmp_path / "master.key"
     key = MasterKey.load_or_create(path)

@@ -96,7 +96,16 @@ class HeadFile:
             return None
         except (OSError, ValueError) as error:
             raise CasError(f"audit head file {self.path} is unreadable: {error}") from error
-        return int(data["seq"]), str(data["hash"])
+        if not isinstance(data, dict):
+            data = {}
+        seq, digest = data.get("seq"), data.get("hash")
+        # bool is an int subclass, and JSON true is no sequence number.
+        if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(digest, str):
+            raise CasError(
+                f"audit head file {self.path} is invalid: expected an object with an integer"
+                " 'seq' and a string 'hash'"
+            )
+        return seq, digest
 
     def advance(self, seq: int, digest: str) -> None:
         """Record ``(seq, digest)`` unless the file already names a later record.
