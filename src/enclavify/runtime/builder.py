@@ -39,6 +39,7 @@ import posixpath
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -361,10 +362,7 @@ class _Builder:
             for directory in runpath or rpath:
                 if directory:
                     search.append(directory.replace("$ORIGIN", origin).replace("${ORIGIN}", origin))
-            symbols: set[str] = set()
-            dynsym = elf.get_section_by_name(".dynsym")
-            if isinstance(dynsym, SymbolTableSection):
-                symbols = {s.name for s in dynsym.iter_symbols() if s.name.startswith("PyInit_")}
+            symbols = _init_symbols(elf, data)
             return _Elf(path, elf["e_machine"], elf.elfclass, interp, needed, search, symbols)
         except ELFError as error:
             raise ImageError(
@@ -575,6 +573,36 @@ class _Builder:
         with self.files.open(path) as source, open(target, "wb") as sink:
             shutil.copyfileobj(source, sink)
         os.chmod(target, mode)
+
+
+def _init_symbols(elf: ELFFile, data: bytes) -> set[str]:
+    """Return the ``PyInit_*`` names in the dynamic symbol table (``.dynsym``).
+
+    A built-in extension module's init function is exported, so the dynamic table alone
+    finds it. Only the name offsets are read here, straight from the section bytes: decoding
+    every symbol with pyelftools took seconds for libpython's thousands of symbols.
+    """
+    dynsym = elf.get_section_by_name(".dynsym")
+    if not isinstance(dynsym, SymbolTableSection):
+        return set()
+    entry_size = dynsym["sh_entsize"]
+    start, size = dynsym["sh_offset"], dynsym["sh_size"]
+    if dynsym["sh_type"] == "SHT_NOBITS" or entry_size < 4 or start + size > len(data):
+        return set()
+    strings_section = elf.get_section(dynsym["sh_link"])
+    strings_start = strings_section["sh_offset"]
+    strings = data[strings_start : strings_start + strings_section["sh_size"]]
+    # st_name, the offset of the symbol's name in the linked string table, is the first
+    # word of an entry in both the 32-bit and the 64-bit layout.
+    word = "<I" if elf.little_endian else ">I"
+    table = data[start : start + size - size % entry_size]
+    symbols: set[str] = set()
+    for (offset,) in struct.iter_unpack(f"{word}{entry_size - 4}x", table):
+        if strings.startswith(b"PyInit_", offset):
+            end = strings.find(b"\0", offset)
+            name = strings[offset:] if end < 0 else strings[offset:end]
+            symbols.add(name.decode("utf-8", errors="replace"))
+    return symbols
 
 
 def _parents(name: str) -> list[str]:
