@@ -282,6 +282,7 @@ class _Builder:
         extensions = self._copy_stdlib(stdlib_dir, stdlib_out, modules["stdlib"])
         dynload_objects = self._copy_extensions(stdlib_dir, stdlib_out, extensions, builtin_symbols)
         self._copy_enclavify(stdlib_out, modules["enclavify"])
+        _compile_modules(stdlib_out, version)
 
         pending = [interpreter, *dynload_objects]
         for name in EXTRA_LIBRARIES:
@@ -573,6 +574,30 @@ class _Builder:
         with self.files.open(path) as source, open(target, "wb") as sink:
             shutil.copyfileobj(source, sink)
         os.chmod(target, mode)
+
+
+def _compile_modules(stdlib_out: Path, version: str) -> None:
+    """Compile the carried modules to bytecode when this Python writes the carried one's format.
+
+    The launcher runs with -B, which stops Python from writing bytecode, not from reading it.
+    Without .pyc files every start compiles the launcher's modules again (measured: 0.3 s of a
+    0.9 s start). Unchecked-hash .pyc files do not depend on file times. A fresh process with a
+    fixed hash seed writes the same bytes every time, so two builds keep the same digest.
+    """
+    if version != f"{sys.version_info.major}.{sys.version_info.minor}":
+        log.debug("runtime: Python %s carried, %s here: no bytecode", version, sys.version)
+        return
+    done = subprocess.run(
+        [sys.executable, "-I", "-m", "compileall", "-q", "-d", f"{LIBRARY_DIR}/python{version}",
+         "--invalidation-mode", "unchecked-hash", str(stdlib_out)],
+        env={"PYTHONHASHSEED": "0", "PATH": os.environ.get("PATH", "")},
+        capture_output=True,
+        check=False,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        # The sources are still there; a module without bytecode only starts slower.
+        log.debug("runtime: compileall failed: %s", done.stdout.decode(errors="replace")[-500:])
 
 
 def _init_symbols(elf: ELFFile, data: bytes) -> set[str]:
