@@ -162,6 +162,20 @@ def test_devices_and_fifos_are_left_out(
     assert digest(compress(layer, "gzip")) in caplog.text
 
 
+def test_layer_with_devices_and_nothing_excluded_is_copied_verbatim(
+    tmp_path: Path, workdir: Path
+) -> None:
+    layer = tar_bytes(
+        [directory("dev"), device("dev/null", 1, 3), fifo("run-fifo"), file("etc-x", b"x")]
+    )
+    write_layout(tmp_path / "layout", [layer])
+    with open_image(f"oci:{tmp_path / 'layout'}", workdir=workdir) as image:
+        builder = ImageBuilder(image)
+        assert builder.copy_layer_without(image.layers[0], ["/app"]) is False
+        copied = builder.build().layers[0]
+        assert (copied.digest, copied.size) == (image.layers[0].digest, image.layers[0].size)
+
+
 def test_duplicate_entry_later_wins(
     tmp_path: Path, workdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -239,12 +239,19 @@ class ImageBuilder:
         and opaque markers aimed at those directories are dropped. An excluded directory's
         own entry is kept (empty) so the mount point keeps its owner and mode; a regular file
         at exactly an excluded path is removed. A kept hardlink whose target is removed
-        becomes a regular file with the same content. Device nodes and FIFOs are dropped.
-        A layer with nothing to remove is copied verbatim. Returns whether it was rewritten.
+        becomes a regular file with the same content. A rewritten layer also drops device
+        nodes and FIFOs.
+
+        A layer with no entry at or below an excluded directory is copied verbatim (same
+        blob, same digest), device nodes included: it holds nothing to protect, and the copy
+        gives a container nothing the source image did not. Whether a device node can be
+        opened is up to the runtime's device rules, not its presence in a layer, and the
+        merged view that the conversion reads never contains one.
+        Returns whether the layer was rewritten.
         """
         self._check_layer(layer)
         prefixes = _normalize_excluded(excluded)
-        if not any(_dropped(e, prefixes) for e in layer.entries):
+        if not any(_excluded(e, prefixes) for e in layer.entries):
             self.copy_layer(layer)
             return False
         log.debug("rewriting layer %d (%s) without %s", layer.index, layer.digest, prefixes)
@@ -396,10 +403,8 @@ def _at(path: str, prefixes: Sequence[str]) -> bool:
     return path in prefixes
 
 
-def _dropped(entry: tarindex.TarEntry, prefixes: Sequence[str]) -> bool:
-    """Return whether a rewrite leaves ``entry`` out."""
-    if entry.kind in (tarindex.SPECIAL, tarindex.META):
-        return True
+def _excluded(entry: tarindex.TarEntry, prefixes: Sequence[str]) -> bool:
+    """Return whether ``entry`` is at or below an excluded directory and must go."""
     if _below(entry.path, prefixes):
         return True
     if _at(entry.path, prefixes):
@@ -407,6 +412,11 @@ def _dropped(entry: tarindex.TarEntry, prefixes: Sequence[str]) -> bool:
         # rest, including whiteouts and opaque markers aimed at the excluded directory.
         return entry.kind not in (tarindex.DIR, tarindex.SYMLINK)
     return False
+
+
+def _dropped(entry: tarindex.TarEntry, prefixes: Sequence[str]) -> bool:
+    """Return whether a rewrite leaves ``entry`` out."""
+    return entry.kind in (tarindex.SPECIAL, tarindex.META) or _excluded(entry, prefixes)
 
 
 def _rewrite_tar(
