@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
+from isal import igzip
+
 from enclavify.errors import ImageError
 from enclavify.image import blobs, destinations, tarindex
 from enclavify.image.model import (
@@ -48,8 +50,7 @@ from enclavify.image.source import Layer, SourceImage
 
 log = logging.getLogger(__name__)
 
-# gzip level for new and rewritten layers. Level 1 compresses a 130 MB Debian layer in about
-# 3 s on a 2-core test machine against 11 s for level 6, for a blob about 10 % larger.
+# gzip level (zlib's scale) for new and rewritten layers; see _gzip_writer for how it is used.
 DEFAULT_COMPRESSION_LEVEL = 1
 
 REWRITTEN_CREATED_BY = "enclavify: layer rewritten without the protected directories"
@@ -485,6 +486,26 @@ def _copy_range(source: IO[bytes], out: IO[bytes], start: int, end: int) -> None
         remaining -= len(chunk)
 
 
+def _gzip_writer(out: IO[bytes] | blobs.HashingWriter, level: int) -> IO[bytes]:
+    """Return a gzip stream (no name, time 0) writing to ``out`` at zlib-style ``level``.
+
+    Levels 1 to 9 use ISA-L, whose four levels are mapped from zlib's (1-3 to 1, 4-6 to 2,
+    7-9 to 3). Its level 1 compresses a 123 MiB Debian layer in 0.33 s against 1.43 s for
+    zlib's level 1, to about the same size. Level 0 stores without compression, which ISA-L
+    has no level for, so zlib writes it.
+    """
+    if level <= 0:
+        return cast(
+            IO[bytes],
+            gzip.GzipFile(filename="", fileobj=out, mode="wb", compresslevel=0, mtime=0),
+        )
+    isal_level = min(3, (level + 2) // 3)
+    stream = igzip.IGzipFile(  # type: ignore[no-untyped-call]
+        filename="", fileobj=out, mode="wb", compresslevel=isal_level, mtime=0
+    )
+    return cast(IO[bytes], stream)
+
+
 class _BackgroundWriter(io.RawIOBase):
     """Hands what is written, in chunks of about :data:`blobs.CHUNK`, to a worker thread.
 
@@ -541,18 +562,15 @@ class _GzipTarOutput:
     """A gzip blob being written, with the digests of both the blob and its content.
 
     The content is hashed in the calling thread; compression, the blob's hash and the
-    writes to disk happen in a :class:`_BackgroundWriter`. The blob's bytes are the same as
-    when compressing in line.
+    writes to disk happen in a :class:`_BackgroundWriter`.
     """
 
     def __init__(self, path: Path, level: int) -> None:
         self.path = path
         self._file = open(path, "wb")  # noqa: SIM115 (closed in __exit__)
         self._compressed = blobs.HashingWriter(self._file)
-        self._gzip = gzip.GzipFile(
-            filename="", fileobj=self._compressed, mode="wb", compresslevel=level, mtime=0
-        )
-        self._background = _BackgroundWriter(cast(IO[bytes], self._gzip))
+        self._gzip = _gzip_writer(self._compressed, level)
+        self._background = _BackgroundWriter(self._gzip)
         self._content = blobs.HashingWriter(self._background)
         self.stream = cast(IO[bytes], self._content)
 
@@ -575,7 +593,7 @@ class _GzipTarOutput:
         path = self.path
 
         def uncompressed() -> IO[bytes]:
-            return gzip.open(path, "rb")  # type: ignore[return-value]
+            return cast(IO[bytes], igzip.open(path, "rb"))  # type: ignore[no-untyped-call]
 
         return OutputLayer(
             media_type=OCI_LAYER_GZIP,
