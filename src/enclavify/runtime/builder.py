@@ -350,8 +350,11 @@ class _Builder:
             search: list[str] = []
             runpath: list[str] = []
             rpath: list[str] = []
+            dynsym: SymbolTableSection | None = None
             for section in elf.iter_sections():
-                if isinstance(section, DynamicSection):
+                if isinstance(section, SymbolTableSection) and section.name == ".dynsym":
+                    dynsym = dynsym or section
+                elif isinstance(section, DynamicSection):
                     for tag in section.iter_tags():
                         if tag.entry.d_tag == "DT_NEEDED":
                             needed.append(tag.needed)  # type: ignore[attr-defined]
@@ -363,7 +366,7 @@ class _Builder:
             for directory in runpath or rpath:
                 if directory:
                     search.append(directory.replace("$ORIGIN", origin).replace("${ORIGIN}", origin))
-            symbols = _init_symbols(elf, data)
+            symbols = set() if dynsym is None else _init_symbols(elf, dynsym, data)
             return _Elf(path, elf["e_machine"], elf.elfclass, interp, needed, search, symbols)
         except ELFError as error:
             raise ImageError(
@@ -600,16 +603,13 @@ def _compile_modules(stdlib_out: Path, version: str) -> None:
         log.debug("runtime: compileall failed: %s", done.stdout.decode(errors="replace")[-500:])
 
 
-def _init_symbols(elf: ELFFile, data: bytes) -> set[str]:
-    """Return the ``PyInit_*`` names in the dynamic symbol table (``.dynsym``).
+def _init_symbols(elf: ELFFile, dynsym: SymbolTableSection, data: bytes) -> set[str]:
+    """Return the ``PyInit_*`` names in the dynamic symbol table ``dynsym`` of ``elf``.
 
     A built-in extension module's init function is exported, so the dynamic table alone
     finds it. Only the name offsets are read here, straight from the section bytes: decoding
     every symbol with pyelftools took seconds for libpython's thousands of symbols.
     """
-    dynsym = elf.get_section_by_name(".dynsym")
-    if not isinstance(dynsym, SymbolTableSection):
-        return set()
     entry_size = dynsym["sh_entsize"]
     start, size = dynsym["sh_offset"], dynsym["sh_size"]
     if dynsym["sh_type"] == "SHT_NOBITS" or entry_size < 4 or start + size > len(data):
