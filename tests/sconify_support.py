@@ -100,6 +100,27 @@ def free_port() -> int:
         return port
 
 
+def port_is_free(port: int) -> bool:
+    """Tell whether nothing listens on 127.0.0.1:port (closed connections may linger)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_for_free_port(port: int, seconds: float = 90) -> bool:
+    """Wait until nothing listens on 127.0.0.1:port; False if something still does."""
+    deadline = time.monotonic() + seconds
+    while not port_is_free(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def example_hooks() -> dict[str, str]:
     """SECRETS and INJECTED_FILES exactly as examples/flask-restapi/hooks.sh exports them."""
     done = subprocess.run(

@@ -46,6 +46,7 @@ from tests.sconify_support import (
     run_sconify,
     sconify_environment,
     start_cas,
+    wait_for_free_port,
 )
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
@@ -190,6 +191,9 @@ def running(deployment: Deployment) -> Iterator[Running]:
     values = deployment.client().public_values(deployment.session_name)
     cafile = deployment.work / "api-ca.crt"
     cafile.write_text(values["api_ca_cert"])
+    # The example listens on 4996 in the host's network, which the CAS on 127.0.0.1 requires.
+    if not wait_for_free_port(PORT):
+        pytest.skip(f"127.0.0.1:{PORT} stays in use by another process; the example needs it")
     subprocess.run(
         [deployment.podman, "run", "-d", "--name", name, *deployment.run_arguments(),
          deployment.image],

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from tests.sconify_support import free_port, port_is_free, wait_for_free_port
+
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
 TOP = Path(__file__).resolve().parent.parent
@@ -43,24 +45,6 @@ PATIENT = {
     "insurancedetails": "'Primera Blue Cross'",
 }
 PAUSE_LINE = re.compile(r"--cacert (\S+)\); press Enter")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _port_is_free(port: int) -> bool:
-    """Tell whether nothing listens on 127.0.0.1:port (closed connections may linger)."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _server_certificate(cafile: Path) -> x509.Certificate:
@@ -85,12 +69,12 @@ def _image_exists(podman: str, name: str) -> bool:
 def test_walkthrough_end_to_end(podman: str, python_base_image: str, tmp_path: Path) -> None:
     if shutil.which("openssl") is None or shutil.which("curl") is None:
         pytest.skip("the walk-through needs openssl and curl")
-    if not _port_is_free(4996):
-        pytest.skip("port 4996 on 127.0.0.1 is in use; the example's API needs it")
+    if not wait_for_free_port(4996):
+        pytest.skip("127.0.0.1:4996 stays in use by another process; the example needs it")
     suffix = uuid.uuid4().hex[:8]
     native = f"localhost/enclavify-test/walkthrough-native-{suffix}"
     confidential = f"localhost/enclavify-test/walkthrough-{suffix}"
-    cas_port = _free_port()
+    cas_port = free_port()
     env = dict(
         os.environ,
         NATIVE_IMAGE=native,
@@ -171,8 +155,8 @@ def test_walkthrough_end_to_end(podman: str, python_base_image: str, tmp_path: P
 
     # Nothing is left: no work directory, no CAS, no container, neither image.
     assert not work.exists()
-    assert _port_is_free(cas_port)
-    assert _port_is_free(4996)
+    assert port_is_free(cas_port)
+    assert port_is_free(4996)
     assert not _image_exists(podman, confidential)
     assert not _image_exists(podman, native)
     containers = subprocess.run(
