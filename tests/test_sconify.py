@@ -6,6 +6,7 @@ on 127.0.0.1 over TLS, converting the Flask example's native image.
 
 from __future__ import annotations
 
+import logging
 import stat
 import subprocess
 import uuid
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from enclavify import sconify as sconify_module
 from enclavify.cas.client import CasClient
 from enclavify.cas.identity import load_or_create_identity
 from enclavify.errors import CasRejected
@@ -246,3 +248,55 @@ def test_bad_hook_fails_before_converting(setup: Setup, tmp_path: Path) -> None:
     assert "secrets" in done.stderr
     assert "Opening" not in done.stderr
     assert not setup.image_exists(target)
+
+
+# --- the pipeline's checks, without podman ------------------------------------------------
+
+
+def test_auto_mode_without_device_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sconify_module.devices, "detect", lambda: [])
+    with caplog.at_level(logging.WARNING, logger="enclavify.sconify"):
+        assert sconify_module.choose_attestation_mode("auto") == "simulation"
+    assert "no TEE device on this machine" in caplog.text
+
+
+def test_hardware_mode_stays_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="enclavify.sconify"):
+        assert sconify_module.choose_attestation_mode("hardware") == "hardware"
+    assert caplog.text == ""
+
+
+def test_missing_cas_certificate_names_the_flag(tmp_path: Path) -> None:
+    env = sconify_environment(tmp_path, {"ENCLAVIFY_CAS_DATA": str(tmp_path / "no-cas")})
+    done = run_sconify(
+        ["--from=oci:/nonexistent", "--to=oci:/nonexistent-too", "--binary=/bin/sh",
+         "--name=n", "--namespace=ns"],
+        cwd=tmp_path, env=env, timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert "--cas-cert" in done.stderr
+
+
+def test_session_file_written_atomically_0600(tmp_path: Path) -> None:
+    target = tmp_path / "session.yml"
+    target.write_text("old")
+    sconify_module.write_atomically(target, "name: x\n", mode=0o600)
+    assert target.read_text() == "name: x\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [path.name for path in tmp_path.iterdir()] == ["session.yml"]
+
+
+def test_bad_hook_rejected_without_podman(tmp_path: Path) -> None:
+    env = sconify_environment(tmp_path, {"SECRETS": "secrets: [unclosed"})
+    done = run_sconify(
+        ["--from=oci:/nonexistent", "--to=oci:/nonexistent-too", "--binary=/bin/sh",
+         "--name=n", "--namespace=ns", "--dry-run", f"--cas-cert={tmp_path / 'none.pem'}"],
+        cwd=tmp_path, env=env, timeout=60,
+    )
+    assert done.returncode != 0
+    assert done.stdout == ""
+    assert "SECRETS" in done.stderr or "secrets" in done.stderr
+    assert not (tmp_path / "session.yml").exists()
