@@ -256,7 +256,7 @@ def test_bad_hook_fails_before_converting(setup: Setup, tmp_path: Path) -> None:
 def test_auto_mode_without_device_warns(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(sconify_module.devices, "detect", lambda: [])
+    monkeypatch.setattr("enclavify.attest.devices.detect", lambda: [])
     with caplog.at_level(logging.WARNING, logger="enclavify.sconify"):
         assert sconify_module.choose_attestation_mode("auto") == "simulation"
     assert "no TEE device on this machine" in caplog.text
