@@ -16,7 +16,9 @@
 #   --keep   leave the container, the CAS, the images and the scratch directory in place
 #
 # Environment: NATIVE_IMAGE and IMAGE name the native and the confidential image (default
-# native_flask_restapi_image and flask_restapi_image); CAS_PORT is the CAS's port (8081).
+# native_flask_restapi_image and flask_restapi_image); CAS_PORT is the CAS's port (8081);
+# BASE is the base image, which must have the Debian layout (default: the local Debian
+# base, built with scripts/build-base-image when missing).
 # Both images are removed at the end, and so is everything else the script made.
 #
 # The directories protected here follow the Debian layout of the local base image:
@@ -80,8 +82,14 @@ trap cleanup EXIT
 step() { printf '\n== %s\n' "$*" >&2; }
 
 step "Stage one: the native image"
+# The directories and the binary below are those of the Debian base, so the native image is
+# built from it even where a public Python image could be pulled.
+base=${BASE:-localhost/enclavify/python-base:bookworm}
+if [[ -z ${BASE:-} ]]; then
+    "$top/scripts/build-base-image" >&2   # does nothing when the image exists
+fi
 # BUILDAH_LAYERS=false: podman keeps no intermediate images that the clean-up would miss.
-IMAGE=$native_image BUILDAH_LAYERS=false "$here/create_native_image.sh" >&2
+BASE=$base IMAGE=$native_image BUILDAH_LAYERS=false "$here/create_native_image.sh" >&2
 
 step "A local CAS on 127.0.0.1:$cas_port (data in $ENCLAVIFY_CAS_DATA)"
 enclavify cas serve --data "$ENCLAVIFY_CAS_DATA" --listen "127.0.0.1:$cas_port" \
@@ -95,6 +103,12 @@ for _ in $(seq 100); do
     kill -0 "$cas_pid" 2>/dev/null || { cat "$work/cas.log" >&2; exit 1; }
     sleep 0.2
 done
+if ! curl -fsS --cacert "$ENCLAVIFY_CAS_DATA/ca.pem" "https://localhost:$cas_port/v1/openapi.json" \
+        >/dev/null 2>&1; then
+    echo "run-walkthrough: the CAS did not answer on 127.0.0.1:$cas_port within 20 s" >&2
+    cat "$work/cas.log" >&2
+    exit 1
+fi
 
 step "Stage two: sconify_image"
 # shellcheck source=hooks.sh
@@ -155,7 +169,7 @@ echo
 step "The server's certificate, verified against the session's CA for the name api"
 openssl s_client -connect 127.0.0.1:4996 -servername api -verify_hostname api \
     -CAfile api-ca.crt -verify_return_error </dev/null 2>/dev/null \
-    | grep -E '^(subject|issuer)=|Verify return code' >&2
+    | grep -E '^(subject|issuer)=|^Verify return code' >&2
 
 if $pause; then
     echo "run-walkthrough: the service answers at $url (--resolve api:4996:127.0.0.1," \
