@@ -356,3 +356,18 @@ def test_file_system_errors_become_image_errors(source: SourceImage, tmp_path: P
         with pytest.raises(ImageError, match="failed: "):
             builder.commit(target)
     assert blocker.read_text() == "not a directory"
+
+
+def test_layout_links_the_blobs_the_builder_wrote(source: SourceImage, tmp_path: Path) -> None:
+    builder = ImageBuilder(source)
+    builder.copy_layer_without(source.layers[0], ["/srv"])
+    builder.add_layer(lambda w: w.add_bytes("/x", b"x" * 5000), created_by="added")
+    builder.commit(f"oci:{tmp_path / 'out'}:v1")
+    kept, added = builder.build().layers
+    blob_dir = tmp_path / "out" / "blobs" / "sha256"
+    added_blob = blob_dir / added.digest.split(":", 1)[1]
+    assert added.path is not None
+    assert added_blob.stat().st_ino == added.path.stat().st_ino
+    assert digest(added_blob.read_bytes()) == added.digest
+    assert kept.path is None
+    assert digest((blob_dir / kept.digest.split(":", 1)[1]).read_bytes()) == kept.digest

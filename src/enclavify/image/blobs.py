@@ -255,13 +255,27 @@ class VerifyingReader(HashingReader):
 
 
 class Blob:
-    """A blob to copy: its digest and size, a way to open it, and a label for messages."""
+    """A blob to copy: its digest and size, a way to open it, and a label for messages.
 
-    def __init__(self, digest: str, size: int, opener: Callable[[], IO[bytes]], label: str) -> None:
+    ``path``, when given, is a file in a builder's private work directory holding exactly
+    this blob, whose digest was taken while this process wrote it; a destination on the same
+    file system may link it instead of copying and hashing it again.
+    """
+
+    def __init__(
+        self,
+        digest: str,
+        size: int,
+        opener: Callable[[], IO[bytes]],
+        label: str,
+        *,
+        path: Path | None = None,
+    ) -> None:
         self.digest = digest
         self.size = size
         self.opener = opener
         self.label = label
+        self.path = path
 
 
 class FullReader:

@@ -75,6 +75,7 @@ class OutputLayer:
     open_blob: Callable[[], IO[bytes]]
     open_uncompressed: Callable[[], IO[bytes]]
     history: list[dict[str, Any]]
+    path: Path | None = None  # the blob's file when this builder wrote it (see blobs.Blob)
 
     def descriptor(self) -> dict[str, Any]:
         return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
@@ -99,7 +100,13 @@ class BuiltImage:
             if layer.digest not in seen:
                 seen.add(layer.digest)
                 items.append(
-                    blobs.Blob(layer.digest, layer.size, layer.open_blob, f"layer {number}")
+                    blobs.Blob(
+                        layer.digest,
+                        layer.size,
+                        layer.open_blob,
+                        f"layer {number}",
+                        path=layer.path,
+                    )
                 )
         items.append(
             blobs.Blob(
@@ -605,4 +612,5 @@ class _GzipTarOutput:
             open_blob=lambda: open(path, "rb"),
             open_uncompressed=uncompressed,
             history=history,
+            path=path,
         )

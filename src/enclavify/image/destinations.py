@@ -175,7 +175,7 @@ def write_layout(
         counter = _Progress(sum(b.size for b in items), "writing blobs", progress)
         for blob in items:
             path = blob_dir / blob.digest.split(":", 1)[1]
-            if path.exists():
+            if path.exists() or _link_own_blob(blob, path, counter):
                 continue
             with open(path, "wb") as out:
                 copy_blob(blob, out, counter)
@@ -185,6 +185,30 @@ def write_layout(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _link_own_blob(blob: Blob, destination: Path, progress: Callable[[int], None]) -> bool:
+    """Hardlink a blob the builder wrote itself; return False when it must be copied.
+
+    Such a blob was hashed as it was written, into a private work directory, so linking it
+    saves reading and hashing it again (for a 200 MiB ciphertext layer, about 0.5 s). The size
+    is still checked.
+    """
+    if blob.path is None:
+        return False
+    try:
+        os.link(blob.path, destination)
+    except OSError:
+        return False  # another file system, or links not allowed: copy instead
+    size = destination.stat().st_size
+    if size != blob.size:
+        destination.unlink()
+        raise ImageError(
+            f"{blob.label} blob {blob.digest} in the work directory is {size} bytes, "
+            f"expected {blob.size}"
+        )
+    progress(size)
+    return True
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:
