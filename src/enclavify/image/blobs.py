@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +95,58 @@ class HashingWriter(io.RawIOBase):
         return "sha256:" + self.hash.hexdigest()
 
 
+class BackgroundWriter(io.RawIOBase):
+    """Hands what is written, in chunks of about :data:`CHUNK`, to a worker thread.
+
+    The worker writes the chunks to ``inner`` in order. Compressors, hashlib and file writes
+    release the GIL on large buffers, so what ``inner`` does (compress, hash, write) runs on
+    a second core while this thread produces the next chunks. At most a few chunks
+    wait in the queue, so memory does not grow with the layer. An error in the worker is
+    raised again by the next :meth:`write` or by :meth:`finish`.
+    """
+
+    _QUEUED = 4
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        self._inner = inner
+        self._buffer = bytearray()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self._QUEUED)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="layer-compress", daemon=True)
+        self._thread.start()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self._error is not None:
+            raise self._error
+        self._buffer += data
+        if len(self._buffer) >= CHUNK:
+            self._queue.put(bytes(self._buffer))
+            self._buffer.clear()
+        return len(data)
+
+    def finish(self) -> None:
+        """Hand over the rest, wait for the worker, and raise its error if it had one."""
+        if self._thread.is_alive():
+            if self._buffer and self._error is None:
+                self._queue.put(bytes(self._buffer))
+            self._buffer.clear()
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._inner.write(chunk)
+                except BaseException as error:  # raised again in the writing thread
+                    self._error = error
+
+
 class SliceReader(io.RawIOBase):
     """``size`` bytes of a file starting at ``offset``, read with its own file descriptor."""
 
@@ -174,28 +228,28 @@ def decompress_blob(
     raw = HashingReader(stream, progress)
     buffered = io.BufferedReader(raw, buffer_size=CHUNK)
     compression = sniff_compression(buffered.peek(4)[:4])
-    diff_hash = hashlib.sha256()
-    uncompressed_size = 0
     try:
         with open(target, "wb") as out:
-            reader = decompressing_reader(buffered, compression)
-            while True:
-                chunk = reader.read(CHUNK)
-                if not chunk:
-                    break
-                diff_hash.update(chunk)
-                out.write(chunk)
-                uncompressed_size += len(chunk)
-            # Read whatever follows the compressed stream so the blob digest covers it all.
-            while buffered.read(CHUNK):
-                pass
+            # Hashing and writing the content happen in a worker while this thread reads,
+            # hashes and inflates the next chunk.
+            content = HashingWriter(out)
+            background = BackgroundWriter(cast(IO[bytes], content))
+            try:
+                reader = decompressing_reader(buffered, compression)
+                while chunk := reader.read(CHUNK):
+                    background.write(chunk)
+                # Read whatever follows the compressed stream so the blob digest covers it.
+                while buffered.read(CHUNK):
+                    pass
+            finally:
+                background.finish()
     except (OSError, EOFError, zlib.error, _ISAL_ERROR, zstandard.ZstdError) as exc:
         target.unlink(missing_ok=True)
         raise ImageError(f"layer blob {blob_name}: corrupt {compression} data: {exc}") from exc
     except BaseException:
         target.unlink(missing_ok=True)
         raise
-    diff_id = "sha256:" + diff_hash.hexdigest()
+    diff_id, uncompressed_size = content.digest, content.count
     problem = None
     if expected_digest is not None and raw.digest != expected_digest:
         problem = f"its content has digest {raw.digest}"

@@ -20,11 +20,9 @@ import functools
 import gzip
 import io
 import logging
-import queue
 import shutil
 import tarfile
 import tempfile
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -513,63 +511,11 @@ def _gzip_writer(out: IO[bytes] | blobs.HashingWriter, level: int) -> IO[bytes]:
     return cast(IO[bytes], stream)
 
 
-class _BackgroundWriter(io.RawIOBase):
-    """Hands what is written, in chunks of about :data:`blobs.CHUNK`, to a worker thread.
-
-    The worker writes the chunks to ``inner`` in order. zlib and hashlib release the GIL on
-    large buffers, so compressing a layer in the worker overlaps with reading and hashing
-    the next entries here, and a second core does the compression. At most a few chunks
-    wait in the queue, so memory does not grow with the layer. An error in the worker is
-    raised again by the next :meth:`write` or by :meth:`finish`.
-    """
-
-    _QUEUED = 4
-
-    def __init__(self, inner: IO[bytes]) -> None:
-        self._inner = inner
-        self._buffer = bytearray()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self._QUEUED)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="layer-compress", daemon=True)
-        self._thread.start()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        if self._error is not None:
-            raise self._error
-        self._buffer += data
-        if len(self._buffer) >= blobs.CHUNK:
-            self._queue.put(bytes(self._buffer))
-            self._buffer.clear()
-        return len(data)
-
-    def finish(self) -> None:
-        """Hand over the rest, wait for the worker, and raise its error if it had one."""
-        if self._thread.is_alive():
-            if self._buffer and self._error is None:
-                self._queue.put(bytes(self._buffer))
-            self._buffer.clear()
-            self._queue.put(None)
-            self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def _work(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._inner.write(chunk)
-                except BaseException as error:  # raised again in the writing thread
-                    self._error = error
-
-
 class _GzipTarOutput:
     """A gzip blob being written, with the digests of both the blob and its content.
 
     The content is hashed in the calling thread; compression, the blob's hash and the
-    writes to disk happen in a :class:`_BackgroundWriter`.
+    writes to disk happen in a :class:`blobs.BackgroundWriter`.
     """
 
     def __init__(self, path: Path, level: int) -> None:
@@ -577,7 +523,7 @@ class _GzipTarOutput:
         self._file = open(path, "wb")  # noqa: SIM115 (closed in __exit__)
         self._compressed = blobs.HashingWriter(self._file)
         self._gzip = _gzip_writer(self._compressed, level)
-        self._background = _BackgroundWriter(self._gzip)
+        self._background = blobs.BackgroundWriter(self._gzip)
         self._content = blobs.HashingWriter(self._background)
         self.stream = cast(IO[bytes], self._content)
 
