@@ -63,7 +63,14 @@ engine=$(command -v podman || command -v docker)
 cleanup() {
     local status=$?
     if $keep; then
-        echo "run-walkthrough: kept $work (CAS pid ${cas_pid:-none})" >&2
+        cat >&2 <<TEXT
+run-walkthrough: kept everything running. The scratch directory is $work.
+  talk to the CAS:  ENCLAVIFY_CAS_DATA=$work/cas XDG_CONFIG_HOME=$work/config \\
+                      enclavify session show ${SESSION:-SESSION} --cas localhost:$cas_port
+  call the API:     curl --cacert $work/api-ca.crt --resolve api:4996:127.0.0.1 https://api:4996/patient/patient_3
+  clean up:         (cd $work && ${compose[*]} down); kill ${cas_pid:-CAS_PID}; \\
+                      $engine rmi $image $native_image; rm -rf $work
+TEXT
         exit $status
     fi
     if [[ -f $work/docker-compose.yml ]]; then
@@ -80,8 +87,10 @@ cleanup() {
 trap cleanup EXIT
 
 step() { printf '\n== %s\n' "$*" >&2; }
+# Print a command before running it, so the output shows exactly what was called.
+show() { printf '+ %s\n' "$*" >&2; "$@"; }
 
-step "Stage one: the native image"
+step "Step 1: the native image $native_image"
 # The directories and the binary below are those of the Debian base, so the native image is
 # built from it even where a public Python image could be pulled.
 base=${BASE:-localhost/enclavify/python-base:bookworm}
@@ -91,7 +100,7 @@ fi
 # BUILDAH_LAYERS=false: podman keeps no intermediate images that the clean-up would miss.
 BASE=$base IMAGE=$native_image BUILDAH_LAYERS=false "$here/create_native_image.sh" >&2
 
-step "A local CAS on 127.0.0.1:$cas_port (data in $ENCLAVIFY_CAS_DATA)"
+step "Step 2: a local CAS on 127.0.0.1:$cas_port (data in $ENCLAVIFY_CAS_DATA)"
 enclavify cas serve --data "$ENCLAVIFY_CAS_DATA" --listen "127.0.0.1:$cas_port" \
     >"$work/cas.log" 2>&1 &
 cas_pid=$!
@@ -110,7 +119,7 @@ if ! curl -fsS --cacert "$ENCLAVIFY_CAS_DATA/ca.pem" "https://localhost:$cas_por
     exit 1
 fi
 
-step "Stage two: sconify_image"
+step "Step 3: convert the image and upload its session with sconify_image"
 # shellcheck source=hooks.sh
 source "$here/hooks.sh"
 export NATIVE_IMAGE=$native_image
@@ -129,13 +138,15 @@ SESSION=$(sconify_image --namespace="$NAMESPACE" --create-namespace --name=flask
 export SESSION
 echo "session: $SESSION" >&2
 
-step "Step 3: run the confidential image"
+step "Step 4: run the confidential image"
+# The compose file uses the host's network, because the CAS listens on the host's loopback
+# interface only; the API therefore listens on 0.0.0.0:4996 of this machine.
 DEVICE=$(determine_sgx_device)
 export DEVICE
 "${compose[@]}" up -d >&2
 
-step "The CA certificate of the session, from the CAS's exported values"
-enclavify session values "$SESSION" --cas "$SCONE_CAS_ADDR" > values.json
+step "Step 5: the session's CA certificate, exported by the CAS"
+show enclavify session values "$SESSION" --cas "$SCONE_CAS_ADDR" > values.json
 python3 - values.json > api-ca.crt <<'PY'
 import json, sys
 values = json.load(open(sys.argv[1]))
@@ -157,19 +168,23 @@ if [[ $code != 404 ]]; then
     exit 1
 fi
 
-step "POST /patient/patient_3"
-curl -fsS --cacert api-ca.crt --resolve api:4996:127.0.0.1 -X POST "$url/patient/patient_3" \
+step "Step 6: POST /patient/patient_3, TLS verified against that CA"
+show curl -fsS --cacert api-ca.crt --resolve api:4996:127.0.0.1 -X POST "$url/patient/patient_3" \
     -d "fname=Jane&lname=Doe&address='123 Main Street'&city=Richmond&state=Washington&ssn=123-223-2345&email=nr@aaa.com&dob=01/01/2010&contactphone=123-234-3456&drugallergies='Sulpha, Penicillin, Tree Nut'&preexistingconditions='diabetes, hypertension, asthma'&dateadmitted=01/05/2010&insurancedetails='Primera Blue Cross'"
 echo
 
-step "GET /patient/patient_3"
-curl -fsS --cacert api-ca.crt --resolve api:4996:127.0.0.1 -X GET "$url/patient/patient_3"
+step "Step 7: GET /patient/patient_3"
+show curl -fsS --cacert api-ca.crt --resolve api:4996:127.0.0.1 -X GET "$url/patient/patient_3"
 echo
 
-step "The server's certificate, verified against the session's CA for the name api"
+step "Step 8: the server's certificate, verified against the session's CA for the name api"
 openssl s_client -connect 127.0.0.1:4996 -servername api -verify_hostname api \
     -CAfile api-ca.crt -verify_return_error </dev/null 2>/dev/null \
-    | grep -E '^(subject|issuer)=|^Verify return code' >&2
+    | grep -E '^Verify return code' >&2
+openssl s_client -connect 127.0.0.1:4996 -servername api </dev/null 2>/dev/null \
+    | openssl x509 -noout -subject -issuer -ext subjectAltName >&2
+printf 'CA certificate: ' >&2
+openssl x509 -in api-ca.crt -noout -subject -fingerprint -sha256 | paste -sd' ' >&2
 
 if $pause; then
     echo "run-walkthrough: the service answers at $url (--resolve api:4996:127.0.0.1," \

@@ -270,7 +270,7 @@ def _convert_opened(
         pending.discard()
         raise
     pending.publish()
-    progress.step(f"Wrote {options.destination} ({digest}); result in {checked.result_path}")
+    progress.step(f"Wrote {options.destination} ({digest})")
     return ConversionResult(
         image=options.destination,
         digest=digest,
