@@ -98,6 +98,8 @@ def sconify(options: SconifyOptions) -> str:
         ImageError, ProtectError: the conversion failed; nothing was uploaded.
     """
     template = _read_template(options.template)
+    heap = parse_size(options.heap, option="--heap", bounds=HEAP_RANGE)
+    stack = parse_size(options.stack, option="--stack", bounds=STACK_RANGE)
     attestation_mode = choose_attestation_mode(options.attestation_mode)
 
     # Filling the template once with placeholders makes a bad hook or template fail now
@@ -130,6 +132,8 @@ def sconify(options: SconifyOptions) -> str:
             client=client,
             progress=progress,
             result_path=result_path,
+            heap=heap,
+            stack=stack,
         )
     finally:
         if scratch is not None:
@@ -149,6 +153,8 @@ def _convert_and_upload(
     client: CasClient | None,
     progress: Progress,
     result_path: Path,
+    heap: int,
+    stack: int,
 ) -> str:
     session_name = f"{options.namespace}/{options.name}"
     config_id = f"{session_name}/{options.service_name}"
@@ -159,8 +165,8 @@ def _convert_and_upload(
             binary=options.binary,
             protected=options.dirs,
             plain=options.plain,
-            heap=parse_size(options.heap, option="--heap", bounds=HEAP_RANGE),
-            stack=parse_size(options.stack, option="--stack", bounds=STACK_RANGE),
+            heap=heap,
+            stack=stack,
             dlopen=int(options.dlopen),
             platform=options.platform,
             base=options.base,
