@@ -1,9 +1,7 @@
 from __future__ import annotations
 
 import base64
-import os
 import shutil
-import subprocess
 
 import pytest
 
@@ -16,56 +14,19 @@ from enclavify.policy import (
     session_image_name,
 )
 from enclavify.secrets import SecretValue, generate_secrets
+from tests.sconify_support import example_hooks
 
 from .conftest import FSPF_KEY, FSPF_TAG, MRENCLAVE
-
-# The hooks exactly as a user writes them in a shell script: the shell turns `\$\$` into `$$`.
-HOOK_SCRIPT = r"""
-export SECRETS=$(cat <<EOF
-secrets:
-    - name: api_ca_key
-      kind: private-key
-    - name: api_ca_cert
-      kind: x509-ca
-      export_public: true
-      private_key: api_ca_key
-    - name: flask_key
-      kind: private-key
-    - name: flask
-      kind: x509
-      private_key: flask_key
-      issuer: api_ca_cert
-      dns:
-        - api
-EOF
-)
-export INJECTED_FILES=$(cat <<EOF
-     injection_files:
-        - path: "/tls/flask.crt"
-          content: \$\$SCONE::flask.crt\$\$
-        - path: "/tls/flask.key"
-          content: "\$\$SCONE::flask.key\$\$"
-EOF
-)
-printf '%s\0%s' "$SECRETS" "$INJECTED_FILES"
-"""
 
 
 @pytest.fixture(scope="module")
 def shell_hooks() -> tuple[str, str]:
-    bash = shutil.which("bash")
-    if bash is None:
+    """The example's SECRETS and INJECTED_FILES as the shell expands them (`\\$\\$` to `$$`)."""
+    if shutil.which("bash") is None:
         pytest.skip("bash is needed to expand the hooks as a shell does")
-    output = subprocess.run(
-        [bash, "-c", HOOK_SCRIPT],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PATH": os.defpath},
-    ).stdout
-    secrets, injected = output.split("\0")
-    assert "$$SCONE::flask.crt$$" in injected
-    return secrets, injected
+    hooks = example_hooks()
+    assert "$$SCONE::flask.crt$$" in hooks["INJECTED_FILES"]
+    return hooks["SECRETS"], hooks["INJECTED_FILES"]
 
 
 def _fill(**changes: object) -> str:
