@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -82,6 +83,65 @@ def test_aes_gcm_altered_input_fails_authentication(backend: str, change: str) -
     with pytest.raises(crypto.AuthenticationError) as excinfo:
         crypto.aes_gcm_decrypt(key, nonce, bytes(sealed), aad, backend=backend)
     assert str(excinfo.value) == "authentication failed"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [0, 1, 4096, 70000])
+def test_decrypt_into_fills_a_slice_of_a_larger_buffer(backend: str, size: int) -> None:
+    cipher = crypto.AesGcm(os.urandom(32), backend=backend)
+    plaintext = os.urandom(size)
+    sealed = cipher.encrypt(bytes(12), plaintext, b"aad")
+    source = bytearray(3) + bytearray(sealed)
+    out = bytearray(size + 10)
+
+    cipher.decrypt_into(bytes(12), memoryview(source)[3:], b"aad", memoryview(out)[5 : 5 + size])
+
+    assert out == bytes(5) + plaintext + bytes(5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decrypt_into_leaves_no_plaintext_when_the_tag_fails(backend: str) -> None:
+    cipher = crypto.AesGcm(os.urandom(32), backend=backend)
+    sealed = bytearray(cipher.encrypt(bytes(12), b"secret text" * 100, b""))
+    sealed[-1] ^= 1
+    out = bytearray(len(sealed) - 16)
+
+    with pytest.raises(crypto.AuthenticationError):
+        cipher.decrypt_into(bytes(12), sealed, b"", out)
+    assert out == bytes(len(out))
+    with pytest.raises(ValueError, match="must hold"):
+        cipher.decrypt_into(bytes(12), sealed, b"", bytearray(3))
+
+
+def test_libcrypto_ciphers_sharing_a_thread_keep_their_own_keys() -> None:
+    first = libcrypto.AesGcm(os.urandom(32))
+    second = libcrypto.AesGcm(os.urandom(32))
+    one = first.encrypt(bytes(12), b"one", b"")
+    two = second.encrypt(bytes(12), b"two", b"")
+    for _ in range(3):
+        assert first.decrypt(bytes(12), one, b"") == b"one"
+        assert second.decrypt(bytes(12), two, b"") == b"two"
+        with pytest.raises(libcrypto.TagMismatchError):
+            second.decrypt(bytes(12), one, b"")
+
+
+def test_libcrypto_cipher_used_from_several_threads() -> None:
+    cipher = libcrypto.AesGcm(os.urandom(32))
+    messages = [os.urandom(5000) for _ in range(8)]
+    sealed = [cipher.encrypt(i.to_bytes(12, "big"), m, b"") for i, m in enumerate(messages)]
+
+    def check(index: int) -> bool:
+        own = libcrypto.AesGcm(os.urandom(32))
+        for _ in range(50):
+            secret = own.encrypt(bytes(12), b"own", b"")
+            if cipher.decrypt(index.to_bytes(12, "big"), sealed[index], b"") != messages[index]:
+                return False
+            if own.decrypt(bytes(12), secret, b"") != b"own":
+                return False
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, range(len(messages))))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

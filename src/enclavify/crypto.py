@@ -88,6 +88,18 @@ class _BackendAesGcm:
         except self._tag_failure:
             raise AuthenticationError() from None
 
+    def decrypt_into(self, nonce: bytes, data: Any, aad: bytes, out: memoryview) -> None:
+        native = getattr(self._cipher, "decrypt_into", None)
+        try:
+            if native is not None:
+                native(nonce, data, aad, out)
+            else:
+                out[:] = self._cipher.decrypt(nonce, bytes(data), aad)
+        except self._tag_failure:
+            # A backend may have written unverified plaintext before checking the tag.
+            out[:] = bytes(len(out))
+            raise AuthenticationError() from None
+
 
 class _LibcryptoBackend:
     name = "libcrypto"
@@ -198,6 +210,25 @@ class AesGcm:
         if len(data) < TAG_SIZE:
             raise AuthenticationError()
         return self._cipher.decrypt(nonce, data, aad)  # type: ignore[no-any-return]
+
+    def decrypt_into(self, nonce: bytes, data: Any, aad: bytes, out: Any) -> None:
+        """Decrypt ``ciphertext || tag`` from the buffer ``data`` into the buffer ``out``.
+
+        ``out`` is writable and has exactly ``len(data) - 16`` bytes. The libcrypto backend
+        decrypts in place without allocating; on a failed check ``out`` holds no plaintext.
+
+        Raises:
+            AuthenticationError: the tag does not verify.
+            ValueError: ``out`` has the wrong size.
+        """
+        _check_nonce(nonce)
+        source = memoryview(data)
+        target = memoryview(out)
+        if source.nbytes < TAG_SIZE:
+            raise AuthenticationError()
+        if target.nbytes != source.nbytes - TAG_SIZE:
+            raise ValueError(f"the output buffer must hold {source.nbytes - TAG_SIZE} bytes")
+        self._cipher.decrypt_into(nonce, data if isinstance(data, bytes) else source, aad, target)
 
 
 def aes_gcm_encrypt(

@@ -2,8 +2,10 @@
 
 :func:`open_fspf` checks the fspf against the volume key and the expected tag before
 anything else is read. :func:`unseal_tree` then restores every entry below a target root.
-Each file is decrypted into a temporary file next to its destination and renamed into place
-only after every chunk verified, so a tampered object leaves no plaintext of that file.
+A file of up to 1 MiB is decrypted and verified whole in memory before its name is created
+(with ``O_EXCL``); a longer one is decrypted into a temporary file next to its destination
+and renamed into place only after every chunk verified. Either way a tampered object leaves
+no plaintext of that file.
 
 The manifest may come from a hostile source that has the key, so writing never follows a
 symlink: every directory is opened relative to its parent with ``O_NOFOLLOW``, and entries are
@@ -18,14 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hmac
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 from enclavify import crypto
 from enclavify.errors import IntegrityError, ProtectError
@@ -38,7 +39,6 @@ from enclavify.protect.format import (
     chunk_count,
     chunk_nonce,
     parse_manifest,
-    read_exactly,
     sealed_size,
     split_fspf,
 )
@@ -46,7 +46,7 @@ from enclavify.protect.format import (
 log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_WRITE_BUFFER = 1 << 20
+_SEGMENT = 1 << 20
 # Directory descriptors kept open while restoring; entries arrive grouped by directory.
 _DIR_CACHE_SIZE = 32
 
@@ -123,6 +123,10 @@ class _Restorer:
         self._dirs: OrderedDict[tuple[str, ...], int] = OrderedDict()
         self._root_fd = -1
         self._objects_fd = -1
+        # Files of up to this many chunks are decrypted whole in memory; longer ones in
+        # segments of this many chunks.
+        self._segment_chunks = max(1, _SEGMENT // manifest.chunk_size)
+        self._local = threading.local()
         try:
             self._root_fd = os.open(str(target_root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -239,7 +243,10 @@ class _Restorer:
 
     def _restore_file(self, entry: Entry) -> None:
         parents, name = _split(entry.path)
-        parent = self._directory(parents, entry.path)
+        self._write_file(self._directory(parents, entry.path), name, entry)
+
+    def _write_file(self, parent: int, name: str, entry: Entry) -> None:
+        """Decrypt the object of ``entry`` into ``name`` in the directory ``parent``."""
         failed = IntegrityError(f"protected file {entry.path!r} failed verification")
         try:
             source = os.open(
@@ -247,54 +254,121 @@ class _Restorer:
             )
         except OSError:
             raise failed from None
-        temporary: str | None = None
         try:
             chunk_size = self._manifest.chunk_size
             if os.fstat(source).st_size != sealed_size(entry.size, chunk_size):
                 raise failed
-            temporary = _temporary_name()
+            sealed = _Sealed(source, entry, crypto.AesGcm(entry.key), chunk_size, failed)
+            if sealed.count <= self._segment_chunks:
+                # The whole file is verified in memory before its name is created.
+                plain = self._decrypt_segment(sealed, 0, sealed.count)
+                if not self._write_new(parent, name, entry, plain):
+                    self._write_replacing(parent, name, sealed, plain)
+            else:
+                self._write_replacing(parent, name, sealed, None)
+        finally:
+            os.close(source)
+
+    def _write_new(self, parent: int, name: str, entry: Entry, plain: memoryview) -> bool:
+        """Create ``name`` holding ``plain``; return False if something is already there.
+
+        ``O_EXCL`` makes the kernel refuse any existing entry, a symlink included.
+        """
+        try:
             sink = os.open(
-                temporary,
+                name,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                 0o600,
                 dir_fd=parent,
             )
-            with open(sink, "wb", buffering=_WRITE_BUFFER) as writer:
-                self._decrypt_object(source, writer, entry, failed)
-                writer.flush()
-                self._apply_metadata(writer.fileno(), entry)
-            os.rename(temporary, name, src_dir_fd=parent, dst_dir_fd=parent)
-            temporary = None
-        finally:
-            os.close(source)
-            if temporary is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temporary, dir_fd=parent)
+        except FileExistsError:
+            return False
+        try:
+            _write_all(sink, plain)
+            self._apply_metadata(sink, entry)
+        except BaseException:
+            os.close(sink)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=parent)
+            raise
+        os.close(sink)
+        return True
 
-    def _decrypt_object(
-        self, source: int, writer: BinaryIO, entry: Entry, failed: IntegrityError
+    def _write_replacing(
+        self, parent: int, name: str, sealed: _Sealed, plain: memoryview | None
     ) -> None:
-        chunk_size = self._manifest.chunk_size
-        cipher = crypto.AesGcm(entry.key)
-        count = chunk_count(entry.size, chunk_size)
-        remaining = entry.size
-        write = writer.write
-        read = functools.partial(os.read, source)
-        for index in range(count):
-            want = min(chunk_size, remaining) + TAG_SIZE
-            data = read_exactly(read, want)
-            if len(data) != want:
-                raise failed
-            last = index == count - 1
+        """Decrypt into a temporary file and rename it to ``name`` once every chunk verified.
+
+        ``plain`` is the already verified content of a file of one segment, else None.
+        """
+        temporary = _temporary_name()
+        sink = os.open(
+            temporary,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=parent,
+        )
+        try:
             try:
-                write(
-                    cipher.decrypt(chunk_nonce(index), data, chunk_aad(entry.file_id, index, last))
+                if plain is not None:
+                    _write_all(sink, plain)
+                else:
+                    step = self._segment_chunks
+                    for first in range(0, sealed.count, step):
+                        end = min(sealed.count, first + step)
+                        _write_all(sink, self._decrypt_segment(sealed, first, end))
+                self._apply_metadata(sink, sealed.entry)
+            finally:
+                os.close(sink)
+            os.rename(temporary, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary, dir_fd=parent)
+            raise
+
+    def _decrypt_segment(self, sealed: _Sealed, first: int, end: int) -> memoryview:
+        """Read, verify and decrypt chunks ``first`` to ``end - 1`` of an object.
+
+        Returns a view of this thread's plaintext buffer, valid until its next call. After
+        the last chunk the object must end.
+        """
+        entry, failed, count = sealed.entry, sealed.failed, sealed.count
+        chunk_size = sealed.chunk_size
+        plain_size = min(entry.size, end * chunk_size) - first * chunk_size
+        size_sealed = plain_size + (end - first) * TAG_SIZE
+        sealed_buffer, plain_buffer = self._buffers()
+        # One byte more than expected at the end of the object shows whether it goes on.
+        want = size_sealed + 1 if end == count else size_sealed
+        if _read_into(sealed.fd, sealed_buffer[:want]) != size_sealed:
+            raise failed
+        offset = 0
+        plain_offset = 0
+        for index in range(first, end):
+            size = min(chunk_size, entry.size - index * chunk_size)
+            try:
+                sealed.cipher.decrypt_into(
+                    chunk_nonce(index),
+                    sealed_buffer[offset : offset + size + TAG_SIZE],
+                    chunk_aad(entry.file_id, index, index == count - 1),
+                    plain_buffer[plain_offset : plain_offset + size],
                 )
             except crypto.AuthenticationError:
                 raise failed from None
-            remaining -= want - TAG_SIZE
-        if os.read(source, 1):
-            raise failed
+            offset += size + TAG_SIZE
+            plain_offset += size
+        return plain_buffer[:plain_size]
+
+    def _buffers(self) -> tuple[memoryview, memoryview]:
+        """Return this thread's buffers for one segment: sealed (plus one byte) and plain."""
+        buffers: tuple[memoryview, memoryview] | None = getattr(self._local, "buffers", None)
+        if buffers is None:
+            plain = self._segment_chunks * self._manifest.chunk_size
+            buffers = (
+                memoryview(bytearray(plain + self._segment_chunks * TAG_SIZE + 1)),
+                memoryview(bytearray(plain)),
+            )
+            self._local.buffers = buffers
+        return buffers
 
     @staticmethod
     def _replace_with(parent: int, name: str, create: Callable[[str], None]) -> None:
@@ -342,6 +416,38 @@ class _Restorer:
             self._replace_with(parent, name, create)
         finally:
             os.close(source_parent)
+
+
+class _Sealed:
+    """An open object with what decrypting it needs."""
+
+    def __init__(
+        self, fd: int, entry: Entry, cipher: crypto.AesGcm, chunk_size: int, failed: IntegrityError
+    ) -> None:
+        self.fd = fd
+        self.entry = entry
+        self.cipher = cipher
+        self.chunk_size = chunk_size
+        self.count = chunk_count(entry.size, chunk_size)
+        self.failed = failed
+
+
+def _read_into(fd: int, buffer: memoryview) -> int:
+    """Fill ``buffer`` from ``fd`` until it is full or the file ends; return the bytes read."""
+    filled = 0
+    total = len(buffer)
+    while filled < total:
+        count = os.readv(fd, [buffer[filled:]])
+        if not count:
+            break
+        filled += count
+    return filled
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    written = 0
+    while written < len(data):
+        written += os.write(fd, data[written:])
 
 
 def _temporary_name() -> str:

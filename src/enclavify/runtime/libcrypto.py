@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import threading
 from typing import Any, Optional, Sequence
 
@@ -53,6 +54,8 @@ class Libcrypto:
     def __init__(self, library: ctypes.CDLL, name: str) -> None:
         self.name = name
         self._lib = library
+        # Each thread keeps its own cipher contexts, so ciphers need no lock (see AesGcm).
+        self.threads = threading.local()
         try:
             self._bind()
         except AttributeError as exc:
@@ -64,6 +67,8 @@ class Libcrypto:
         function = getattr(self._lib, name)
         function.restype = restype
         function.argtypes = list(argtypes)
+        # An instance attribute spares the per-call detour through __getattr__.
+        setattr(self, name, function)
 
     def _bind(self) -> None:
         vp = ctypes.c_void_p
@@ -129,11 +134,46 @@ def load(names: Sequence[str] = LIBRARY_NAMES) -> Libcrypto:
         raise LibcryptoUnavailableError("no libcrypto found (" + "; ".join(failures) + ")")
 
 
+class _Context:
+    """An ``EVP_CIPHER_CTX`` set up for AES-256-GCM in one direction, owned by one thread.
+
+    ``owner`` is the token of the :class:`AesGcm` whose key the context holds, 0 for none.
+    """
+
+    def __init__(self, lib: Libcrypto, encrypt: bool) -> None:
+        self.lib = lib
+        self.owner = 0
+        self.handle = lib.EVP_CIPHER_CTX_new()
+        if not self.handle:
+            raise LibcryptoError(f"EVP_CIPHER_CTX_new failed in {lib.name}")
+        self.init = lib.EVP_EncryptInit_ex if encrypt else lib.EVP_DecryptInit_ex
+        lib.check(self.init(self.handle, lib.EVP_aes_256_gcm(), None, None, None),
+                  "EVP cipher init")
+        lib.check(
+            lib.EVP_CIPHER_CTX_ctrl(self.handle, _EVP_CTRL_GCM_SET_IVLEN, NONCE_SIZE, None),
+            "setting the GCM nonce length",
+        )
+
+    def __del__(self) -> None:
+        # Freeing cleanses the key schedule. At interpreter exit the library may already be
+        # unloaded, and then the OS frees it all.
+        with contextlib.suppress(Exception):
+            if self.handle:
+                self.lib.EVP_CIPHER_CTX_free(self.handle)
+                self.handle = None
+
+
+# Tokens tell apart AesGcm objects for the contexts; unlike id() they are never reused.
+_tokens = itertools.count(1)
+
+
 class AesGcm:
     """AES-256-GCM with 12-byte nonces and 16-byte tags appended to the ciphertext.
 
-    One cipher context per direction is set up with the key once and reused for every call
-    with a new nonce, which keeps the per-chunk cost low. A lock serializes calls.
+    Every thread has one cipher context per direction, shared by all AesGcm objects. A call
+    restarts it at the call's nonce and sets this object's key only when another object used
+    the context last, so a sequence of calls under one key pays for the key schedule once and
+    a new key costs no context allocation. An object may be used from several threads.
     """
 
     def __init__(self, key: bytes, lib: Optional[Libcrypto] = None) -> None:
@@ -141,53 +181,38 @@ class AesGcm:
             raise ValueError(f"AES-256-GCM needs a 32-byte key, got {len(key)} bytes")
         self._key = bytes(key)
         self._lib = lib if lib is not None else load()
-        self._contexts: dict[bool, int] = {}
-        self._lock = threading.Lock()
-
-    def __del__(self) -> None:
-        # At interpreter exit the library may already be unloaded, and then the OS frees it all.
-        with contextlib.suppress(Exception):
-            for ctx in self._contexts.values():
-                self._lib.EVP_CIPHER_CTX_free(ctx)
-            self._contexts.clear()
+        self._token = next(_tokens)
 
     def _context(self, encrypt: bool, nonce: bytes) -> int:
-        """Return the context for ``encrypt``, set to ``nonce``; the caller holds the lock."""
+        """Return this thread's context for ``encrypt``, keyed for this object, at ``nonce``."""
         if len(nonce) != NONCE_SIZE:
             raise ValueError(f"AES-GCM nonce must be {NONCE_SIZE} bytes, got {len(nonce)} bytes")
-        lib = self._lib
-        init = lib.EVP_EncryptInit_ex if encrypt else lib.EVP_DecryptInit_ex
-        ctx = self._contexts.get(encrypt)
-        if ctx is None:
-            ctx = lib.EVP_CIPHER_CTX_new()
-            if not ctx:
-                raise LibcryptoError(f"EVP_CIPHER_CTX_new failed in {lib.name}")
-            try:
-                lib.check(init(ctx, lib.EVP_aes_256_gcm(), None, None, None), "EVP cipher init")
-                lib.check(
-                    lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_IVLEN, NONCE_SIZE, None),
-                    "setting the GCM nonce length",
-                )
-                lib.check(init(ctx, None, None, self._key, None), "setting the key")
-            except BaseException:
-                lib.EVP_CIPHER_CTX_free(ctx)
-                raise
-            self._contexts[encrypt] = ctx
-        # A NULL cipher and key keep the context's key schedule and restart GCM at this nonce.
-        lib.check(init(ctx, None, None, None, bytes(nonce)), "setting the nonce")
-        return ctx
+        threads = self._lib.threads
+        name = "encrypt" if encrypt else "decrypt"
+        context: Optional[_Context] = getattr(threads, name, None)
+        if context is None:
+            context = _Context(self._lib, encrypt)
+            setattr(threads, name, context)
+        if context.owner == self._token:
+            # A NULL cipher and key keep the key schedule and restart GCM at this nonce.
+            result = context.init(context.handle, None, None, None, bytes(nonce))
+        else:
+            context.owner = 0
+            result = context.init(context.handle, None, None, self._key, bytes(nonce))
+        self._lib.check(result, "setting the key and nonce")
+        context.owner = self._token
+        return context.handle  # type: ignore[no-any-return]
 
-    def _update(self, update: Any, ctx: int, out: Any, data: bytes, length: int) -> int:
-        """Feed ``data[:length]`` through ``update``; return how many bytes went to ``out``.
+    def _update(self, update: Any, ctx: int, out: int, address: int, length: int) -> int:
+        """Feed ``length`` bytes at ``address`` through ``update`` into the memory at ``out``.
 
-        ``out`` is None for associated data. The input is passed by address, without copies.
+        ``out`` is 0 for associated data. Returns how many bytes were written to ``out``.
         """
-        address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
         out_len = ctypes.c_int(0)
         written = 0
         for start in range(0, length, _MAX_UPDATE):
             piece = min(_MAX_UPDATE, length - start)
-            target = None if out is None else ctypes.byref(out, written)
+            target = (out + written) if out else None
             self._lib.check(
                 update(ctx, target, ctypes.byref(out_len), address + start, piece), "GCM update"
             )
@@ -198,25 +223,24 @@ class AesGcm:
         """Return ``ciphertext || tag``."""
         lib = self._lib
         plaintext = _as_bytes(plaintext)
-        out = ctypes.create_string_buffer(len(plaintext) + TAG_SIZE)
-        with self._lock:
-            ctx = self._context(True, nonce)
-            self._update(lib.EVP_EncryptUpdate, ctx, None, _as_bytes(aad), len(aad))
-            written = self._update(lib.EVP_EncryptUpdate, ctx, out, plaintext, len(plaintext))
-            tail = ctypes.c_int(0)
-            # GCM is a stream mode, so the final call outputs nothing.
-            lib.check(
-                lib.EVP_EncryptFinal_ex(ctx, ctypes.byref(out, written), ctypes.byref(tail)),
-                "GCM final",
-            )
-            if written + tail.value != len(plaintext):
-                raise LibcryptoError(f"{lib.name} produced a ciphertext of unexpected length")
-            lib.check(
-                lib.EVP_CIPHER_CTX_ctrl(
-                    ctx, _EVP_CTRL_GCM_GET_TAG, TAG_SIZE, ctypes.byref(out, len(plaintext))
-                ),
-                "reading the GCM tag",
-            )
+        aad = _as_bytes(aad)
+        size = len(plaintext)
+        out = ctypes.create_string_buffer(size + TAG_SIZE)
+        out_address = ctypes.addressof(out)
+        ctx = self._context(True, nonce)
+        self._update(lib.EVP_EncryptUpdate, ctx, 0, _address(aad), len(aad))
+        written = self._update(lib.EVP_EncryptUpdate, ctx, out_address, _address(plaintext), size)
+        tail = ctypes.c_int(0)
+        # GCM is a stream mode, so the final call outputs nothing.
+        lib.check(
+            lib.EVP_EncryptFinal_ex(ctx, out_address + written, ctypes.byref(tail)), "GCM final"
+        )
+        if written + tail.value != size:
+            raise LibcryptoError(f"{lib.name} produced a ciphertext of unexpected length")
+        lib.check(
+            lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_GET_TAG, TAG_SIZE, out_address + size),
+            "reading the GCM tag",
+        )
         return out.raw
 
     def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
@@ -227,26 +251,68 @@ class AesGcm:
         """
         if len(data) < TAG_SIZE:
             raise TagMismatchError
-        lib = self._lib
         data = _as_bytes(data)
         size = len(data) - TAG_SIZE
         out = ctypes.create_string_buffer(size or 1)
-        tag = ctypes.create_string_buffer(data[size:], TAG_SIZE)
-        with self._lock:
-            ctx = self._context(False, nonce)
-            self._update(lib.EVP_DecryptUpdate, ctx, None, _as_bytes(aad), len(aad))
-            written = self._update(lib.EVP_DecryptUpdate, ctx, out, data, size)
-            lib.check(
-                lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_TAG, TAG_SIZE, tag),
-                "setting the GCM tag",
-            )
-            tail = ctypes.c_int(0)
-            if lib.EVP_DecryptFinal_ex(ctx, ctypes.byref(out, written), ctypes.byref(tail)) != 1:
-                lib.ERR_clear_error()
-                raise TagMismatchError
-            if written + tail.value != size:
-                raise LibcryptoError(f"{lib.name} produced a plaintext of unexpected length")
-        return out.raw if size else b""
+        self._decrypt(nonce, _address(data), size, _as_bytes(aad), ctypes.addressof(out))
+        return out.raw[:size]
+
+    def decrypt_into(self, nonce: bytes, data: Any, aad: bytes, out: Any) -> None:
+        """Decrypt ``ciphertext || tag`` from the buffer ``data`` into the writable buffer ``out``.
+
+        ``out`` must have exactly ``len(data) - 16`` bytes; nothing is allocated per call. On
+        a tag mismatch ``out`` is zeroed, so no unverified plaintext stays in it.
+
+        Raises:
+            TagMismatchError: the tag does not match (wrong key, nonce, data or aad).
+            ValueError: ``out`` has the wrong size or is not writable.
+        """
+        source = memoryview(data)
+        target = memoryview(out)
+        if source.nbytes < TAG_SIZE:
+            raise TagMismatchError
+        size = source.nbytes - TAG_SIZE
+        if target.nbytes != size or target.readonly:
+            raise ValueError(f"decrypt_into needs a writable buffer of {size} bytes")
+        # Kept referenced until the call returns: they pin the buffers' memory.
+        source_pin: Any = data if isinstance(data, bytes) else source
+        if isinstance(source_pin, bytes) or source.readonly:
+            source_pin = bytes(source_pin)
+            source_address = _address(source_pin)
+        else:
+            source_pin = ctypes.c_char.from_buffer(source)
+            source_address = ctypes.addressof(source_pin)
+        # GCM writes nothing for an empty plaintext, but libcrypto still wants a pointer.
+        target_pin: Any = ctypes.c_char.from_buffer(target) if size else ctypes.c_char()
+        target_address = ctypes.addressof(target_pin)
+        try:
+            self._decrypt(nonce, source_address, size, _as_bytes(aad), target_address)
+        except TagMismatchError:
+            ctypes.memset(target_address, 0, size)
+            raise
+        del source_pin, target_pin
+
+    def _decrypt(self, nonce: bytes, source: int, size: int, aad: bytes, out: int) -> None:
+        """Decrypt ``size`` bytes at ``source``, followed by their tag, into ``out``."""
+        lib = self._lib
+        ctx = self._context(False, nonce)
+        self._update(lib.EVP_DecryptUpdate, ctx, 0, _address(aad), len(aad))
+        written = self._update(lib.EVP_DecryptUpdate, ctx, out, source, size)
+        lib.check(
+            lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_TAG, TAG_SIZE, source + size),
+            "setting the GCM tag",
+        )
+        tail = ctypes.c_int(0)
+        if lib.EVP_DecryptFinal_ex(ctx, out + written, ctypes.byref(tail)) != 1:
+            lib.ERR_clear_error()
+            raise TagMismatchError
+        if written + tail.value != size:
+            raise LibcryptoError(f"{lib.name} produced a plaintext of unexpected length")
+
+
+def _address(data: bytes) -> int:
+    """Return the address of the bytes object's contents (no copy; valid while it lives)."""
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
 
 
 def _as_bytes(data: Any) -> bytes:
