@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-import psycopg
-
 from enclavify.errors import CasError
 
 log = logging.getLogger(__name__)
@@ -255,6 +253,11 @@ class PostgresDatabase(Database):
 
     def __init__(self, url: str, *, pool_size: int = 8) -> None:
         super().__init__(url)
+        # Imported here, not at the top: loading the driver costs about 0.1 s, and every
+        # command-line call (image conversion included) would pay it for SQLite-only use.
+        import psycopg  # noqa: PLC0415
+
+        self._psycopg: Any = psycopg
         self._pool: queue.LifoQueue[Any] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(pool_size)
         self._all: list[Any] = []
@@ -262,8 +265,8 @@ class PostgresDatabase(Database):
 
     def _connect(self) -> Any:
         try:
-            connection = psycopg.connect(self.url, connect_timeout=10)
-        except psycopg.Error as error:
+            connection = self._psycopg.connect(self.url, connect_timeout=10)
+        except self._psycopg.Error as error:
             raise CasError(
                 f"cannot connect to {redact_url(self.url)}: {str(error).strip()}"
             ) from error
@@ -291,7 +294,7 @@ class PostgresDatabase(Database):
                         tx.execute("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE")
                     yield tx
                 healthy = True
-            except psycopg.Error as error:
+            except self._psycopg.Error as error:
                 raise CasError(
                     f"database {redact_url(self.url)} failed: {str(error).strip()}"
                 ) from error
@@ -307,7 +310,7 @@ class PostgresDatabase(Database):
             with connection.transaction(), connection.cursor() as cursor:
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
                 return _apply_migrations(_PostgresTransaction(cursor), redact_url(self.url))
-        except psycopg.Error as error:
+        except self._psycopg.Error as error:
             raise CasError(f"migrating {redact_url(self.url)} failed: {error}") from error
         finally:
             self._pool.put(connection)
