@@ -143,6 +143,9 @@ class _Context:
     def __init__(self, lib: Libcrypto, encrypt: bool) -> None:
         self.lib = lib
         self.owner = 0
+        # Output length cell for update and final calls, reused by every call of this thread.
+        self.length = ctypes.c_int(0)
+        self.length_ref = ctypes.byref(self.length)
         self.handle = lib.EVP_CIPHER_CTX_new()
         if not self.handle:
             raise LibcryptoError(f"EVP_CIPHER_CTX_new failed in {lib.name}")
@@ -183,7 +186,7 @@ class AesGcm:
         self._lib = lib if lib is not None else load()
         self._token = next(_tokens)
 
-    def _context(self, encrypt: bool, nonce: bytes) -> int:
+    def _context(self, encrypt: bool, nonce: bytes) -> _Context:
         """Return this thread's context for ``encrypt``, keyed for this object, at ``nonce``."""
         if len(nonce) != NONCE_SIZE:
             raise ValueError(f"AES-GCM nonce must be {NONCE_SIZE} bytes, got {len(nonce)} bytes")
@@ -201,22 +204,27 @@ class AesGcm:
             result = context.init(context.handle, None, None, self._key, bytes(nonce))
         self._lib.check(result, "setting the key and nonce")
         context.owner = self._token
-        return context.handle  # type: ignore[no-any-return]
+        return context
 
-    def _update(self, update: Any, ctx: int, out: int, address: int, length: int) -> int:
+    def _update(self, update: Any, context: _Context, out: int, address: int, length: int) -> int:
         """Feed ``length`` bytes at ``address`` through ``update`` into the memory at ``out``.
 
         ``out`` is 0 for associated data. Returns how many bytes were written to ``out``.
         """
-        out_len = ctypes.c_int(0)
+        check = self._lib.check
+        if length <= _MAX_UPDATE:
+            check(
+                update(context.handle, out or None, context.length_ref, address, length),
+                "GCM update",
+            )
+            return context.length.value
         written = 0
         for start in range(0, length, _MAX_UPDATE):
             piece = min(_MAX_UPDATE, length - start)
             target = (out + written) if out else None
-            self._lib.check(
-                update(ctx, target, ctypes.byref(out_len), address + start, piece), "GCM update"
-            )
-            written += out_len.value
+            check(update(context.handle, target, context.length_ref, address + start, piece),
+                  "GCM update")
+            written += context.length.value
         return written
 
     def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -227,15 +235,17 @@ class AesGcm:
         size = len(plaintext)
         out = ctypes.create_string_buffer(size + TAG_SIZE)
         out_address = ctypes.addressof(out)
-        ctx = self._context(True, nonce)
-        self._update(lib.EVP_EncryptUpdate, ctx, 0, _address(aad), len(aad))
-        written = self._update(lib.EVP_EncryptUpdate, ctx, out_address, _address(plaintext), size)
-        tail = ctypes.c_int(0)
+        context = self._context(True, nonce)
+        ctx = context.handle
+        self._update(lib.EVP_EncryptUpdate, context, 0, _address(aad), len(aad))
+        written = self._update(
+            lib.EVP_EncryptUpdate, context, out_address, _address(plaintext), size
+        )
         # GCM is a stream mode, so the final call outputs nothing.
         lib.check(
-            lib.EVP_EncryptFinal_ex(ctx, out_address + written, ctypes.byref(tail)), "GCM final"
+            lib.EVP_EncryptFinal_ex(ctx, out_address + written, context.length_ref), "GCM final"
         )
-        if written + tail.value != size:
+        if written + context.length.value != size:
             raise LibcryptoError(f"{lib.name} produced a ciphertext of unexpected length")
         lib.check(
             lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_GET_TAG, TAG_SIZE, out_address + size),
@@ -295,18 +305,18 @@ class AesGcm:
     def _decrypt(self, nonce: bytes, source: int, size: int, aad: bytes, out: int) -> None:
         """Decrypt ``size`` bytes at ``source``, followed by their tag, into ``out``."""
         lib = self._lib
-        ctx = self._context(False, nonce)
-        self._update(lib.EVP_DecryptUpdate, ctx, 0, _address(aad), len(aad))
-        written = self._update(lib.EVP_DecryptUpdate, ctx, out, source, size)
+        context = self._context(False, nonce)
+        ctx = context.handle
+        self._update(lib.EVP_DecryptUpdate, context, 0, _address(aad), len(aad))
+        written = self._update(lib.EVP_DecryptUpdate, context, out, source, size)
         lib.check(
             lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_TAG, TAG_SIZE, source + size),
             "setting the GCM tag",
         )
-        tail = ctypes.c_int(0)
-        if lib.EVP_DecryptFinal_ex(ctx, out + written, ctypes.byref(tail)) != 1:
+        if lib.EVP_DecryptFinal_ex(ctx, out + written, context.length_ref) != 1:
             lib.ERR_clear_error()
             raise TagMismatchError
-        if written + tail.value != size:
+        if written + context.length.value != size:
             raise LibcryptoError(f"{lib.name} produced a plaintext of unexpected length")
 
 
