@@ -255,3 +255,56 @@ def test_any_flipped_bit_is_rejected(
     flip_bit(sealed.object_of(BIG), position // 8, position % 8)
 
     assert_rejected(sealed, BIG)
+
+
+@pytest.fixture
+def many_sealed(tmp_path: Path) -> Sealed:
+    """Enough files that the unsealer shares them with a forked child (the last go there)."""
+    source = tmp_path / "source"
+    for index in range(120):
+        directory = source / "app" / f"d{index // 10:02d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        size = 3 * CHUNK_SIZE if index % 7 == 0 else 100 + index
+        (directory / f"f{index:03d}").write_bytes(os.urandom(size))
+    volume = seal_tree(source, ["/app"], tmp_path / "sealed")
+    target = tmp_path / "target"
+    target.mkdir()
+    return Sealed(source, tmp_path / "sealed", volume, target)
+
+
+@pytest.mark.parametrize("index", [0, 119], ids=["restored-here", "restored-in-child"])
+def test_rejection_of_a_file_among_many_names_it(many_sealed: Sealed, index: int) -> None:
+    path = f"/app/d{index // 10:02d}/f{index:03d}"
+    flip_bit(many_sealed.object_of(path), 5)
+
+    with pytest.raises(IntegrityError) as excinfo:
+        many_sealed.unseal()
+
+    assert repr(path) in str(excinfo.value)
+    assert not (many_sealed.target / path.lstrip("/")).exists()
+    leftovers = [item for item in (many_sealed.target / "app").rglob("*") if ".tmp" in item.name]
+    assert leftovers == []
+
+
+def test_many_files_unseal_alike_in_both_processes(
+    many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forks = []
+    real_fork = os.fork
+
+    def counting_fork() -> int:
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", counting_fork)
+    many_sealed.unseal()
+
+    if len(os.sched_getaffinity(0)) > 1:
+        assert len(forks) == 1
+
+    for index in range(120):
+        relative = f"app/d{index // 10:02d}/f{index:03d}"
+        restored = (many_sealed.target / relative).read_bytes()
+        assert restored == (many_sealed.source / relative).read_bytes()

@@ -5,7 +5,8 @@ anything else is read. :func:`unseal_tree` then restores every entry below a tar
 A file of up to 1 MiB is decrypted and verified whole in memory before its name is created
 (with ``O_EXCL``); a longer one is decrypted into a temporary file next to its destination
 and renamed into place only after every chunk verified. Either way a tampered object leaves
-no plaintext of that file.
+no plaintext of that file. With many files and more than one CPU, a forked child restores
+half of them.
 
 The manifest may come from a hostile source that has the key, so writing never follows a
 symlink: every directory is opened relative to its parent with ``O_NOFOLLOW``, and entries are
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SEGMENT = 1 << 20
+# With this many files or more, and more than one CPU, a forked child restores half of them.
+_FORK_FILES = 64
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+# What restoring a file costs besides its bytes, in bytes of decryption (measured roughly).
+_FILE_COST = 32768
 # Directory descriptors kept open while restoring; entries arrive grouped by directory.
 _DIR_CACHE_SIZE = 32
 
@@ -196,17 +202,29 @@ class _Restorer:
         for region in self._manifest.regions:
             self._directory(_components(region), region)
         directories: list[Entry] = []
+        files: list[Entry] = []
+        # Files come after directories and symlinks, hardlinks after every file they may name.
+        hardlinks: list[Entry] = []
         for entry in self._manifest.entries:
             try:
                 if entry.type == "dir":
                     self._restore_directory(entry)
                     directories.append(entry)
                 elif entry.type == "file":
-                    self._restore_file(entry)
+                    files.append(entry)
                 elif entry.type == "symlink":
                     self._restore_symlink(entry)
                 else:
-                    self._restore_hardlink(entry)
+                    hardlinks.append(entry)
+            except OSError as exc:
+                raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
+        if len(files) >= _FORK_FILES and _CPUS > 1 and hasattr(os, "fork"):
+            self._restore_files_in_two(files)
+        else:
+            self._restore_files(files)
+        for entry in hardlinks:
+            try:
+                self._restore_hardlink(entry)
             except OSError as exc:
                 raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
         # Deepest first, so that setting a child's metadata cannot disturb its parent's mtime
@@ -241,9 +259,66 @@ class _Restorer:
         os.fchmod(fd, entry.mode)
         os.utime(fd, times=(entry.mtime, entry.mtime))
 
-    def _restore_file(self, entry: Entry) -> None:
-        parents, name = _split(entry.path)
-        self._write_file(self._directory(parents, entry.path), name, entry)
+    def _restore_files(self, files: list[Entry]) -> None:
+        for entry in files:
+            parents, name = _split(entry.path)
+            try:
+                self._write_file(self._directory(parents, entry.path), name, entry)
+            except OSError as exc:
+                raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
+
+    def _restore_files_in_two(self, files: list[Entry]) -> None:
+        """Restore the second half of ``files`` in a forked child and the first half here.
+
+        Threads gain nothing, because the Python work per file holds the GIL; a second process
+        has its own. Both only create files, in directories that already exist. The child
+        reports a failure through a pipe; this waits for the child in every case, so nothing
+        is written after this returns or raises.
+        """
+        # Split where about half the work is done: a file costs its size and a fixed amount.
+        total = sum(entry.size + _FILE_COST for entry in files)
+        half = done = 0
+        while half < len(files) and done < total // 2:
+            done += files[half].size + _FILE_COST
+            half += 1
+        reading, writing = os.pipe()
+        try:
+            child = os.fork()
+        except BaseException:
+            os.close(reading)
+            os.close(writing)
+            raise
+        if child == 0:  # pragma: no cover - runs in the child, which ends with os._exit
+            os.close(reading)
+            status = 0
+            try:
+                self._restore_files(files[half:])
+            except BaseException as exc:
+                status = 1
+                kind = "IntegrityError" if isinstance(exc, IntegrityError) else "ProtectError"
+                message = str(exc) if isinstance(exc, ProtectError) else f"cannot restore: {exc}"
+                with contextlib.suppress(BaseException):
+                    _write_all(writing, memoryview(f"{kind}\0{message}".encode(errors="replace")))
+            finally:
+                os._exit(status)
+        os.close(writing)
+        try:
+            self._restore_files(files[:half])
+        finally:
+            report = b""
+            with contextlib.suppress(OSError):
+                while True:
+                    data = os.read(reading, 65536)
+                    if not data:
+                        break
+                    report += data
+            os.close(reading)
+            _, status = os.waitpid(child, 0)
+        if report or status != 0:
+            kind, _, message = report.decode(errors="replace").partition("\0")
+            if not message:
+                message = f"unsealing in a child process failed with status {status}"
+            raise (IntegrityError if kind == "IntegrityError" else ProtectError)(message)
 
     def _write_file(self, parent: int, name: str, entry: Entry) -> None:
         """Decrypt the object of ``entry`` into ``name`` in the directory ``parent``."""
