@@ -476,6 +476,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     _configure_logging(os.environ.get("ENCLAVIFY_LOG_LEVEL", "warning"))
     command = args[0] if args else "run"
+    log.debug("launcher started: %s", command)
     try:
         if command == "run":
             launch(environ=os.environ)
