@@ -215,7 +215,7 @@ class AesGcm:
         """Decrypt ``ciphertext || tag`` from the buffer ``data`` into the buffer ``out``.
 
         ``out`` is writable and has exactly ``len(data) - 16`` bytes. The libcrypto backend
-        decrypts in place without allocating; on a failed check ``out`` holds no plaintext.
+        decrypts in place without allocating. After a failed check ``out`` contains no plaintext.
 
         Raises:
             AuthenticationError: the tag does not verify.

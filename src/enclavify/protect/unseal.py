@@ -3,9 +3,9 @@
 :func:`open_fspf` checks the fspf against the volume key and the expected tag before
 anything else is read. :func:`unseal_tree` then restores every entry below a target root.
 A file of up to 1 MiB is decrypted and verified whole in memory before its name is created
-(with ``O_EXCL``); a longer one is decrypted into a temporary file next to its destination
-and renamed into place only after every chunk verified. Either way a tampered object leaves
-no plaintext of that file. With many files and more than one CPU, a forked child restores
+with ``O_EXCL``. A longer one is decrypted into a temporary file next to its destination and
+renamed into place only after every chunk verified. Either way a tampered object leaves no
+plaintext of that file. With many files and more than one CPU, a forked child restores
 half of them.
 
 The manifest may come from a hostile source that has the key, so writing never follows a
@@ -51,7 +51,7 @@ _SEGMENT = 1 << 20
 # With this many files or more, and more than one CPU, a forked child restores half of them.
 _FORK_FILES = 64
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-# What restoring a file costs besides its bytes, in bytes of decryption (measured roughly).
+# Cost of restoring a file besides its bytes, in bytes of decryption (a rough estimate).
 _FILE_COST = 32768
 # Directory descriptors kept open while restoring; entries arrive grouped by directory.
 _DIR_CACHE_SIZE = 32
@@ -218,10 +218,12 @@ class _Restorer:
                     hardlinks.append(entry)
             except OSError as exc:
                 raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
+
         if len(files) >= _FORK_FILES and _CPUS > 1 and hasattr(os, "fork"):
             self._restore_files_in_two(files)
         else:
             self._restore_files(files)
+
         for entry in hardlinks:
             try:
                 self._restore_hardlink(entry)
@@ -274,6 +276,9 @@ class _Restorer:
         has its own. Both only create files, in directories that already exist. The child
         reports a failure through a pipe; this waits for the child in every case, so nothing
         is written after this returns or raises.
+
+        NOTE: forking is safe only while no other thread of this process holds a lock (inside
+        OpenSSL, say); the launcher runs no other threads while it unseals.
         """
         # Split where about half the work is done: a file costs its size and a fixed amount.
         total = sum(entry.size + _FILE_COST for entry in files)

@@ -175,8 +175,8 @@ class AesGcm:
 
     Every thread has one cipher context per direction, shared by all AesGcm objects. A call
     restarts it at the call's nonce and sets this object's key only when another object used
-    the context last, so a sequence of calls under one key pays for the key schedule once and
-    a new key costs no context allocation. An object may be used from several threads.
+    the context last. So a run of calls under one key pays for the key schedule once, and a
+    new key costs no context allocation. An object may be used from several threads.
     """
 
     def __init__(self, key: bytes, lib: Optional[Libcrypto] = None) -> None:
