@@ -3,7 +3,7 @@
 Steps, in order:
 
 1. Check what can be checked before any work: the hooks parse and fit the template, the CAS
-   certificate is at hand, and (unless ``dry_run``) the CAS answers over TLS with that
+   certificate is at hand, and (unless ``dry_run``) the CAS responds over TLS with that
    certificate and the namespace exists or may be created.
 2. Convert the image, with the CAS address, its certificate and the configuration id baked in.
 3. Fill the session template with the conversion's values and the hooks; validate it.
@@ -322,7 +322,7 @@ def _upload(
         stored_hash = client.create_session(session_text)
         log.info("created session %s (%s)", session_name, stored_hash)
 
-    # The CAS answers with the hash of what it stored; a mismatch means it stored something else.
+    # The CAS returns the hash of what it stored; a mismatch means it stored something else.
     expected = session_hash(parse_session(session_text))
     if stored_hash != expected:
         raise CasError(
