@@ -38,6 +38,35 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["CONTAINERS_CONF"] = str(CONTAINERS_CONF)
 
 
+# Tests name the images they make below this prefix, so the session can remove them all.
+TEST_IMAGE_PREFIX = "localhost/enclavify-test"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_images() -> Iterator[None]:
+    """Remove, after the whole session, the containers and images the tests left in podman."""
+    yield
+    podman = shutil.which("podman")
+    if podman is None:
+        return
+    listed = subprocess.run(
+        [podman, "images", "--format", "{{.Repository}}:{{.Tag}}"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    images = [name for name in listed.stdout.split() if name.startswith(TEST_IMAGE_PREFIX)]
+    if not images:
+        return
+    for image in images:
+        containers = subprocess.run(
+            [podman, "ps", "-a", "-q", "--filter", f"ancestor={image}"],
+            capture_output=True, text=True, timeout=120, check=False,
+        ).stdout.split()
+        if containers:
+            subprocess.run([podman, "rm", "-f", *containers], capture_output=True,
+                           timeout=120, check=False)
+    subprocess.run([podman, "rmi", "-f", *images], capture_output=True, timeout=300, check=False)
+
+
 def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
