@@ -280,15 +280,6 @@ def test_missing_cas_certificate_names_the_flag(tmp_path: Path) -> None:
     assert "--cas-cert" in done.stderr
 
 
-def test_session_file_written_atomically_0600(tmp_path: Path) -> None:
-    target = tmp_path / "session.yml"
-    target.write_text("old")
-    sconify_module.write_atomically(target, "name: x\n", mode=0o600)
-    assert target.read_text() == "name: x\n"
-    assert stat.S_IMODE(target.stat().st_mode) == 0o600
-    assert [path.name for path in tmp_path.iterdir()] == ["session.yml"]
-
-
 def test_bad_hook_rejected_without_podman(tmp_path: Path) -> None:
     env = sconify_environment(tmp_path, {"SECRETS": "secrets: [unclosed"})
     done = run_sconify(

@@ -17,7 +17,6 @@ The session name ``NAMESPACE/NAME`` is returned for the caller to print.
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from enclavify import atomic
 from enclavify.attest import devices
 from enclavify.cas.client import CasClient
 from enclavify.cas.identity import load_or_create_identity
@@ -201,7 +201,7 @@ def _convert_and_upload(
         progress.step(f"Uploading session {session_name} to {options.cas}")
         session_text = _upload(client, options, fill)
 
-    write_atomically(options.session_file, session_text, mode=0o600)
+    atomic.write_bytes(options.session_file, session_text.encode(), mode=0o600)
     compose = ComposeSettings(
         service=options.service_name,
         image=options.target,
@@ -211,7 +211,7 @@ def _convert_and_upload(
         exposed_ports=result.exposed_ports,
         devices=[device.path for device in devices.detect() if device.path.startswith("/dev/")],
     )
-    write_atomically(options.compose_file, render_compose(compose), mode=0o644)
+    atomic.write_bytes(options.compose_file, render_compose(compose).encode(), mode=0o644)
     progress.step(f"Wrote {options.session_file} and {options.compose_file}")
     return session_name
 
@@ -330,19 +330,3 @@ def _upload(
             f"but the uploaded session hashes to {expected}"
         )
     return session_text
-
-
-def write_atomically(path: Path, text: str, *, mode: int) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory, with ``mode``."""
-    directory = path.parent if str(path.parent) else Path()
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    try:
-        os.fchmod(descriptor, mode)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from enclavify import trace
+from enclavify import atomic, trace
 from enclavify.errors import UsageError
 
 
@@ -63,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             args.image, args.operands, seconds=args.seconds, network=args.network
         )
         if args.save_log is not None:
-            _write_atomic(args.save_log, text)
+            atomic.write_bytes(args.save_log, text.encode(errors="surrogateescape"))
         result = trace.analyze(text, initial_cwd=args.cwd or workdir, after_first_execve=True)
     else:
         if len(args.operands) != 1:
@@ -96,18 +94,6 @@ def _read_log(name: str) -> str:
         return Path(name).read_text(errors="surrogateescape")
     except OSError as error:
         raise UsageError(f"cannot read the strace log {name!r}: {error.strerror}") from error
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", errors="surrogateescape") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 def _report(result: trace.TraceResult) -> None:
