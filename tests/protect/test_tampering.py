@@ -308,3 +308,13 @@ def test_many_files_unseal_alike_in_both_processes(
         relative = f"app/d{index // 10:02d}/f{index:03d}"
         restored = (many_sealed.target / relative).read_bytes()
         assert restored == (many_sealed.source / relative).read_bytes()
+
+
+@pytest.mark.timeout(10)
+def test_object_replaced_by_fifo_is_rejected_without_blocking(sealed: Sealed) -> None:
+    # Opening a FIFO for reading blocks until a writer appears; the unsealer must not wait.
+    victim = sealed.object_of(SMALL)
+    victim.unlink()
+    os.mkfifo(victim)
+
+    assert_rejected(sealed, SMALL)

@@ -24,6 +24,7 @@ import errno
 import hmac
 import logging
 import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -329,12 +330,21 @@ class _Restorer:
         """Decrypt the object of ``entry`` into ``name`` in the directory ``parent``."""
         failed = IntegrityError(f"protected file {entry.path!r} failed verification")
         try:
+            # O_NONBLOCK so that a FIFO planted in place of the object cannot block the open.
             source = os.open(
-                entry.object, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._objects_fd
+                entry.object,
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                dir_fd=self._objects_fd,
             )
         except OSError:
             raise failed from None
         try:
+            if not stat.S_ISREG(os.fstat(source).st_mode):
+                raise IntegrityError(
+                    f"protected file {entry.path!r} failed verification:"
+                    " its object is not a regular file"
+                )
+            os.set_blocking(source, True)
             chunk_size = self._manifest.chunk_size
             if os.fstat(source).st_size != sealed_size(entry.size, chunk_size):
                 raise failed
