@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import stat
 from pathlib import Path
 
 from cryptography import x509
@@ -31,7 +32,8 @@ def load_or_create_identity(path: Path | None = None) -> Identity:
     """Return the identity stored at ``path``, creating the key and certificate on first use.
 
     Raises:
-        CasError: the file exists but holds no private key and certificate.
+        CasError: the file is unreadable, is accessible by group or others, or holds no
+            private key and certificate.
     """
     path = path or default_identity_path()
     if not path.exists():
@@ -39,7 +41,14 @@ def load_or_create_identity(path: Path | None = None) -> Identity:
         # Two commands creating the identity at once must end up with the same one.
         with contextlib.suppress(FileExistsError):
             atomic.write_bytes(path, _new_identity_pem(), mode=0o600, replace=False)
-    data = path.read_bytes()
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except OSError as error:
+        raise CasError(f"cannot read the client identity {path}: {error}") from error
+    # The file holds the private key that the CAS grants access to.
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CasError(f"the client identity {path} is accessible by others; chmod 600 it")
     if b"PRIVATE KEY-----" not in data or b"BEGIN CERTIFICATE-----" not in data:
         raise CasError(f"{path}: expected a PEM private key and certificate")
     return Identity(str(path))
