@@ -128,7 +128,10 @@ def _value_for(
     dependencies: dict[str, str] = {}
     for role, reference in (("private_key", definition.private_key), ("issuer", definition.issuer)):
         if reference is not None:
-            public = resolve(reference).public_value() or ""
+            try:
+                public = resolve(reference).public_value() or ""
+            except SecretError as exc:
+                raise SecretError(f"secret {name!r}: {role} {reference!r}: {exc}") from None
             dependencies[role] = hashlib.sha256(public.encode("utf-8")).hexdigest()
     fingerprint = definition_fingerprint(entry, dependencies)
     if previous is not None and previous.kind == definition.kind:
@@ -210,11 +213,19 @@ def _certificate(
     not_after = now + dt.timedelta(seconds=definition.valid_for or 365 * 86400)
     if definition.issuer is not None:
         issuer_value = resolve(definition.issuer)
-        issuer_cert = x509.load_pem_x509_certificate(issuer_value.field("cert").encode("ascii"))
+        try:
+            issuer_cert = x509.load_pem_x509_certificate(issuer_value.field("cert").encode("ascii"))
+            issuer_name = issuer_cert.subject
+            issuer_not_after = issuer_cert.not_valid_after_utc
+        except (ValueError, UnicodeEncodeError):
+            # The library's message could quote the material, so it is not passed on.
+            raise SecretError(
+                f"secret {name!r}: the certificate of issuer {definition.issuer!r} is not a "
+                "valid PEM certificate"
+            ) from None
         signing_key = _load_key(issuer_value.field("key"), f"key of issuer {definition.issuer!r}")
-        issuer_name = issuer_cert.subject
         # A certificate cannot outlive its issuer and still verify.
-        not_after = min(not_after, issuer_cert.not_valid_after_utc)
+        not_after = min(not_after, issuer_not_after)
         chain = issuer_value.field("cert") + issuer_value.field("chain")
         authority = x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key())
     else:

@@ -19,6 +19,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import load_pem_x509_certificate
 
@@ -192,6 +193,8 @@ class SecretValue:
         except (ValueError, TypeError):
             # The library's message could quote the material, so it is not passed on.
             raise SecretError(f"stored {self.kind} value is not valid PEM") from None
+        except UnsupportedAlgorithm:
+            raise SecretError(f"stored {self.kind} value has an unsupported key type") from None
         return public.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ).decode("ascii")
