@@ -230,3 +230,38 @@ def test_database_url_redacts_password(url: str) -> None:
     assert "s3cret" not in redacted
     assert "***" in redacted
     assert "db.internal" in redacted
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "host=db.internal dbname=cas user=cas password=s3cret",
+        "password=s3cret host=db.internal",
+        " dbname = cas password = 's3cret x'",
+    ],
+)
+def test_keyword_connection_string_is_refused(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Taken as a relative SQLite path, the string would create a file here.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CasError) as excinfo:
+        Database.open(url)
+    message = str(excinfo.value)
+    assert "postgresql://" in message
+    assert "s3cret" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "host=db.internal dbname=cas user=cas password=s3cret",
+        "host=db.internal password = 's3cret x' dbname=cas",
+    ],
+)
+def test_keyword_connection_string_password_is_redacted(url: str) -> None:
+    redacted = redact_url(url)
+    assert "s3cret" not in redacted
+    assert "password" in redacted and "***" in redacted
+    assert "db.internal" in redacted

@@ -99,6 +99,12 @@ class Database:
         if "://" in url:
             raise CasError(f"unsupported database URL {redact_url(url)!r}: expected"
                            " postgresql://… or sqlite:///PATH")
+        if _KEYWORD_FORM.search(url):
+            # A libpq "host=… password=…" string would otherwise become an SQLite file name,
+            # and quoting it back could show the password, so it is not quoted.
+            raise CasError("the database looks like a key=value PostgreSQL connection string;"
+                           " give it as a postgresql://USER@HOST/DBNAME URL (or an SQLite file"
+                           " as sqlite:///PATH)")
         return SqliteDatabase(Path(url))
 
     @contextmanager
@@ -114,14 +120,19 @@ class Database:
         raise NotImplementedError
 
 
-_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_PASSWORD_PARAMETER = re.compile(
+    r"((?:^|[?&\s])password\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s&#]*)", re.IGNORECASE
+)
+# The start of a libpq keyword/value connection string ("host=db dbname=cas ..."). An SQLite
+# file whose name happens to start this way is still accepted as sqlite:///PATH.
+_KEYWORD_FORM = re.compile(r"^\s*[A-Za-z_]+\s*=")
 
 
 def redact_url(url: str) -> str:
     """Return ``url`` without a password, for messages and logs.
 
     libpq takes a password in the user information (``user:secret@host``) and in the
-    ``password`` query parameter; both are replaced by ``***``.
+    ``password`` query parameter (or ``password=`` keyword); both are replaced by ``***``.
     """
     url = _PASSWORD_PARAMETER.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
