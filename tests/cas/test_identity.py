@@ -1,4 +1,4 @@
-"""Client identity files: created private, refused when others can read them."""
+"""Client identity files: created private, rejected when others can read them."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_new_identity_is_private(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644])
-def test_identity_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+def test_identity_readable_by_others_rejected(tmp_path: Path, mode: int) -> None:
     path = tmp_path / "identity.pem"
     load_or_create_identity(path)
     path.chmod(mode)

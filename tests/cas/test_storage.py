@@ -240,7 +240,7 @@ def test_database_url_redacts_password(url: str) -> None:
         " dbname = cas password = 's3cret x'",
     ],
 )
-def test_keyword_connection_string_is_refused(
+def test_keyword_connection_string_rejected(
     url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Taken as a relative SQLite path, the string would create a file here.
@@ -263,5 +263,6 @@ def test_keyword_connection_string_is_refused(
 def test_keyword_connection_string_password_is_redacted(url: str) -> None:
     redacted = redact_url(url)
     assert "s3cret" not in redacted
-    assert "password" in redacted and "***" in redacted
+    assert "password" in redacted
+    assert "***" in redacted
     assert "db.internal" in redacted
