@@ -9,9 +9,11 @@ removed and the target is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -61,3 +63,30 @@ def _sync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+class InsecureModeError(PermissionError):
+    """A private file is accessible by group or others."""
+
+
+def read_or_create_private(path: Path, make: Callable[[], bytes], *, what: str) -> bytes:
+    """Return the contents of the private file ``path``, creating it with ``make()`` if absent.
+
+    The file is created with mode 0600 and without replacing a file another process wrote in
+    the meantime, so concurrent first starts agree on one content. ``what`` names the file in
+    errors, such as ``"the CAS master key"``.
+
+    Raises:
+        InsecureModeError: the file is accessible by group or others (the message says to
+            ``chmod 600`` it).
+        OSError: the file cannot be created or read.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileExistsError):
+            write_bytes(path, make(), mode=0o600, replace=False)
+    mode = path.stat().st_mode
+    data = path.read_bytes()
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InsecureModeError(f"{what} {path} is accessible by others; chmod 600 it")
+    return data

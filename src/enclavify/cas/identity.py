@@ -6,10 +6,8 @@ validity carry no meaning; they exist because TLS needs a certificate to present
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
-import stat
 from pathlib import Path
 
 from cryptography import x509
@@ -36,19 +34,14 @@ def load_or_create_identity(path: Path | None = None) -> Identity:
             private key and certificate.
     """
     path = path or default_identity_path()
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Two commands creating the identity at once must end up with the same one.
-        with contextlib.suppress(FileExistsError):
-            atomic.write_bytes(path, _new_identity_pem(), mode=0o600, replace=False)
+    # The file holds the private key that the CAS grants access to. Two commands creating
+    # the identity at once must end up with the same one.
     try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
+        data = atomic.read_or_create_private(path, _new_identity_pem, what="the client identity")
+    except atomic.InsecureModeError as error:
+        raise CasError(str(error)) from None
     except OSError as error:
         raise CasError(f"cannot read the client identity {path}: {error}") from error
-    # The file holds the private key that the CAS grants access to.
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CasError(f"the client identity {path} is accessible by others; chmod 600 it")
     if b"PRIVATE KEY-----" not in data or b"BEGIN CERTIFICATE-----" not in data:
         raise CasError(f"{path}: expected a PEM private key and certificate")
     return Identity(str(path))

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import os
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -46,19 +44,16 @@ class MasterKey:
         Raises:
             CasError: the file is unreadable, has the wrong size or is readable by others.
         """
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # A second process starting at the same moment must not replace the key the
-            # first one may already have sealed records under: the first key written wins.
-            with contextlib.suppress(FileExistsError):
-                atomic.write_bytes(path, os.urandom(32), mode=0o600, replace=False)
+        # A second process starting at the same moment must not replace the key the first
+        # one may already have sealed records under: the first key written wins.
         try:
-            mode = path.stat().st_mode
-            data = path.read_bytes()
+            data = atomic.read_or_create_private(
+                path, lambda: os.urandom(32), what="the CAS master key"
+            )
+        except atomic.InsecureModeError as error:
+            raise CasError(str(error)) from None
         except OSError as error:
             raise CasError(f"cannot read the CAS master key {path}: {error}") from error
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise CasError(f"the CAS master key {path} is accessible by others; chmod 600 it")
         return cls(data)
 
     def seal(self, plaintext: bytes, context: str) -> str:
