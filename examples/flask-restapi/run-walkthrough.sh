@@ -114,7 +114,7 @@ for _ in $(seq 100); do
 done
 if ! curl -fsS --cacert "$ENCLAVIFY_CAS_DATA/ca.pem" "https://localhost:$cas_port/v1/openapi.json" \
         >/dev/null 2>&1; then
-    echo "run-walkthrough: the CAS did not answer on 127.0.0.1:$cas_port within 20 s" >&2
+    echo "run-walkthrough: the CAS did not respond on 127.0.0.1:$cas_port within 20 s; its log follows" >&2
     cat "$work/cas.log" >&2
     exit 1
 fi
@@ -139,8 +139,8 @@ export SESSION
 echo "session: $SESSION" >&2
 
 step "Step 4: run the confidential image"
-# The compose file uses the host's network, because the CAS listens on the host's loopback
-# interface only; the API therefore listens on 0.0.0.0:4996 of this machine.
+# The compose file uses the host's network because the CAS listens on the host's loopback
+# interface only. The API therefore listens on 0.0.0.0:4996 of this machine.
 DEVICE=$(determine_sgx_device)
 export DEVICE
 "${compose[@]}" up -d >&2
@@ -154,7 +154,7 @@ print(values["api_ca_cert"], end="")
 PY
 
 url=https://api:4996
-# An unknown patient answers 404 once the server is up and its certificate verifies.
+# A request for an unknown patient returns 404 once the server is up and its certificate verifies.
 code=000
 for _ in $(seq 150); do
     code=$(curl -s -o /dev/null -w '%{http_code}' --cacert api-ca.crt \
@@ -163,7 +163,7 @@ for _ in $(seq 150); do
     sleep 0.2
 done
 if [[ $code != 404 ]]; then
-    echo "run-walkthrough: the confidential service did not answer over verified TLS" >&2
+    echo "run-walkthrough: the confidential service did not respond over verified TLS within 30 s; its logs follow" >&2
     "${compose[@]}" logs >&2 || true
     exit 1
 fi

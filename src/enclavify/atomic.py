@@ -77,8 +77,8 @@ def read_or_create_private(path: Path, make: Callable[[], bytes], *, what: str) 
     errors, such as ``"the CAS master key"``.
 
     Raises:
-        InsecureModeError: the file is accessible by group or others (the message says to
-            ``chmod 600`` it).
+        InsecureModeError: the file is accessible by group or others. The message tells the
+            user to ``chmod 600`` it.
         OSError: the file cannot be created or read.
     """
     if not path.exists():

@@ -1,7 +1,7 @@
 """Errors that enclavify raises on purpose.
 
-Every one derives from :class:`Error`, whose :meth:`Error.diagnostics` is the text a user
-sees. The command line turns an :class:`Error` into that text on stderr and exit code 1, and
+Every one derives from :class:`Error`, whose :meth:`Error.diagnostics` is the text shown to
+a user. The command line turns an :class:`Error` into that text on stderr and exit code 1, and
 a :class:`UsageError` into exit code 2. Anything else escaping is a bug.
 
     Error
@@ -50,8 +50,8 @@ class ProtectError(Error):
 class IntegrityError(ProtectError):
     """A sealed file or the fspf failed verification.
 
-    The message names the file (its path, when the fspf could be opened) and never says which
-    byte or why in detail, so it cannot serve as an oracle.
+    The message names the file (its path, when the fspf could be opened) and never names the
+    byte or the cause, so it cannot serve as an oracle.
     """
 
 
@@ -81,11 +81,11 @@ class AttestationError(Error):
 
 
 class CasError(Error):
-    """Talking to the CAS failed (unreachable, bad certificate, unexpected answer)."""
+    """Talking to the CAS failed (unreachable, bad certificate, unexpected response)."""
 
 
 class CasRejected(CasError):
-    """The CAS answered with a refusal; ``status`` is the HTTP status and the message its reason."""
+    """The CAS rejected the request. ``status`` is the HTTP status and the message its reason."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
