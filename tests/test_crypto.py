@@ -294,6 +294,28 @@ def test_falls_back_to_libcrypto_without_cryptography() -> None:
     assert run_python(code) == "libcrypto 32"
 
 
+def test_missing_cryptography_is_looked_for_once() -> None:
+    # A failed import is not cached by Python; looking for the package again for every
+    # cipher cost about 30 µs a file when unsealing in a runtime without it.
+    code = (
+        "import sys; sys.modules['cryptography'] = None\n"
+        "import builtins\n"
+        "from enclavify import crypto\n"
+        "attempts = []\n"
+        "real_import = builtins.__import__\n"
+        "def counting(name, *args, **kwargs):\n"
+        "    if name.startswith('cryptography'):\n"
+        "        attempts.append(name)\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = counting\n"
+        "for _ in range(50):\n"
+        "    crypto.AesGcm(bytes(32)).encrypt(bytes(12), b'data', b'')\n"
+        "print(crypto.backend_name(), len(attempts))"
+    )
+
+    assert run_python(code) == "libcrypto 1"
+
+
 def test_missing_libcrypto_is_a_clear_error() -> None:
     code = (
         "from enclavify.runtime import libcrypto\n"
