@@ -11,14 +11,14 @@ import os
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from enclavify import atomic
 from enclavify.cas.client import Identity
 from enclavify.cas.pki import client_key_hash
 from enclavify.errors import CasError
+from enclavify.secrets.certificates import private_key_pem, self_signed_certificate
 
 
 def default_identity_path() -> Path:
@@ -59,19 +59,8 @@ def identity_key_hash(identity: Identity) -> str:
 
 def _new_identity_pem() -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "enclavify client")])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .sign(key, hashes.SHA256())
+    certificate = self_signed_certificate(
+        key, "enclavify client", now=datetime.datetime.now(datetime.UTC),
+        valid_for=datetime.timedelta(days=3650),
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return key_pem + certificate.public_bytes(serialization.Encoding.PEM)
+    return private_key_pem(key) + certificate.public_bytes(serialization.Encoding.PEM)

@@ -30,6 +30,7 @@ from enclavify import atomic
 from enclavify.cas.client import pem_fingerprint
 from enclavify.cas.paths import CA_CERT
 from enclavify.errors import CasError
+from enclavify.secrets.certificates import CLOCK_SKEW, private_key_pem, self_signed_certificate
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,6 @@ def client_key_hash(certificate_der: bytes) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return hashlib.sha256(spki).hexdigest()
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
 
 
 def _san_entries(names: Sequence[str]) -> list[x509.GeneralName]:
@@ -113,30 +106,20 @@ def _ensure_server_pki_locked(
 
     if not pki.ca_cert.exists() or not ca_key_path.exists():
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "enclavify CAS CA")])
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _CA_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
+        ca_usage = x509.KeyUsage(
+            digital_signature=False, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True,
+            crl_sign=True, encipher_only=False, decipher_only=False,
         )
-        atomic.write_bytes(ca_key_path, _key_pem(ca_key), mode=0o600)
+        ca_cert = self_signed_certificate(
+            ca_key, "enclavify CAS CA", now=now, valid_for=_CA_VALIDITY,
+            extensions=[
+                (x509.BasicConstraints(ca=True, path_length=0), True),
+                (ca_usage, True),
+                (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False),
+            ],
+        )
+        atomic.write_bytes(ca_key_path, private_key_pem(ca_key), mode=0o600)
         atomic.write_bytes(pki.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
         pki.server_cert.unlink(missing_ok=True)
         created = True
@@ -155,7 +138,7 @@ def _ensure_server_pki_locked(
             .issuer_name(ca_cert.subject)
             .public_key(server_key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + _SERVER_VALIDITY)
             .add_extension(x509.SubjectAlternativeName(_san_entries(wanted)), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -168,7 +151,7 @@ def _ensure_server_pki_locked(
             )
             .sign(ca_key_loaded, hashes.SHA256())
         )
-        atomic.write_bytes(pki.server_key, _key_pem(server_key), mode=0o600)
+        atomic.write_bytes(pki.server_key, private_key_pem(server_key), mode=0o600)
         chain = server_cert.public_bytes(serialization.Encoding.PEM)
         atomic.write_bytes(pki.server_cert, chain, mode=0o600)
         log.debug("issued CAS server certificate for %s", ", ".join(wanted))

@@ -29,16 +29,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from enclavify.errors import SecretError
 from enclavify.policy.canonical import session_to_dict
 from enclavify.policy.model import SecretDefinition, Session
+from enclavify.secrets.certificates import CLOCK_SKEW, PrivateKey, private_key_pem
 from enclavify.secrets.value import SecretValue
 
 log = logging.getLogger(__name__)
 
-PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 ImportCallback = Callable[[str, str], SecretValue]
 
 ASCII_ALPHABET = string.ascii_letters + string.digits
-# Certificates start slightly in the past so a peer whose clock is a little behind accepts them.
-CLOCK_SKEW = dt.timedelta(minutes=5)
 EXPLICIT = "explicit"
 
 
@@ -168,11 +166,7 @@ def new_private_key(key_type: str) -> PrivateKey:
 
 
 def _key_pem(key: PrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode("ascii")
+    return private_key_pem(key).decode("ascii")
 
 
 def _load_key(pem: str, what: str) -> PrivateKey:
