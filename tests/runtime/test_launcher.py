@@ -228,7 +228,7 @@ def test_insecure_file_logs_warning(tmp_path: Path, caplog: pytest.LogCaptureFix
     environ = {launcher.INSECURE_CONFIG_VARIABLE: str(document)}
     with caplog.at_level(logging.WARNING):
         for _ in range(2):
-            parsed = launcher.obtain_configuration(config, measured, environ, runtime)
+            parsed = launcher.obtain_configuration(config, lambda: measured, environ, runtime)
             assert parsed.command[0] == "python3"
     warnings = [r for r in caplog.records if "INSECURE" in r.getMessage()]
     assert len(warnings) == 2

@@ -41,6 +41,8 @@ DLOPEN_DEFAULT = 2
 _SIZE = re.compile(r"([0-9]+)([kKmMgG]?)")
 _UNITS = {"": 1, "k": KIB, "m": MIB, "g": GIB}
 _MAX_SYMLINKS = 40
+# Files are hashed in blocks of this size.
+_BLOCK = 256 * KIB
 
 
 def parse_size(text: str, *, name: str = "size") -> int:
@@ -116,8 +118,9 @@ def runtime_digest(root: Path) -> str:
     """
     root = Path(root)
     lines = []
+    buffer = bytearray(_BLOCK)
     for relative in _sorted_tree(root):
-        full = root / relative
+        full = os.path.join(root, relative)
         info = os.lstat(full)
         mode = stat.S_IMODE(info.st_mode)
         if stat.S_ISLNK(info.st_mode):
@@ -125,8 +128,8 @@ def runtime_digest(root: Path) -> str:
         elif stat.S_ISDIR(info.st_mode):
             lines.append(["dir", relative, mode, ""])
         elif stat.S_ISREG(info.st_mode):
-            with open(full, "rb") as stream:
-                lines.append(["file", relative, mode, _sha256_stream(stream)])
+            with open(full, "rb", buffering=0) as stream:
+                lines.append(["file", relative, mode, _sha256_stream(stream, buffer)])
         else:
             lines.append(["other", relative, mode, ""])
     encoded = json.dumps(lines, separators=(",", ":")).encode()
@@ -142,10 +145,25 @@ def _sorted_tree(root: Path) -> Iterable[str]:
     return sorted(relatives)
 
 
-def _sha256_stream(stream: IO[bytes]) -> str:
+def _sha256_stream(stream: IO[bytes], buffer: bytearray | None = None) -> str:
+    """Return the SHA-256 of what is left in ``stream``, read in blocks into ``buffer``.
+
+    A reused buffer, because a fresh block per read costs page faults on every block.
+    """
     digest = hashlib.sha256()
-    for block in iter(lambda: stream.read(1 << 20), b""):
-        digest.update(block)
+    block = buffer if buffer is not None else bytearray(_BLOCK)
+    view = memoryview(block)
+    readinto = getattr(stream, "readinto", None)
+    while True:
+        if readinto is not None:
+            count = readinto(block)
+        else:
+            data = stream.read(len(block))
+            count = len(data)
+            view[:count] = data
+        if not count:
+            break
+        digest.update(view[:count])
     return digest.hexdigest()
 
 

@@ -30,9 +30,10 @@ import os
 import posixpath
 import stat
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from enclavify.attest import measurement
 from enclavify.errors import Error, LaunchError
@@ -94,6 +95,42 @@ def measure(config: RuntimeConfig, runtime_dir: Path = RUNTIME_DIR, root: Path =
         )
     except Error as error:
         raise LaunchError(f"{CONFIG_NAME}: {error.diagnostics()}") from error
+
+
+class PendingMeasurement:
+    """The image's measurement, computed on a thread while the launcher gets ready to attest.
+
+    Hashing the runtime and the binary (about 30 MB) takes about 20 ms. The evidence needs
+    the measurement only after the CAS client is imported, connected and has a challenge,
+    which is Python work and waiting on the network, so the two overlap.
+    """
+
+    def __init__(self, config: RuntimeConfig, runtime_dir: Path, root: Path) -> None:
+        self._value: Optional[str] = None
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(
+            target=self._run, args=(config, runtime_dir, root), name="enclavify-measure",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _run(self, config: RuntimeConfig, runtime_dir: Path, root: Path) -> None:
+        try:
+            self._value = measure(config, runtime_dir, root)
+        except BaseException as error:  # handed to the main thread by result()
+            self._error = error
+
+    def wait(self) -> None:
+        """Wait until the thread has finished."""
+        self._thread.join()
+
+    def result(self) -> str:
+        """Wait for the measurement and return it, or raise what computing it raised."""
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 def parse_configuration(data: Any, *, source: str) -> Configuration:
@@ -163,12 +200,18 @@ def _injection_file(raw: Any, where: str) -> InjectionFile:
 
 
 def obtain_configuration(
-    config: RuntimeConfig, measured: str, environ: Mapping[str, str], runtime_dir: Path
+    config: RuntimeConfig,
+    measured: Callable[[], str],
+    environ: Mapping[str, str],
+    runtime_dir: Path,
 ) -> Configuration:
-    """Get the configuration from the insecure debug file or, normally, from the CAS."""
+    """Get the configuration from the insecure debug file or, normally, from the CAS.
+
+    ``measured()`` returns the measurement; it is called only when the evidence needs it.
+    """
     insecure = environ.get(INSECURE_CONFIG_VARIABLE)
     if insecure:
-        return _insecure_configuration(insecure, measured)
+        return _insecure_configuration(insecure, measured())
     return _cas_configuration(config, measured, environ, runtime_dir)
 
 
@@ -196,7 +239,10 @@ def _insecure_configuration(path: str, measured: str) -> Configuration:
 
 
 def _cas_configuration(
-    config: RuntimeConfig, measured: str, environ: Mapping[str, str], runtime_dir: Path
+    config: RuntimeConfig,
+    measured: Callable[[], str],
+    environ: Mapping[str, str],
+    runtime_dir: Path,
 ) -> Configuration:
     address = _first(environ, CAS_ADDRESS_VARIABLES) or config.cas_address
     config_id = _first(environ, CONFIG_ID_VARIABLES) or config.config_id
@@ -230,7 +276,7 @@ def _cas_configuration(
 
     def produce(report_data: bytes) -> Tuple[str, bytes]:
         evidence_type, evidence = producers.produce_evidence(
-            report_data, measurement=measured, allow_simulation=config.allow_simulation
+            report_data, measurement=measured(), allow_simulation=config.allow_simulation
         )
         return str(evidence_type), bytes(evidence)
 
@@ -447,9 +493,13 @@ def launch(
     if runtime_dir == RUNTIME_DIR:
         check_loaded_libraries(runtime_dir)
         pin_libcrypto(runtime_dir)
-    measured = measure(config, runtime_dir, root)
-    log.debug("measurement %s", measured)
-    configuration = obtain_configuration(config, measured, environ, runtime_dir)
+    pending = PendingMeasurement(config, runtime_dir, root)
+    try:
+        configuration = obtain_configuration(config, pending.result, environ, runtime_dir)
+    finally:
+        # Joined in every case: unsealing forks, which is safe only with no other thread.
+        pending.wait()
+    log.debug("measurement %s", pending.result())
     unseal(config, configuration, root)
     user = resolve_user(config.user, root)
     write_injection_files(configuration.injection_files, user, root)
