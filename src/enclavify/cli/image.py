@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,11 @@ from typing import Any
 from enclavify import convert
 from enclavify.errors import UsageError
 from enclavify.progress import for_stream
+from enclavify.runtime.cache import default_cache_dir
+
+# The runtime cache is keyed by everything a runtime build reads, so bypassing it is for
+# measuring a cold build or for a cache directory that cannot be trusted.
+NO_CACHE_VARIABLE = "ENCLAVIFY_NO_RUNTIME_CACHE"
 
 _TRANSPORTS = (
     "oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], "
@@ -75,6 +81,11 @@ def _register_convert(commands: Any) -> None:
                         help="PEM certificate of the CAS; the launcher trusts only this one")
     parser.add_argument("--config-id", metavar="NS/SESSION/SERVICE",
                         help="the configuration the launcher requests from the CAS")
+    parser.add_argument("--no-runtime-cache", action="store_true",
+                        help="build the launcher's runtime afresh, neither reading nor filling "
+                             "the runtime cache in $XDG_CACHE_HOME/enclavify/runtime (default "
+                             f"~/.cache/enclavify/runtime); setting {NO_CACHE_VARIABLE}=1 does "
+                             "the same")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     parser.set_defaults(handler=handle_convert)
 
@@ -121,6 +132,7 @@ def handle_convert(args: argparse.Namespace) -> int:
         cas_address=args.cas_address,
         cas_certificate=cas_certificate,
         config_id=args.config_id,
+        runtime_cache=_runtime_cache(args),
     )
     progress = for_stream(sys.stderr, quiet=args.quiet, bars=not args.no_color)
     result = convert.convert_image(options, progress=progress)
@@ -132,6 +144,12 @@ def handle_convert(args: argparse.Namespace) -> int:
         if result.plain:
             print(f"in the clear (--plain): {', '.join(result.plain)}", file=sys.stderr)
     return 0
+
+
+def _runtime_cache(args: argparse.Namespace) -> Path | None:
+    if args.no_runtime_cache or os.environ.get(NO_CACHE_VARIABLE, "") not in ("", "0"):
+        return None
+    return default_cache_dir()
 
 
 def handle_inspect(args: argparse.Namespace) -> int:

@@ -90,7 +90,8 @@ class ConvertOptions:
     caller states stay in the clear (``--plain``). ``cas_certificate`` is the PEM the launcher
     pins. ``result_path`` defaults to ``<safe destination name>.enclavify.json`` in the
     current directory. ``temp_dir`` is where the scratch directory is made (the system's
-    default when ``None``).
+    default when ``None``). ``runtime_cache`` is the runtime cache's directory, ``None`` to
+    build the runtime afresh without reading or writing a cache.
     """
 
     source: str
@@ -108,6 +109,7 @@ class ConvertOptions:
     cas_certificate: bytes | None = field(default=None, repr=False)
     config_id: str | None = None
     temp_dir: Path | None = None
+    runtime_cache: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,7 @@ def _convert_opened(
         runtime_files,
         work / "runtime",
         source=runtime_source,
+        cache_dir=options.runtime_cache,
         settings=runtimelayer.RuntimeSettings(
             binary=checked.binary,
             heap=options.heap,

@@ -18,6 +18,7 @@ from typing import Any
 
 from enclavify.image import LayerWriter, MergedFilesystem
 from enclavify.runtime.builder import ImageFiles, build_runtime
+from enclavify.runtime.cache import build_runtime_cached
 from enclavify.runtime.config import RuntimeConfig
 
 from .options import FSPF_PATH, RUNTIME_DIR
@@ -57,6 +58,7 @@ class BuiltRuntime:
     entrypoint: list[str]
     version: str
     info: dict[str, Any]
+    cached: bool = False
 
 
 def settings_document(
@@ -98,17 +100,29 @@ def write_settings(root: Path, document: dict[str, Any], cas_certificate: bytes 
 
 
 def build(
-    files: ImageFiles, output: Path, *, settings: RuntimeSettings, source: str
+    files: ImageFiles,
+    output: Path,
+    *,
+    settings: RuntimeSettings,
+    source: str,
+    cache_dir: Path | None = None,
 ) -> BuiltRuntime:
     """Build the runtime tree from ``files`` into ``output`` and add ``runtime.json``.
 
     ``source`` names where the interpreter comes from (the image or the ``--base`` image);
-    it is recorded in ``runtime.json`` and in the result.
+    it is recorded in ``runtime.json`` and in the result. With ``cache_dir`` the tree is taken
+    from the runtime cache there when an equal build is stored, and stored otherwise (see
+    :mod:`enclavify.runtime.cache`); the tree is the same either way.
 
     Raises:
         ImageError: ``files`` has no usable Python (the message suggests ``--base``).
     """
-    info = build_runtime(files, output, source=source).to_json()
+    cached = False
+    if cache_dir is None:
+        info = build_runtime(files, output, source=source).to_json()
+    else:
+        built, cached = build_runtime_cached(files, output, source=source, cache_dir=cache_dir)
+        info = built.to_json()
     interpreter = {
         "source": info["source"],
         "path": info["interpreter"],
@@ -134,6 +148,7 @@ def build(
             "size": info["size"],
             "files": info["files"],
         },
+        cached=cached,
     )
 
 

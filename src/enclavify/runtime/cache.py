@@ -1,0 +1,419 @@
+"""A cache of built runtimes, so that converting images with the same Python builds it once.
+
+A runtime is a function of two things: what the builder reads from the image (the answers to
+its ``entry``, ``resolve``, ``open``, ``listdir`` and ``walk`` calls) and what it takes from
+this machine (the carried enclavify modules, the Python that lists the launcher's imports and
+compiles the bytecode, the builder itself). The cache is keyed by both:
+
+    <cache>/runtime/lookups/<host key>/<queries digest>.json
+        the calls a build made, in order, for each kind of image seen with this host key
+    <cache>/runtime/<key>/entry.json
+        the build's :class:`RuntimeInfo` (without ``source``) and the digest of the tree
+    <cache>/runtime/<key>/tree/
+        the runtime as the builder left it, before ``runtime.json`` is added
+
+The host key covers the enclavify version and every ``.py`` file of the package, the host
+Python (version, build, executable and standard library directory), the platform, the cache
+format and the ``python`` option. A lookup replays each recorded call list on the new image;
+``<key>`` hashes the host key with the answers, file contents as SHA-256. The builder decides
+what to call next only from earlier answers, so equal answers mean the same calls and the same
+output. The image's other files (an application layer that changed) do not count.
+
+Entries are written under a temporary name and renamed into place: a second writer that loses
+the race drops its copy. Every use checks the tree against the stored digest while it copies
+it out; a damaged or incomplete entry is removed and the runtime built again. The cache keeps
+the :data:`MAX_ENTRIES` most recently used entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, Any
+
+import enclavify
+from enclavify import __version__
+from enclavify.errors import ImageError
+
+from .builder import ImageFiles, RuntimeInfo, build_runtime
+
+log = logging.getLogger(__name__)
+
+# Raise when the layout of an entry or the meaning of a recorded call changes.
+FORMAT_VERSION = 1
+MAX_ENTRIES = 8
+MAX_LOOKUPS = 8
+_ENTRY_FILE = "entry.json"
+_TREE_DIR = "tree"
+
+
+def default_cache_dir() -> Path:
+    """Return ``$XDG_CACHE_HOME/enclavify/runtime`` (``~/.cache`` when unset or relative)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    return root / "enclavify" / "runtime"
+
+
+def build_runtime_cached(
+    files: ImageFiles,
+    output: Path,
+    *,
+    source: str,
+    cache_dir: Path,
+    python: str | None = None,
+) -> tuple[RuntimeInfo, bool]:
+    """Put the runtime for ``files`` into the new directory ``output``, from the cache if it can.
+
+    Same contract as :func:`enclavify.runtime.builder.build_runtime`; ``cache_dir`` is the
+    cache's directory (see :func:`default_cache_dir`). Returns the runtime's summary and
+    whether it came from the cache. A cache that cannot be read or written only costs the
+    build; it is never an error.
+    """
+    if output.exists():
+        raise ImageError(f"runtime output directory {str(output)!r} already exists")
+    host_key = _host_key(python)
+    lookups = cache_dir / "lookups" / host_key
+    for calls_file in _newest_first(lookups, suffix=".json"):
+        try:
+            calls = json.loads(calls_file.read_text())
+            key = _entry_key(host_key, _replay(files, calls))
+        except (OSError, ValueError, TypeError) as error:
+            log.debug("runtime cache: unusable call list %s (%s); skipped", calls_file, error)
+            continue
+        info = _take(cache_dir / key, output, source=source)
+        if info is not None:
+            log.debug("runtime cache: using %s", cache_dir / key)
+            _touch(calls_file)
+            _touch(lookups)
+            return info, True
+
+    recorder = _Recorder(files)
+    info = build_runtime(recorder, output, python=python, source=source)
+    key = _entry_key(host_key, recorder.answers)
+    try:
+        _store(cache_dir, key, output, info)
+        _write_atomic(lookups, recorder.calls)
+        _prune(cache_dir, lookups.parent)
+    except OSError as error:
+        log.debug("runtime cache: not stored in %s (%s)", cache_dir, error)
+    return info, False
+
+
+# -- the key -------------------------------------------------------------------------------
+
+
+def _host_key(python: str | None) -> str:
+    """Digest of everything a build takes from this machine rather than from the image."""
+    package = Path(enclavify.__file__).resolve().parent
+    sources = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        sources.update(path.relative_to(package).as_posix().encode() + b"\0")
+        sources.update(hashlib.sha256(path.read_bytes()).digest())
+    stdlib = Path(os.__file__).parent
+    executable = Path(sys.executable).resolve()
+    described = {
+        "format": FORMAT_VERSION,
+        "enclavify": __version__,
+        "sources": sources.hexdigest(),
+        "python": sys.version,
+        "cache_tag": sys.implementation.cache_tag,
+        "executable": [str(executable), *_stat_key(executable)],
+        "stdlib": [str(stdlib), *_stat_key(stdlib)],
+        "machine": platform.machine(),
+        "libc": list(platform.libc_ver()),
+        "option_python": python,
+    }
+    return _digest(described)
+
+
+def _stat_key(path: Path) -> list[int]:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return [-1, -1]
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _entry_key(host_key: str, answers: list[Any]) -> str:
+    return _digest([host_key, answers])
+
+
+def _digest(value: Any) -> str:
+    encoded = json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+    return hashlib.sha256(encoded).hexdigest()
+
+
+# -- recording and replaying what the builder reads ----------------------------------------
+
+
+def _describe(entry: Any) -> list[Any] | None:
+    if entry is None:
+        return None
+    return [entry.path, entry.type, entry.mode, entry.size, entry.linkname]
+
+
+def _perform(files: ImageFiles, op: str, path: str) -> Any:
+    """Make one call on ``files``; an error it raises is returned, to be raised later."""
+    try:
+        if op == "entry":
+            return files.entry(path)
+        if op == "resolve":
+            return files.resolve(path)
+        if op == "listdir":
+            return files.listdir(path)
+        if op == "walk":
+            return list(files.walk(path))
+        if op == "open":
+            with files.open(path) as stream:
+                return stream.read()
+    except (ImageError, OSError) as error:
+        return error
+    raise ValueError(f"unknown recorded call {op!r}")
+
+
+def _answer(op: str, result: Any) -> Any:
+    """Return what stands for a call's result in the key: JSON, file content as its digest."""
+    if isinstance(result, BaseException):
+        return ["raises", type(result).__name__, str(result)]
+    if op == "entry":
+        return _describe(result)
+    if op == "walk":
+        return [_describe(entry) for entry in result]
+    if op == "open":
+        return hashlib.sha256(result).hexdigest()
+    return result
+
+
+def _replay(files: ImageFiles, calls: list[list[str]]) -> list[Any]:
+    answers = []
+    for op, path in calls:
+        answers.append([op, path, _answer(op, _perform(files, str(op), str(path)))])
+    return answers
+
+
+class _Recorder:
+    """An :class:`ImageFiles` that notes each distinct call and its answer."""
+
+    def __init__(self, files: ImageFiles) -> None:
+        self._files = files
+        self._seen: set[tuple[str, str]] = set()
+        self.calls: list[list[str]] = []
+        self.answers: list[Any] = []
+
+    def _record(self, op: str, path: str) -> Any:
+        result = _perform(self._files, op, path)
+        if (op, path) not in self._seen:
+            self._seen.add((op, path))
+            self.calls.append([op, path])
+            self.answers.append([op, path, _answer(op, result)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def entry(self, path: str) -> Any:
+        return self._record("entry", path)
+
+    def resolve(self, path: str) -> str | None:
+        resolved: str | None = self._record("resolve", path)
+        return resolved
+
+    def open(self, path: str) -> IO[bytes]:
+        data: bytes = self._record("open", path)
+        return io.BytesIO(data)
+
+    def walk(self, top: str) -> Iterator[Any]:
+        entries: list[Any] = self._record("walk", top)
+        return iter(entries)
+
+    def listdir(self, path: str) -> list[str]:
+        names: list[str] = self._record("listdir", path)
+        return list(names)
+
+
+# -- entries -------------------------------------------------------------------------------
+
+
+def _take(entry: Path, output: Path, *, source: str) -> RuntimeInfo | None:
+    """Copy the entry's tree to ``output`` if it is whole; otherwise remove it, return None."""
+    try:
+        document = json.loads((entry / _ENTRY_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        log.debug("runtime cache: %s unreadable (%s); building again", entry, error)
+        _remove(entry)
+        return None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".runtime-", dir=output.parent))
+    try:
+        if document.get("format") != FORMAT_VERSION:
+            raise ValueError(f"format {document.get('format')!r}")
+        info = RuntimeInfo(**document["info"], source=source)
+        digest = _copy_tree(entry / _TREE_DIR, staging)
+        if digest != document["tree"]:
+            raise ValueError("the tree does not match its stored digest")
+        os.replace(staging, output)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        log.debug("runtime cache: %s damaged (%s); building again", entry, error)
+        _remove(entry)
+        return None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _touch(entry)
+    return info
+
+
+def _store(cache_dir: Path, key: str, tree: Path, info: RuntimeInfo) -> None:
+    target = cache_dir / key
+    if target.exists():
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".entry-", dir=cache_dir))
+    try:
+        digest = _copy_tree(tree, staging / _TREE_DIR)
+        stored = asdict(info)
+        stored.pop("source")
+        document = {"format": FORMAT_VERSION, "info": stored, "tree": digest}
+        (staging / _ENTRY_FILE).write_text(json.dumps(document, sort_keys=True) + "\n")
+        os.chmod(staging, 0o755)  # noqa: S103  (readable like the rest of the cache)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.exists():
+                raise
+            log.debug("runtime cache: %s stored meanwhile by another build", target)
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.debug("runtime cache: stored %s", target)
+
+
+def _copy_tree(source: Path, target: Path) -> str:
+    """Copy the tree ``source`` to ``target`` (new or empty); return the digest of what was read.
+
+    The digest covers each entry's relative path, type, permission bits and content (a
+    symlink's target), so a changed, missing or added file changes it.
+    """
+    target.mkdir(exist_ok=True)
+    os.chmod(target, stat.S_IMODE(os.lstat(source).st_mode))
+    lines: list[list[Any]] = []
+    for directory, dirnames, filenames in os.walk(source):
+        dirnames.sort()
+        relative_dir = os.path.relpath(directory, source)
+        for name in sorted(dirnames) + sorted(filenames):
+            relative = name if relative_dir == "." else f"{relative_dir}/{name}"
+            full = os.path.join(directory, name)
+            copy = os.path.join(target, relative)
+            info = os.lstat(full)
+            mode = stat.S_IMODE(info.st_mode)
+            if stat.S_ISLNK(info.st_mode):
+                link = os.readlink(full)
+                os.symlink(link, copy)
+                lines.append(["symlink", relative, 0, link])
+            elif stat.S_ISDIR(info.st_mode):
+                os.mkdir(copy)
+                os.chmod(copy, mode)
+                lines.append(["dir", relative, mode, ""])
+            elif stat.S_ISREG(info.st_mode):
+                lines.append(["file", relative, mode, _copy_file(full, copy, mode)])
+            else:
+                raise ValueError(f"{full!r} is neither a file, a directory nor a symlink")
+    return _digest(lines)
+
+
+def _copy_file(source: str, target: str, mode: int) -> str:
+    digest = hashlib.sha256()
+    with open(source, "rb") as reader, open(target, "xb") as writer:
+        for block in iter(lambda: reader.read(1 << 20), b""):
+            digest.update(block)
+            writer.write(block)
+    os.chmod(target, mode)
+    return digest.hexdigest()
+
+
+def _write_atomic(lookups: Path, calls: list[list[str]]) -> None:
+    encoded = json.dumps(calls, separators=(",", ":")).encode()
+    target = lookups / f"{hashlib.sha256(encoded).hexdigest()}.json"
+    if target.exists():
+        _touch(target)
+        return
+    lookups.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=".calls-", dir=lookups)
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(encoded)
+        os.replace(temporary, target)
+    except BaseException:
+        _unlink(temporary)
+        raise
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+# -- housekeeping --------------------------------------------------------------------------
+
+
+def _newest_first(directory: Path, *, suffix: str = "") -> list[Path]:
+    try:
+        children = [c for c in directory.iterdir() if not c.name.startswith(".")]
+    except OSError:
+        return []
+    found = []
+    for child in children:
+        if suffix and not child.name.endswith(suffix):
+            continue
+        try:
+            found.append((child.stat().st_mtime_ns, child))
+        except OSError:
+            continue
+    return [child for _mtime, child in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory of the cache: renamed out of the way first, so no reader sees half."""
+    try:
+        doomed = Path(tempfile.mkdtemp(prefix=".removed-", dir=path.parent))
+        os.rename(path, doomed / "entry")
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _prune(cache_dir: Path, lookups_root: Path) -> None:
+    """Keep the most recently used entries and call lists; remove the rest."""
+    entries = [p for p in _newest_first(cache_dir) if p.is_dir() and len(p.name) == 64]
+    for stale in entries[MAX_ENTRIES:]:
+        log.debug("runtime cache: removing the least recently used %s", stale)
+        _remove(stale)
+    host_keys = _newest_first(lookups_root)
+    for stale in host_keys[MAX_LOOKUPS:]:
+        _remove(stale)
+    for host_key in host_keys[:MAX_LOOKUPS]:
+        for stale in _newest_first(host_key, suffix=".json")[MAX_LOOKUPS:]:
+            _unlink(str(stale))
