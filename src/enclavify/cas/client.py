@@ -8,6 +8,11 @@ Trust: the client is given the CAS's CA certificate (PEM) and, optionally, its f
 When only the fingerprint is given, the client fetches the CA certificate from the CAS once
 without verification and accepts it only if its fingerprint matches. Every request then
 verifies the server against that CA, host name included.
+
+The HTTP/1.1 transport at the end of this module is written on ``socket`` and ``ssl``
+rather than ``http.client``, which pulls in the ``email`` package and more. Importing it
+is part of every confidential start, and so is every TLS handshake, so one client keeps
+its connection open between consecutive requests.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import http.client
 import json
 import logging
 import re
+import select
+import socket
 import ssl
+import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +41,19 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 8081
 CONFIG_INFO = b"enclavify-config-v1"
 
-# Responses larger than this are refused rather than read into memory.
-_MAX_RESPONSE = 16 * 1024 * 1024
+# Limits on what the CAS may send, enforced while reading, so that a broken or hostile CAS
+# cannot make the client buffer unbounded data.
+_MAX_RESPONSE = 16 * 1024 * 1024  # bytes of one response body, chunk framing included
+_MAX_LINE = 8 * 1024  # bytes of one status, header or chunk-size line
+_MAX_HEAD = 64 * 1024  # bytes of the status line and header fields of one response
+_MAX_FIELDS = 100  # header fields of one response, and separately its trailer fields
+_MAX_INTERIM = 8  # interim (1xx) responses before the final one
+_RECEIVE_SIZE = 64 * 1024
+
+# An idle connection is reused only this many seconds after its last response. The CAS
+# (aiohttp) keeps idle connections open far longer, but a proxy in front of it may close
+# them sooner, and a short limit makes a close that races the next request rare.
+_MAX_IDLE = 5.0
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----"
@@ -54,24 +71,32 @@ def parse_address(address: str) -> tuple[str, int]:
     """Split ``host``, ``host:port``, ``[v6]:port`` or ``https://host:port`` into host and port."""
     text = address.strip()
     if "://" in text:
-        parsed = urllib.parse.urlsplit(text)
-        if parsed.scheme != "https" or not parsed.hostname:
+        scheme, _, rest = text.partition("://")
+        for delimiter in "/?#":
+            rest = rest.partition(delimiter)[0]
+        host, port_text = _split_host_port(rest.rpartition("@")[2])
+        host = host.lower()
+        if scheme.lower() != "https" or not host:
             raise CasError(f"invalid CAS address {address!r}: expected https://HOST[:PORT]")
-        return parsed.hostname, parsed.port or DEFAULT_PORT
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
     else:
-        host, port_text = text, ""
+        host, port_text = _split_host_port(text)
     if not host:
         raise CasError(f"invalid CAS address {address!r}: no host")
     if not port_text:
         return host, DEFAULT_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise CasError(f"invalid CAS address {address!r}: bad port {port_text!r}")
     return host, int(port_text)
+
+
+def _split_host_port(text: str) -> tuple[str, str]:
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else ""
+    if text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        return host, port_text
+    return text, ""
 
 
 def pem_fingerprint(pem: bytes) -> str:
@@ -102,8 +127,13 @@ class CasClient:
     """A connection profile for one CAS: address, pinned CA and optional client identity.
 
     Connection failures (refused, reset, timed out) are retried with exponential backoff up
-    to ``attempts`` times; a request that reached the CAS is never retried. A refusal raises
-    :class:`CasRejected` with the CAS's reason, anything else :class:`CasError`.
+    to ``attempts`` times; a request that may have reached the CAS is not sent again (the
+    one exception is described in :meth:`_exchange`). A refusal raises :class:`CasRejected`
+    with the CAS's reason, anything else :class:`CasError`.
+
+    Consecutive requests share one TLS connection while the CAS keeps it open. Call
+    :meth:`close`, or use the client as a context manager, to close it when done; the client
+    stays usable afterwards and opens a new connection on its next request.
     """
 
     def __init__(
@@ -134,6 +164,23 @@ class CasClient:
                 )
         self._ca_pem = ca_pem
         self._context: ssl.SSLContext | None = None
+        # The connection kept open for the next request. Threads may share a client: each
+        # takes the idle connection out under the lock, so no two use one connection.
+        self._idle: _Connection | None = None
+        self._idle_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the connection kept open for the next request, if there is one."""
+        with self._idle_lock:
+            connection, self._idle = self._idle, None
+        if connection is not None:
+            connection.close()
+
+    def __enter__(self) -> CasClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -172,38 +219,44 @@ class CasClient:
         """Attest to the CAS and return the decrypted configuration of ``config_id``.
 
         ``produce_evidence(report_data)`` returns ``(evidence_type, evidence_bytes)``. The whole
-        exchange (a fresh challenge each time) is retried on connection errors only.
+        exchange (a fresh challenge each time) is retried on connection errors only. The
+        connection to the CAS is closed on return.
         """
-        delay = backoff
-        for attempt in range(1, max(1, attempts) + 1):
-            try:
-                challenge = self._request("POST", "/v1/attest/challenge", b"{}")
-                nonce = bytes.fromhex(str(challenge["nonce"]))
-                private_key, public_key = crypto.x25519_generate()
-                evidence_type, evidence = produce_evidence(
-                    report_data_module.bind(nonce, public_key)
-                )
-                body = {
-                    "config_id": config_id,
-                    "nonce": nonce.hex(),
-                    "public_key": public_key.hex(),
-                    "evidence": {
-                        "type": evidence_type,
-                        "data": base64.b64encode(evidence).decode("ascii"),
-                    },
-                }
-                answer = self._request("POST", "/v1/attest", json.dumps(body).encode("utf-8"))
-            except CasRejected:
-                raise
-            except CasError as error:
-                if attempt >= attempts or not _is_connection_error(error):
+        try:
+            delay = backoff
+            for attempt in range(1, max(1, attempts) + 1):
+                try:
+                    challenge = self._request(
+                        "POST", "/v1/attest/challenge", b"{}", idempotent=True
+                    )
+                    nonce = bytes.fromhex(str(challenge["nonce"]))
+                    private_key, public_key = crypto.x25519_generate()
+                    evidence_type, evidence = produce_evidence(
+                        report_data_module.bind(nonce, public_key)
+                    )
+                    body = {
+                        "config_id": config_id,
+                        "nonce": nonce.hex(),
+                        "public_key": public_key.hex(),
+                        "evidence": {
+                            "type": evidence_type,
+                            "data": base64.b64encode(evidence).decode("ascii"),
+                        },
+                    }
+                    answer = self._request("POST", "/v1/attest", json.dumps(body).encode("utf-8"))
+                except CasRejected:
                     raise
-                log.debug("attestation attempt %d failed (%s); retrying", attempt, error)
-                time.sleep(delay)
-                delay *= 2
-                continue
-            return _open_configuration(answer, private_key, nonce)
-        raise CasError("attestation failed")  # unreachable: the loop returns or raises
+                except CasError as error:
+                    if attempt >= attempts or not _is_connection_error(error):
+                        raise
+                    log.debug("attestation attempt %d failed (%s); retrying", attempt, error)
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                return _open_configuration(answer, private_key, nonce)
+            raise CasError("attestation failed")  # unreachable: the loop returns or raises
+        finally:
+            self.close()
 
     # -- transport ------------------------------------------------------------------------
 
@@ -228,7 +281,10 @@ class CasClient:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        status, data = self._exchange(context, "GET", "/v1/ca-certificate", None, None)
+        # The unverified connection is closed afterwards, never reused for verified requests.
+        status, data = self._exchange(
+            context, "GET", "/v1/ca-certificate", None, None, idempotent=True, keep=False
+        )
         if status != 200:
             raise CasError(f"fetching the CAS CA certificate failed with HTTP {status}")
         actual = pem_fingerprint(data)
@@ -241,9 +297,16 @@ class CasClient:
 
     def _request(
         self, method: str, path: str, body: bytes | None = None,
-        content_type: str = "application/json",
+        content_type: str = "application/json", *, idempotent: bool = False,
     ) -> dict[str, Any]:
-        status, data = self._exchange(self._ssl_context(), method, path, body, content_type)
+        """Send one request and return the JSON object the CAS answered.
+
+        ``idempotent`` marks a POST that may safely reach the CAS twice; every GET is.
+        """
+        status, data = self._exchange(
+            self._ssl_context(), method, path, body, content_type,
+            idempotent=idempotent or method == "GET",
+        )
         try:
             answer = json.loads(data.decode("utf-8")) if data else {}
         except (ValueError, UnicodeDecodeError) as error:
@@ -261,51 +324,116 @@ class CasClient:
     def _exchange(
         self, context: ssl.SSLContext, method: str, path: str,
         body: bytes | None, content_type: str | None,
+        *, idempotent: bool = False, keep: bool = True,
     ) -> tuple[int, bytes]:
-        """Send one request; only failures to connect are retried, so no write runs twice."""
+        """Send one request and return the response's status and body.
+
+        Only failures to connect are retried, with backoff, so that a request which may have
+        reached the CAS is not sent twice. The one exception is a race that reusing an idle
+        connection cannot avoid: the CAS may close it just as the request is sent, which shows
+        as EOF or a reset before the first byte of the response. Only then, and only for an
+        ``idempotent`` request, the request is sent once more on a new connection. Any other
+        request fails, because the CAS may have received and acted on it. Reusing only
+        connections idle for less than ``_MAX_IDLE`` seconds, with nothing (not even an EOF)
+        waiting to be read, keeps that race rare.
+
+        With ``keep`` false the connection is closed afterwards instead of kept for reuse.
+        """
+        request = _format_request(self._host_header(), method, path, body, content_type)
+        connection = self._take_idle(context) if keep else None
+        reused = connection is not None
+        while True:
+            if connection is None:
+                connection = self._connect(context)
+            try:
+                status, data, reusable = connection.exchange(request, method)
+            except _NoResponse as error:
+                connection.close()
+                if reused and idempotent:
+                    log.debug(
+                        "the CAS closed the idle connection (%s); sending %s %s on a new one",
+                        error, method, path,
+                    )
+                    connection, reused = None, False
+                    continue
+                raise CasError(f"{method} {path} to the CAS failed: {error}") from error
+            except (_ResponseError, OSError) as error:
+                connection.close()
+                raise CasError(f"{method} {path} to the CAS failed: {error}") from error
+            except BaseException:
+                connection.close()
+                raise
+            if keep and reusable:
+                self._keep_idle(connection)
+            else:
+                connection.close()
+            return status, data
+
+    def _connect(self, context: ssl.SSLContext) -> _Connection:
+        """Open a TLS connection, retrying failures to connect with exponential backoff."""
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):
-            connection = http.client.HTTPSConnection(
-                self.host, self.port, context=context, timeout=self.timeout
-            )
             try:
-                try:
-                    connection.connect()
-                except ssl.SSLCertVerificationError as error:
-                    raise CasError(
-                        f"CAS at {self.host}:{self.port} failed certificate verification:"
-                        f" {error.verify_message}"
+                return _Connection(self._open_socket(context), context)
+            except OSError as error:
+                if attempt >= self.attempts:
+                    raise _ConnectionFailed(
+                        f"cannot connect to the CAS at {self.host}:{self.port}"
+                        f" after {attempt} attempts: {error}"
                     ) from error
-                except ssl.SSLError as error:
-                    raise CasError(f"TLS with the CAS at {self.host}:{self.port} failed: {error}") \
-                        from error
-                except (TimeoutError, OSError) as error:
-                    if attempt >= self.attempts:
-                        raise _ConnectionFailed(
-                            f"cannot connect to the CAS at {self.host}:{self.port}"
-                            f" after {attempt} attempts: {error}"
-                        ) from error
-                    log.debug("connecting to the CAS failed (%s); retrying in %.2fs", error, delay)
-                    time.sleep(delay)
-                    delay *= 2
-                    continue
-                headers = {"Accept": "application/json"}
-                if content_type is not None and body is not None:
-                    headers["Content-Type"] = content_type
-                try:
-                    connection.request(method, path, body=body, headers=headers)
-                    response = connection.getresponse()
-                    data = response.read(_MAX_RESPONSE + 1)
-                except (OSError, http.client.HTTPException) as error:
-                    raise CasError(f"{method} {path} to the CAS failed: {error}") from error
-                if len(data) > _MAX_RESPONSE:
-                    raise CasError(
-                        f"CAS response to {method} {path} exceeds {_MAX_RESPONSE} bytes"
-                    )
-                return response.status, data
-            finally:
-                connection.close()
+                log.debug("connecting to the CAS failed (%s); retrying in %.2fs", error, delay)
+                time.sleep(delay)
+                delay *= 2
         raise CasError("unreachable")
+
+    def _open_socket(self, context: ssl.SSLContext) -> ssl.SSLSocket:
+        """Connect and complete the TLS handshake.
+
+        Raises:
+            CasError: the handshake failed, for example on certificate verification.
+            OSError: connecting failed or timed out (the caller retries).
+        """
+        raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        try:
+            return context.wrap_socket(raw, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as error:
+            raw.close()
+            raise CasError(
+                f"CAS at {self.host}:{self.port} failed certificate verification:"
+                f" {error.verify_message}"
+            ) from error
+        except ssl.SSLError as error:
+            raw.close()
+            raise CasError(f"TLS with the CAS at {self.host}:{self.port} failed: {error}") \
+                from error
+        except BaseException:
+            raw.close()
+            raise
+
+    def _host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if not host.isascii():
+            host = host.encode("idna").decode("ascii")
+        return host if self.port == 443 else f"{host}:{self.port}"
+
+    def _take_idle(self, context: ssl.SSLContext) -> _Connection | None:
+        with self._idle_lock:
+            connection, self._idle = self._idle, None
+        if connection is None:
+            return None
+        if connection.context is context and connection.is_reusable():
+            return connection
+        connection.close()
+        return None
+
+    def _keep_idle(self, connection: _Connection) -> None:
+        connection.idle_since = time.monotonic()
+        with self._idle_lock:
+            if self._idle is None:
+                self._idle = connection
+                return
+        # Another thread kept its connection first; one idle connection is enough.
+        connection.close()
 
 
 class _ConnectionFailed(CasError):
@@ -316,8 +444,17 @@ def _is_connection_error(error: CasError) -> bool:
     return isinstance(error, _ConnectionFailed)
 
 
+# Bytes that ``urllib.parse.quote(name, safe="/")`` leaves as they are.
+_UNQUOTED = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~/"
+)
+
+
 def _quote(name: str) -> str:
-    return urllib.parse.quote(name, safe="/")
+    """Percent-encode ``name`` for a URL path exactly as ``urllib.parse.quote(name, safe="/")``."""
+    return "".join(
+        chr(byte) if byte in _UNQUOTED else f"%{byte:02X}" for byte in name.encode("utf-8")
+    )
 
 
 def _open_configuration(
@@ -349,3 +486,269 @@ def _open_configuration(
     if not isinstance(configuration, dict):
         raise CasError("the configuration from the CAS is not a JSON object")
     return configuration
+
+
+# -- HTTP/1.1 over one TLS connection ------------------------------------------------------
+
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+# Errors of a connection that the peer closed or reset.
+_CLOSED_ERRORS = (ConnectionError, ssl.SSLZeroReturnError, ssl.SSLEOFError)
+
+
+class _NoResponse(Exception):
+    """The connection ended (EOF or reset) before the first byte of the response arrived."""
+
+
+class _ResponseError(Exception):
+    """The response is malformed, incomplete or over a limit.
+
+    The message names what is wrong and never quotes the body, which may contain secrets.
+    """
+
+
+def _format_request(
+    host: str, method: str, path: str, body: bytes | None, content_type: str | None
+) -> bytes:
+    if not path.startswith("/") or any(not " " < character < "\x7f" for character in path):
+        raise CasError(f"invalid request path {path!r}: expected printable ASCII from /")
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        f"Host: {host}",
+        "Accept: application/json",
+        "Accept-Encoding: identity",
+    ]
+    if body is not None:
+        if content_type is not None:
+            lines.append(f"Content-Type: {content_type}")
+        lines.append(f"Content-Length: {len(body)}")
+    elif method in ("POST", "PUT", "PATCH"):
+        lines.append("Content-Length: 0")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+    return head + body if body else head
+
+
+class _Connection:
+    """One TLS connection to the CAS and the bytes received from it but not yet parsed."""
+
+    def __init__(self, sock: ssl.SSLSocket, context: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.context = context
+        self.idle_since = time.monotonic()
+        self._buffer = bytearray()
+        self._response_started = False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def is_reusable(self) -> bool:
+        """Tell whether this idle connection is recent and has nothing, not even EOF, to read."""
+        if time.monotonic() - self.idle_since > _MAX_IDLE:
+            return False
+        if self._buffer or self.sock.pending():
+            return False
+        return not _is_readable(self.sock)
+
+    def exchange(self, request: bytes, method: str) -> tuple[int, bytes, bool]:
+        """Send ``request`` and read the whole response.
+
+        Returns the status, the body and whether the connection may carry another request.
+
+        Raises:
+            _NoResponse: the connection ended before the first byte of the response.
+            _ResponseError: the response is malformed, incomplete or over a limit.
+            OSError: the connection failed or timed out.
+        """
+        self._response_started = False
+        try:
+            self.sock.sendall(request)
+        except _CLOSED_ERRORS as error:
+            raise _NoResponse(f"sending the request failed: {error}") from error
+        version, status, headers = self._read_head()
+        body, persistent = self._read_body(method, version, status, headers)
+        # Bytes after the end of the response belong to no request, so the connection is
+        # out of step with the CAS.
+        return status, body, persistent and not self._buffer
+
+    # -- reading --
+
+    def _receive(self) -> bool:
+        """Append the next bytes from the socket to the buffer; return False at EOF."""
+        try:
+            data = self.sock.recv(_RECEIVE_SIZE)
+        except _CLOSED_ERRORS as error:
+            if not self._response_started:
+                raise _NoResponse(f"the CAS reset the connection: {error}") from error
+            raise
+        if not data:
+            if not self._response_started:
+                raise _NoResponse("the CAS closed the connection without a response")
+            return False
+        self._response_started = True
+        self._buffer += data
+        return True
+
+    def _read_line(self, what: str) -> bytes:
+        """Return the next line, without its line ending, of at most ``_MAX_LINE`` bytes."""
+        while True:
+            end = self._buffer.find(b"\n", 0, _MAX_LINE)
+            if end >= 0:
+                line = bytes(self._buffer[: end + 1])
+                del self._buffer[: end + 1]
+                return line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            if len(self._buffer) >= _MAX_LINE:
+                raise _ResponseError(f"the {what} is longer than {_MAX_LINE} bytes")
+            if not self._receive():
+                raise _ResponseError(f"the CAS closed the connection within the {what}")
+
+    def _read_exact(self, size: int, what: str) -> bytes:
+        while len(self._buffer) < size:
+            if not self._receive():
+                raise _ResponseError(
+                    f"the CAS closed the connection after {len(self._buffer)} of {size}"
+                    f" bytes of the {what}"
+                )
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def _read_head(self) -> tuple[bytes, int, dict[bytes, list[bytes]]]:
+        """Read the status line and header fields of the final response, skipping 1xx ones."""
+        for _ in range(_MAX_INTERIM + 1):
+            line = self._read_line("status line")
+            version, status = _parse_status_line(line)
+            headers = self._read_fields("header", len(line))
+            if status == 101:
+                raise _ResponseError("the CAS switched protocols (HTTP 101) unasked")
+            if status >= 200:
+                return version, status, headers
+        raise _ResponseError(f"the CAS sent more than {_MAX_INTERIM} interim (1xx) responses")
+
+    def _read_fields(self, what: str, size: int) -> dict[bytes, list[bytes]]:
+        """Read header or trailer fields up to the empty line; names are lowercased."""
+        fields: dict[bytes, list[bytes]] = {}
+        count = 0
+        while True:
+            line = self._read_line(f"{what} line")
+            size += len(line) + 2
+            if size > _MAX_HEAD:
+                raise _ResponseError(f"the response {what}s are longer than {_MAX_HEAD} bytes")
+            if not line:
+                return fields
+            count += 1
+            if count > _MAX_FIELDS:
+                raise _ResponseError(f"the response has more than {_MAX_FIELDS} {what} fields")
+            name, colon, value = line.partition(b":")
+            # A name with white space, or a line starting with it (the obsolete line
+            # folding), is rejected: parsers disagree on what it means.
+            if not colon or not name or any(byte in b" \t" for byte in name):
+                raise _ResponseError(f"the response has a malformed {what} line")
+            fields.setdefault(name.lower(), []).append(value.strip(b" \t"))
+
+    def _read_body(
+        self, method: str, version: bytes, status: int, headers: dict[bytes, list[bytes]]
+    ) -> tuple[bytes, bool]:
+        """Read the body as the headers frame it; also return whether the connection persists."""
+        persistent = version == b"HTTP/1.1" and b"close" not in _tokens(headers, b"connection")
+        if method == "HEAD" or status in (204, 304):
+            return b"", persistent
+        if b"transfer-encoding" in headers:
+            codings = _tokens(headers, b"transfer-encoding")
+            if codings != [b"chunked"]:
+                shown = b", ".join(codings).decode("latin-1")[:60]
+                raise _ResponseError(f"unsupported Transfer-Encoding {shown!r}")
+            body = self._read_chunked()
+            # A response framed both ways may be an attempt to desynchronise the client and
+            # the CAS, so the connection carries no further request.
+            return body, persistent and b"content-length" not in headers
+        if b"content-length" in headers:
+            length = _content_length(headers[b"content-length"])
+            if length > _MAX_RESPONSE:
+                raise _ResponseError(
+                    f"the response body of {length} bytes is larger than the limit of"
+                    f" {_MAX_RESPONSE} bytes"
+                )
+            return self._read_exact(length, "response body"), persistent
+        return self._read_until_close(), False
+
+    def _read_chunked(self) -> bytes:
+        body = bytearray()
+        # Counting the chunk framing too bounds the work a server sending tiny chunks with
+        # long extensions can cause, not only the memory.
+        encoded = 0
+        while True:
+            line = self._read_line("chunk size line")
+            encoded += len(line) + 2
+            size_text = line.partition(b";")[0].strip(b" \t")
+            if not size_text or len(size_text) > 16 or size_text.strip(_HEX_DIGITS):
+                raise _ResponseError("the response has an invalid chunk size")
+            size = int(size_text, 16)
+            encoded += size + 2
+            if encoded > _MAX_RESPONSE:
+                raise _ResponseError(
+                    f"the chunked response body is larger than the limit of {_MAX_RESPONSE}"
+                    f" bytes"
+                )
+            if size == 0:
+                break
+            body += self._read_exact(size, "chunk")
+            if self._read_line("chunk end"):
+                raise _ResponseError("a chunk of the response is longer than its size")
+        self._read_fields("trailer", 0)
+        return bytes(body)
+
+    def _read_until_close(self) -> bytes:
+        while self._receive():
+            if len(self._buffer) > _MAX_RESPONSE:
+                raise _ResponseError(
+                    f"the response body is larger than the limit of {_MAX_RESPONSE} bytes"
+                )
+        body = bytes(self._buffer)
+        self._buffer.clear()
+        return body
+
+
+def _parse_status_line(line: bytes) -> tuple[bytes, int]:
+    parts = line.split(b" ", 2)
+    if (
+        len(parts) < 2
+        or not parts[0].startswith(b"HTTP/1.")
+        or len(parts[0]) != 8
+        or len(parts[1]) != 3
+        or not parts[1].isdigit()
+        or parts[1] < b"100"
+    ):
+        # The line is not quoted: if the peer does not speak HTTP it may be anything.
+        raise _ResponseError("the response does not start with an HTTP/1.x status line")
+    return parts[0], int(parts[1])
+
+
+def _tokens(headers: dict[bytes, list[bytes]], name: bytes) -> list[bytes]:
+    """Return the comma-separated tokens of every ``name`` field, lowercased."""
+    return [
+        token.strip(b" \t").lower()
+        for value in headers.get(name, [])
+        for token in value.split(b",")
+        if token.strip(b" \t")
+    ]
+
+
+def _content_length(values: list[bytes]) -> int:
+    # Repeated or listed values are allowed only when all are the same number.
+    lengths = {value.strip(b" \t") for field in values for value in field.split(b",")}
+    if len(lengths) != 1:
+        raise _ResponseError("the response has conflicting Content-Length fields")
+    text = lengths.pop()
+    if not text.isdigit() or len(text) > 18:
+        shown = text.decode("latin-1")[:40]
+        raise _ResponseError(f"the response has an invalid Content-Length {shown!r}")
+    return int(text)
+
+
+def _is_readable(sock: socket.socket) -> bool:
+    """Tell whether reading ``sock`` would not block (data or EOF waiting)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
