@@ -1,14 +1,20 @@
 """The ``enclavify`` command line.
 
-Each command group lives in its own module with a ``register(subparsers)`` function that adds
-its parser and sets ``handler`` on it. A handler takes the parsed arguments and returns an exit
-code. This module owns the one exit path: it sets up logging, turns :class:`enclavify.errors.Error`
-into a message on stderr with exit code 1 (2 for usage errors), and lets nothing else pass silently.
+Each command group lives in its own module, named like the command, with a
+``register(subparsers)`` function that adds its parser and sets ``handler`` on it. A handler
+takes the parsed arguments and returns an exit code. :func:`main` imports only the group named
+on the command line: the CAS server stack (asyncio, the PostgreSQL driver) costs about 0.15 s
+to import, which ``image convert`` has no use for.
+
+This module owns the one exit path: it sets up logging, turns
+:class:`enclavify.errors.Error` into a message on stderr with exit code 1 (2 for usage
+errors), and lets nothing else pass silently.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -16,14 +22,14 @@ from collections.abc import Callable, Sequence
 from enclavify import __version__
 from enclavify.errors import Error, UsageError
 
-from . import cas, device, evidence, image, run, session, trace
-
 log = logging.getLogger("enclavify")
 
-GROUPS = (image, cas, session, run, trace, device, evidence)
+# The command groups, in the order of the help text; each is the module of that name here.
+GROUPS = ("image", "cas", "session", "run", "trace", "device", "evidence")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Return the command-line parser; with ``only``, a name in :data:`GROUPS`, that group alone."""
     parser = argparse.ArgumentParser(
         prog="enclavify",
         description="Make container images confidential and run them under attestation.",
@@ -31,9 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"enclavify {__version__}")
     add_logging_flags(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in GROUPS:
-        group.register(subparsers)
+    for name in GROUPS if only is None else (only,):
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
     return parser
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """Return the command group named in ``argv`` (after the top-level flags), if known."""
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word if word in GROUPS else None
+    return None
 
 
 def add_logging_flags(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +94,10 @@ def run_handler(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # A known command needs only its own group; anything else (no command, --help, a typo)
+    # gets the whole parser, so the help and the error list every command.
+    parser = build_parser(only=_command(arguments))
+    args = parser.parse_args(arguments)
     configure_logging(args.verbose)
     return run_handler(args.handler, args)
