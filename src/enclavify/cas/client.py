@@ -739,8 +739,7 @@ def _content_length(values: list[bytes]) -> int:
         raise _ResponseError("the response has conflicting Content-Length fields")
     text = lengths.pop()
     if not text.isdigit() or len(text) > 18:
-        shown = text.decode("latin-1")[:40]
-        raise _ResponseError(f"the response has an invalid Content-Length {shown!r}")
+        raise _ResponseError("the response has an invalid Content-Length field")
     return int(text)
 
 
