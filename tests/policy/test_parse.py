@@ -286,36 +286,32 @@ def test_rejection_names_path(old: str, new: str, path: str, words: str) -> None
     assert words in str(info.value)
 
 
-def test_fspf_fields_go_together() -> None:
-    text = "\n".join(line for line in VALID_SESSION.splitlines() if "fspf_tag" not in line)
+REJECTED_DOCUMENTS = [
+    # (document, expected path, words in the message)
+    pytest.param(
+        "\n".join(line for line in VALID_SESSION.splitlines() if "fspf_tag" not in line),
+        "services[0].fspf_tag",
+        "",
+        id="fspf-key-without-tag",
+    ),
+    pytest.param(
+        "name: cycle\nsecrets:\n  - {name: a, kind: x509-ca, issuer: b}\n"
+        "  - {name: b, kind: x509-ca, issuer: a}\n",
+        "secrets[0].issuer",
+        "",
+        id="issuer-cycle",
+    ),
+    pytest.param("- name: x", "", "expected a mapping", id="not-a-mapping"),
+    pytest.param("version: '1'", "name", "", id="missing-name"),
+]
+
+
+@pytest.mark.parametrize(("document", "path", "words"), REJECTED_DOCUMENTS)
+def test_rejected_document_names_path(document: str, path: str, words: str) -> None:
     with pytest.raises(PolicyError) as info:
-        parse_session(text)
-    assert info.value.path == "services[0].fspf_tag"
-
-
-def test_issuer_cycle_is_rejected() -> None:
-    text = """
-name: cycle
-secrets:
-  - {name: a, kind: x509-ca, issuer: b}
-  - {name: b, kind: x509-ca, issuer: a}
-"""
-    with pytest.raises(PolicyError) as info:
-        parse_session(text)
-    assert info.value.path == "secrets[0].issuer"
-
-
-def test_document_must_be_a_mapping() -> None:
-    with pytest.raises(PolicyError) as info:
-        parse_session("- name: x")
-    assert "expected a mapping" in str(info.value)
-    assert info.value.path == ""
-
-
-def test_missing_name() -> None:
-    with pytest.raises(PolicyError) as info:
-        parse_session("version: '1'")
-    assert info.value.path == "name"
+        parse_session(document)
+    assert info.value.path == path
+    assert words in str(info.value)
 
 
 def test_file_mode_spellings() -> None:

@@ -46,6 +46,22 @@ def _fill(**changes: object) -> str:
     return fill_template(default_template(), **arguments)  # type: ignore[arg-type]
 
 
+def _fill_bare(template: str, **changes: object) -> str:
+    """Fill ``template`` with the fewest values fill_template needs, plus ``changes``."""
+    arguments: dict[str, object] = {
+        "name": "x",
+        "image_name": "img",
+        "measurement": MRENCLAVE,
+        "command": ["a"],
+        "environment": {},
+        "fspf_path": "/f",
+        "fspf_key": FSPF_KEY,
+        "fspf_tag": FSPF_TAG,
+    }
+    arguments.update(changes)
+    return fill_template(template, **arguments)  # type: ignore[arg-type]
+
+
 def test_default_template_without_hooks() -> None:
     session = parse_session(_fill())
     assert session.name == "my_namespace-4711/flask"
@@ -92,16 +108,8 @@ def _no_import(session: str, secret: str) -> SecretValue:
 
 def test_hooks_work_at_any_indentation() -> None:
     template = "name: $SESSION\nimages:\n  - name: $IMAGE_NAME\n    ${INJECTED_FILES}\n$SECRETS\n"
-    text = fill_template(
+    text = _fill_bare(
         template,
-        name="x",
-        image_name="img",
-        measurement=MRENCLAVE,
-        command=["a"],
-        environment={},
-        fspf_path="/f",
-        fspf_key=FSPF_KEY,
-        fspf_tag=FSPF_TAG,
         secrets_hook="        secrets:\n          - {name: s, kind: ascii}\n",
         injected_files_hook="injection_files:\n- path: /etc/s\n  content: $$SCONE::s$$\n",
     )
@@ -124,18 +132,7 @@ def test_predecessor_is_filled() -> None:
     assert session.predecessor == "ab" * 32
     # A template without $PREDECESSOR gets the line appended.
     template = default_template().replace("predecessor: $PREDECESSOR\n", "")
-    text = fill_template(
-        template,
-        name="flask",
-        image_name="img",
-        measurement=MRENCLAVE,
-        command=["a"],
-        environment={},
-        fspf_path="/f",
-        fspf_key=FSPF_KEY,
-        fspf_tag=FSPF_TAG,
-        predecessor="cd" * 32,
-    )
+    text = _fill_bare(template, predecessor="cd" * 32)
     assert parse_session(text).predecessor == "cd" * 32
 
 
@@ -147,61 +144,52 @@ def test_values_cannot_inject_yaml() -> None:
     assert session.access_policy.read == ("CREATOR",)
 
 
-def test_wrong_secrets_hook_is_rejected() -> None:
+@pytest.mark.parametrize(
+    ("hook", "words"),
+    [
+        ("injection_files: []", "single key 'secrets'"),
+        ("secrets: {a: 1}", "must be a list"),
+        ("secrets: [\n", "SECRETS hook"),
+    ],
+)
+def test_wrong_secrets_hook_is_rejected(hook: str, words: str) -> None:
     with pytest.raises(PolicyError) as info:
-        _fill(secrets_hook="injection_files: []")
-    assert "single key 'secrets'" in str(info.value)
-    with pytest.raises(PolicyError) as info:
-        _fill(secrets_hook="secrets: {a: 1}")
-    assert "must be a list" in str(info.value)
-    with pytest.raises(PolicyError) as info:
-        _fill(secrets_hook="secrets: [\n")
-    assert "SECRETS hook" in str(info.value)
+        _fill(secrets_hook=hook)
+    assert words in str(info.value)
 
 
-def test_hook_errors_name_the_filled_path() -> None:
+@pytest.mark.parametrize(
+    ("hook", "path", "words"),
+    [
+        (
+            "injection_files:\n  - path: relative/file\n    content: x\n",
+            "images[0].injection_files[0].path",
+            "absolute",
+        ),
+        (
+            "injection_files:\n  - path: /x\n    content: $$SCONE::nothing$$\n",
+            "images[0].injection_files[0].content",
+            "'nothing' is not defined",
+        ),
+    ],
+)
+def test_hook_errors_name_the_filled_path(hook: str, path: str, words: str) -> None:
     with pytest.raises(PolicyError) as info:
-        _fill(injected_files_hook="injection_files:\n  - path: relative/file\n    content: x\n")
-    assert info.value.path == "images[0].injection_files[0].path"
-    with pytest.raises(PolicyError) as info:
-        _fill(
-            injected_files_hook="injection_files:\n  - path: /x\n    content: $$SCONE::nothing$$\n"
-        )
-    assert info.value.path == "images[0].injection_files[0].content"
-    assert "'nothing' is not defined" in str(info.value)
+        _fill(injected_files_hook=hook)
+    assert info.value.path == path
+    assert words in str(info.value)
 
 
 def test_unknown_variable_is_rejected() -> None:
     with pytest.raises(PolicyError) as info:
-        fill_template(
-            default_template() + "# $COMMENTS_ARE_IGNORED\nextra: $TYPO\n",
-            name="x",
-            image_name="i",
-            measurement=MRENCLAVE,
-            command=["a"],
-            environment={},
-            fspf_path="/f",
-            fspf_key=FSPF_KEY,
-            fspf_tag=FSPF_TAG,
-        )
+        _fill_bare(default_template() + "# $COMMENTS_ARE_IGNORED\nextra: $TYPO\n")
     assert "$TYPO" in str(info.value)
 
 
 def test_missing_hook_placeholder_is_rejected() -> None:
     template = default_template().replace("$SECRETS\n", "")
     with pytest.raises(PolicyError) as info:
-        fill_template(
-            template,
-            name="x",
-            image_name="i",
-            measurement=MRENCLAVE,
-            command=["a"],
-            environment={},
-            fspf_path="/f",
-            fspf_key=FSPF_KEY,
-            fspf_tag=FSPF_TAG,
-            secrets_hook="secrets: []",
-        )
+        _fill_bare(template, secrets_hook="secrets: []")
     assert "$SECRETS" in str(info.value)
 
 
