@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +24,31 @@ class TsmError(Exception):
     """configfs-tsm is unusable or kept changing under us."""
 
 
-@dataclass(frozen=True)
 class TsmReport:
-    """What one configfs-tsm report directory returned."""
+    """What one configfs-tsm report directory returned.
 
-    provider: str
-    outblob: bytes
-    auxblob: bytes | None
-    generation: int
+    A plain class, not a dataclass, because the launcher imports this module at every start.
+    """
+
+    __slots__ = ("auxblob", "generation", "outblob", "provider")
+
+    def __init__(
+        self, provider: str, outblob: bytes, auxblob: bytes | None, generation: int
+    ) -> None:
+        self.provider = provider
+        self.outblob = outblob
+        self.auxblob = auxblob
+        self.generation = generation
 
 
 class ConfigfsFiles:
     """The file operations the reader performs, so tests can stand in for the kernel."""
 
     def make_entry(self, base: str) -> str:
-        return tempfile.mkdtemp(prefix="enclavify-", dir=base)
+        # configfs makes the report directory's files when the directory is created.
+        entry = os.path.join(base, f"enclavify-{os.urandom(8).hex()}")
+        os.mkdir(entry, 0o700)
+        return entry
 
     def remove_entry(self, entry: str) -> None:
         os.rmdir(entry)

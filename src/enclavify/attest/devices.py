@@ -6,7 +6,6 @@ This module is carried into confidential images: standard library and Python 3.8
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 SGX = "sgx"
 TDX = "tdx"
@@ -21,12 +20,28 @@ CONFIGFS_TSM_PATH = "/sys/kernel/config/tsm/report"
 GRAMINE_ATTESTATION_PATH = "/dev/attestation"
 
 
-@dataclass(frozen=True)
 class Device:
-    """A TEE interface found on this machine; ``path`` is as seen from ``/``."""
+    """A TEE interface found on this machine; ``path`` is as seen from ``/``.
 
-    kind: str
-    path: str
+    A plain class, not a dataclass, because the launcher imports this module at every start.
+    """
+
+    __slots__ = ("kind", "path")
+
+    def __init__(self, kind: str, path: str) -> None:
+        self.kind = kind
+        self.path = path
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Device):
+            return NotImplemented
+        return (self.kind, self.path) == (other.kind, other.path)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.path))
+
+    def __repr__(self) -> str:
+        return f"Device(kind={self.kind!r}, path={self.path!r})"
 
 
 def detect(root: str = "/") -> list[Device]:

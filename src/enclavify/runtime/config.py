@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
 
 from enclavify.errors import LaunchError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional
 
 RUNTIME_DIR = Path("/opt/enclavify")
 CONFIG_NAME = "runtime.json"
 CONFIG_FORMAT = 1
 
 
-@dataclass(frozen=True)
 class RuntimeConfig:
     """The launcher's settings; sizes are in bytes, paths are absolute paths in the image.
 
@@ -32,26 +32,60 @@ class RuntimeConfig:
     ``uid:gid``; empty for root). ``cas_certificate`` is the path of the pinned CAS CA
     certificate inside the image and ``cas_fingerprint`` its SHA-256 fingerprint.
     ``interpreter`` records where the carried interpreter came from.
+
+    A plain class rather than a dataclass: the launcher imports this module at every
+    container start, and the dataclasses module with its class set-up costs several ms there.
     """
 
-    binary: str
-    heap: int
-    stack: int
-    dlopen: int
-    regions: List[str] = field(default_factory=list)
-    fspf_path: str = "/.enclavify/fspf"
-    cas_address: Optional[str] = None
-    cas_certificate: Optional[str] = None
-    cas_fingerprint: Optional[str] = None
-    config_id: Optional[str] = None
-    user: str = ""
-    allow_simulation: bool = True
-    runtime_version: str = ""
-    interpreter: Dict[str, Any] = field(default_factory=dict)
-    format: int = CONFIG_FORMAT
+    # The JSON keys, which are also the constructor's keyword arguments.
+    FIELDS = (
+        "binary", "heap", "stack", "dlopen", "regions", "fspf_path", "cas_address",
+        "cas_certificate", "cas_fingerprint", "config_id", "user", "allow_simulation",
+        "runtime_version", "interpreter", "format",
+    )
+
+    def __init__(
+        self,
+        *,
+        binary: str,
+        heap: int,
+        stack: int,
+        dlopen: int,
+        regions: Optional[List[str]] = None,
+        fspf_path: str = "/.enclavify/fspf",
+        cas_address: Optional[str] = None,
+        cas_certificate: Optional[str] = None,
+        cas_fingerprint: Optional[str] = None,
+        config_id: Optional[str] = None,
+        user: str = "",
+        allow_simulation: bool = True,
+        runtime_version: str = "",
+        interpreter: Optional[Dict[str, Any]] = None,
+        format: int = CONFIG_FORMAT,
+    ) -> None:
+        self.binary = binary
+        self.heap = heap
+        self.stack = stack
+        self.dlopen = dlopen
+        self.regions: List[str] = list(regions) if regions is not None else []
+        self.fspf_path = fspf_path
+        self.cas_address = cas_address
+        self.cas_certificate = cas_certificate
+        self.cas_fingerprint = cas_fingerprint
+        self.config_id = config_id
+        self.user = user
+        self.allow_simulation = allow_simulation
+        self.runtime_version = runtime_version
+        self.interpreter: Dict[str, Any] = dict(interpreter) if interpreter is not None else {}
+        self.format = format
 
     def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
+        data = {name: getattr(self, name) for name in self.FIELDS}
+        data.update(regions=list(self.regions), interpreter=dict(self.interpreter))
+        return data
+
+    def __repr__(self) -> str:
+        return f"RuntimeConfig(binary={self.binary!r}, regions={self.regions!r})"
 
     @classmethod
     def from_json(cls, data: Any) -> RuntimeConfig:
@@ -63,7 +97,7 @@ class RuntimeConfig:
                 f"{CONFIG_NAME}: unsupported format {data.get('format')!r}, "
                 f"expected {CONFIG_FORMAT}"
             )
-        known = set(cls.__dataclass_fields__)
+        known = set(cls.FIELDS)
         unknown = sorted(set(data) - known)
         if unknown:
             raise LaunchError(f"{CONFIG_NAME}: unknown keys {unknown}")
@@ -92,7 +126,8 @@ class RuntimeConfig:
     def write(self, path: Path) -> None:
         """Write the config to ``path`` atomically (mode 0644, sorted keys)."""
         text = json.dumps(self.to_json(), sort_keys=True, indent=2) + "\n"
-        descriptor, temporary = tempfile.mkstemp(prefix=".runtime-", dir=str(path.parent))
+        temporary = str(path.parent / f".runtime-{os.urandom(8).hex()}.json")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
                 stream.write(text)

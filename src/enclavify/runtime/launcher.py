@@ -31,15 +31,18 @@ import posixpath
 import stat
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from enclavify.attest import measurement
 from enclavify.errors import Error, LaunchError
 from enclavify.protect.unseal import unseal_tree
 from enclavify.runtime import libcrypto, mounts
 from enclavify.runtime.config import CONFIG_NAME, RUNTIME_DIR, RuntimeConfig
+
+# typing is imported for the type checker only: importing it costs about 2 ms at each start.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +53,53 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_INJECTION_MODE = 0o600
 
 
-@dataclass(frozen=True)
+# The value types below are plain classes, not dataclasses: this module is imported at every
+# container start, and importing dataclasses and setting up each class costs several ms.
+
+
 class InjectionFile:
-    path: str
-    content: bytes
-    mode: int
+    """A file the configuration asks to be written before the application starts."""
+
+    __slots__ = ("content", "mode", "path")
+
+    def __init__(self, path: str, content: bytes, mode: int) -> None:
+        self.path = path
+        self.content = content
+        self.mode = mode
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, InjectionFile):
+            return NotImplemented
+        return (self.path, self.content, self.mode) == (other.path, other.content, other.mode)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.content, self.mode))
+
+    def __repr__(self) -> str:  # the content may be a key
+        return f"InjectionFile(path={self.path!r}, mode={self.mode:#o})"
 
 
-@dataclass(frozen=True)
 class Configuration:
     """Configuration the CAS releases for one service. ``fspf_key`` and ``fspf_tag`` are secrets."""
 
-    command: List[str]
-    environment: Dict[str, str]
-    pwd: str
-    fspf_key: Optional[bytes]
-    fspf_tag: Optional[bytes]
-    injection_files: List[InjectionFile]
+    __slots__ = ("command", "environment", "fspf_key", "fspf_tag", "injection_files", "pwd")
+
+    def __init__(
+        self,
+        *,
+        command: List[str],
+        environment: Dict[str, str],
+        pwd: str,
+        fspf_key: Optional[bytes],
+        fspf_tag: Optional[bytes],
+        injection_files: List[InjectionFile],
+    ) -> None:
+        self.command = command
+        self.environment = environment
+        self.pwd = pwd
+        self.fspf_key = fspf_key
+        self.fspf_tag = fspf_tag
+        self.injection_files = injection_files
 
     def __repr__(self) -> str:  # keeps keys and file contents out of tracebacks and logs
         return f"Configuration(command={self.command!r}, pwd={self.pwd!r})"
@@ -162,7 +195,14 @@ def parse_configuration(data: Any, *, source: str) -> Configuration:
         raise LaunchError(f"{source}: 'injection_files' must be a list")
     for index, raw in enumerate(raw_files):
         files.append(_injection_file(raw, f"{source}: injection_files[{index}]"))
-    return Configuration(list(command), dict(environment), pwd, key, tag, files)
+    return Configuration(
+        command=list(command),
+        environment=dict(environment),
+        pwd=pwd,
+        fspf_key=key,
+        fspf_tag=tag,
+        injection_files=files,
+    )
 
 
 def _hex_field(data: Mapping[str, Any], name: str, size: int, source: str) -> Optional[bytes]:
@@ -308,11 +348,26 @@ def unseal(config: RuntimeConfig, configuration: Configuration, root: Path) -> N
     log.debug("decrypted %d entries", len(manifest.entries))
 
 
-@dataclass(frozen=True)
 class User:
-    uid: int
-    gid: int
-    groups: List[int]
+    """The user the application runs as: uid, primary gid and every group id it belongs to."""
+
+    __slots__ = ("gid", "groups", "uid")
+
+    def __init__(self, uid: int, gid: int, groups: List[int]) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, User):
+            return NotImplemented
+        return (self.uid, self.gid, self.groups) == (other.uid, other.gid, other.groups)
+
+    def __hash__(self) -> int:
+        return hash((self.uid, self.gid, tuple(self.groups)))
+
+    def __repr__(self) -> str:
+        return f"User(uid={self.uid}, gid={self.gid}, groups={self.groups})"
 
 
 def resolve_user(spec: str, root: Path) -> User:

@@ -14,9 +14,12 @@ import errno
 import logging
 import os
 import struct
-from typing import List, Optional, Tuple
 
 from enclavify.errors import LaunchError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs about 2 ms at every container start
+    from typing import List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
