@@ -1,6 +1,6 @@
 """The client's HTTP/1.1 transport against a scripted TLS server on 127.0.0.1.
 
-The server answers each request with the next step of a script, as raw bytes, so each test
+The server replies to each request with the next step of a script, as raw bytes, so each test
 controls framing, limits, closes and connection reuse exactly.
 """
 
@@ -39,7 +39,7 @@ class Step:
     reply: bytes | Callable[[bytes], bytes] = b""
     close: bool = False
     hang: bool = False
-    stream: int = 0  # after ``reply``, send this many bytes in 1 MiB chunked pieces or raw
+    stream: int = 0  # bytes sent after ``reply`` in 1 MiB pieces, chunk-framed if it says chunked
 
 
 @dataclass
@@ -245,7 +245,7 @@ def test_rejection_reason_kept(serve: Callable[..., ScriptedServer], pki: Server
     [
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "does not start with an HTTP/1.x status line"),
         (b"HTTP/1.1 2000 OK\r\n\r\n", "does not start with an HTTP/1.x status line"),
-        (b"HTTP/1.1 101 Switching\r\n\r\n", "switched protocols"),
+        (b"HTTP/1.1 101 Switching\r\n\r\n", "HTTP 101"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n1", "conflicting Content-Length"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "invalid Content-Length"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "unsupported Transfer-Encoding"),
@@ -503,7 +503,7 @@ def test_attestation_uses_one_connection(
 def test_pin_fetch_connection_not_reused(
     serve: Callable[..., ScriptedServer], pki: ServerPki
 ) -> None:
-    # The CA certificate is fetched without verification; that connection must not carry
+    # The CA certificate is fetched without verification, so that connection must not carry
     # the verified requests that follow.
     server = serve(Step(response(pki.ca_pem())), Step(response()), Step(response()))
     fingerprint = pki.fingerprint()
@@ -566,7 +566,7 @@ def test_invalid_url_address_rejected(address: str) -> None:
 
 
 def test_import_avoids_http_client() -> None:
-    # The launcher imports the client in every confidential start; http.client would bring
+    # The launcher imports the client in every confidential start, and http.client would bring
     # the email package, urllib and datetime along.
     probe = (
         "import sys, enclavify.cas.client\n"

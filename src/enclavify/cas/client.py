@@ -9,10 +9,10 @@ When only the fingerprint is given, the client fetches the CA certificate from t
 without verification and accepts it only if its fingerprint matches. Every request then
 verifies the server against that CA, host name included.
 
-The HTTP/1.1 transport at the end of this module is written on ``socket`` and ``ssl``
-rather than ``http.client``, which pulls in the ``email`` package and more. Importing it
-is part of every confidential start, and so is every TLS handshake, so one client keeps
-its connection open between consecutive requests.
+The launcher imports this module in every confidential start, so its HTTP/1.1 transport
+(at the end of the module) is written on ``socket`` and ``ssl`` rather than ``http.client``,
+which imports the ``email`` package and more. A TLS handshake is slow too, so one client
+keeps its connection open between consecutive requests.
 """
 
 from __future__ import annotations
@@ -130,6 +130,10 @@ class CasClient:
     to ``attempts`` times; a request that may have reached the CAS is not sent again (the
     one exception is described in :meth:`_exchange`). A refusal raises :class:`CasRejected`
     with the CAS's reason, anything else :class:`CasError`.
+
+    ``timeout`` bounds each socket operation (connect, handshake, each send and receive), not a
+    whole request, so a CAS that sends a byte at a time can delay a response within the size
+    limits.
 
     Consecutive requests share one TLS connection while the CAS keeps it open. Call
     :meth:`close`, or use the client as a context manager, to close it when done; the client
@@ -299,9 +303,10 @@ class CasClient:
         self, method: str, path: str, body: bytes | None = None,
         content_type: str = "application/json", *, idempotent: bool = False,
     ) -> dict[str, Any]:
-        """Send one request and return the JSON object the CAS answered.
+        """Send one request and return the JSON object the CAS returned.
 
-        ``idempotent`` marks a POST that may safely reach the CAS twice; every GET is.
+        ``idempotent`` marks a POST that may safely reach the CAS twice. Every GET is
+        idempotent already.
         """
         status, data = self._exchange(
             self._ssl_context(), method, path, body, content_type,
@@ -432,7 +437,7 @@ class CasClient:
             if self._idle is None:
                 self._idle = connection
                 return
-        # Another thread kept its connection first; one idle connection is enough.
+        # Another thread kept its connection first, and one idle connection is enough.
         connection.close()
 
 
@@ -572,7 +577,7 @@ class _Connection:
     # -- reading --
 
     def _receive(self) -> bool:
-        """Append the next bytes from the socket to the buffer; return False at EOF."""
+        """Append the next bytes from the socket to the buffer, or return False at EOF."""
         try:
             data = self.sock.recv(_RECEIVE_SIZE)
         except _CLOSED_ERRORS as error:
@@ -618,13 +623,13 @@ class _Connection:
             version, status = _parse_status_line(line)
             headers = self._read_fields("header", len(line))
             if status == 101:
-                raise _ResponseError("the CAS switched protocols (HTTP 101) unasked")
+                raise _ResponseError("the CAS sent HTTP 101 (switching protocols) unrequested")
             if status >= 200:
                 return version, status, headers
         raise _ResponseError(f"the CAS sent more than {_MAX_INTERIM} interim (1xx) responses")
 
     def _read_fields(self, what: str, size: int) -> dict[bytes, list[bytes]]:
-        """Read header or trailer fields up to the empty line; names are lowercased."""
+        """Read header or trailer fields up to the empty line, with names lowercased."""
         fields: dict[bytes, list[bytes]] = {}
         count = 0
         while True:
@@ -647,7 +652,7 @@ class _Connection:
     def _read_body(
         self, method: str, version: bytes, status: int, headers: dict[bytes, list[bytes]]
     ) -> tuple[bytes, bool]:
-        """Read the body as the headers frame it; also return whether the connection persists."""
+        """Read the body as the headers frame it, and tell whether the connection persists."""
         persistent = version == b"HTTP/1.1" and b"close" not in _tokens(headers, b"connection")
         if method == "HEAD" or status in (204, 304):
             return b"", persistent
@@ -657,7 +662,7 @@ class _Connection:
                 shown = b", ".join(codings).decode("latin-1")[:60]
                 raise _ResponseError(f"unsupported Transfer-Encoding {shown!r}")
             body = self._read_chunked()
-            # A response framed both ways may be an attempt to desynchronise the client and
+            # A response framed both ways may be an attempt to desynchronize the client and
             # the CAS, so the connection carries no further request.
             return body, persistent and b"content-length" not in headers
         if b"content-length" in headers:
