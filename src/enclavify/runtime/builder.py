@@ -65,6 +65,8 @@ RUNTIME_ROOT = "/opt/enclavify"
 LIBRARY_DIR = f"{RUNTIME_ROOT}/lib"
 INTERPRETER = f"{RUNTIME_ROOT}/bin/python3"
 DEFAULT_INTERPRETERS = ("/usr/local/bin/python3", "/usr/bin/python3")
+# The directory that holds the enclavify package whose modules the runtime carries.
+SOURCE_ROOT = Path(__file__).resolve().parent.parent.parent
 
 # The enclavify modules the launcher may import. Some are imported only on one path (the
 # ctypes crypto backend when pyca/cryptography is absent, a TEE evidence producer), so all
@@ -483,7 +485,7 @@ class _Builder:
         return objects
 
     def _copy_enclavify(self, out: Path, names: Iterable[str]) -> None:
-        package_root = Path(__file__).resolve().parent.parent.parent
+        package_root = SOURCE_ROOT
         relatives = set(CARRIED_FILES)
         for name in names:
             base = name.replace(".", "/")
@@ -810,7 +812,7 @@ print(json.dumps(result))
 
 def _launcher_modules() -> dict[str, list[str]]:
     """Import the carried modules on the host's Python and list what they pulled in."""
-    src = str(Path(__file__).resolve().parent.parent.parent)
+    src = str(SOURCE_ROOT)
     process = subprocess.run(
         [sys.executable, "-I", "-S", "-B", "-c", _COLLECT, src, *CARRIED_MODULES],
         capture_output=True,

@@ -6,7 +6,7 @@ this machine (the carried enclavify modules, the Python that lists the launcher'
 compiles the bytecode, the builder itself). The cache is keyed by both:
 
     <cache>/runtime/lookups/<host key>/<queries digest>.json
-        the calls a build made, in order, for each kind of image seen with this host key
+        the distinct calls a build made, sorted, for each kind of image seen with this host key
     <cache>/runtime/<key>/entry.json
         the build's :class:`RuntimeInfo` (without ``source``) and the digest of the tree
     <cache>/runtime/<key>/tree/
@@ -16,8 +16,9 @@ The host key covers the enclavify version and every ``.py`` file of the package,
 Python (version, build, executable and standard library directory), the platform, the cache
 format and the ``python`` option. A lookup replays each recorded call list on the new image;
 ``<key>`` hashes the host key with the answers, file contents as SHA-256. The builder decides
-what to call next only from earlier answers, so equal answers mean the same calls and the same
-output. The image's other files (an application layer that changed) do not count.
+what to call next only from earlier answers, so equal answers mean the same calls (perhaps in
+another order, as it walks sets) and the same output. The image's other files (an application
+layer that changed) do not count.
 
 Entries are written under a temporary name and renamed into place: a second writer that loses
 the race drops its copy. Every use checks the tree against the stored digest while it copies
@@ -43,10 +44,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
-import enclavify
 from enclavify import __version__
 from enclavify.errors import ImageError
 
+from . import builder
 from .builder import ImageFiles, RuntimeInfo, build_runtime
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,10 @@ def build_runtime_cached(
 
     recorder = _Recorder(files)
     info = build_runtime(recorder, output, python=python, source=source)
+    if _host_key(python) != host_key:
+        # An enclavify module changed while the build read it: the tree may mix both versions.
+        log.debug("runtime cache: enclavify's sources changed during the build; not stored")
+        return info, False
     key = _entry_key(host_key, recorder.answers)
     try:
         _store(cache_dir, key, output, info)
@@ -116,7 +121,7 @@ def build_runtime_cached(
 
 def _host_key(python: str | None) -> str:
     """Digest of everything a build takes from this machine rather than from the image."""
-    package = Path(enclavify.__file__).resolve().parent
+    package = builder.SOURCE_ROOT / "enclavify"
     sources = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         if "__pycache__" in path.parts:
@@ -149,7 +154,9 @@ def _stat_key(path: Path) -> list[int]:
 
 
 def _entry_key(host_key: str, answers: list[Any]) -> str:
-    return _digest([host_key, answers])
+    # Sorted: the builder walks sets of module names, so two runs of the same build can make
+    # the same calls in another order.
+    return _digest([host_key, sorted(answers, key=lambda answer: (answer[0], answer[1]))])
 
 
 def _digest(value: Any) -> str:
@@ -249,10 +256,10 @@ class _Recorder:
 
 def _take(entry: Path, output: Path, *, source: str) -> RuntimeInfo | None:
     """Copy the entry's tree to ``output`` if it is whole; otherwise remove it, return None."""
+    if not entry.exists():
+        return None
     try:
         document = json.loads((entry / _ENTRY_FILE).read_text())
-    except FileNotFoundError:
-        return None
     except (OSError, ValueError) as error:
         log.debug("runtime cache: %s unreadable (%s); building again", entry, error)
         _remove(entry)
@@ -350,7 +357,7 @@ def _copy_file(source: str, target: str, mode: int) -> str:
 
 
 def _write_atomic(lookups: Path, calls: list[list[str]]) -> None:
-    encoded = json.dumps(calls, separators=(",", ":")).encode()
+    encoded = json.dumps(sorted(calls), separators=(",", ":")).encode()
     target = lookups / f"{hashlib.sha256(encoded).hexdigest()}.json"
     if target.exists():
         _touch(target)
