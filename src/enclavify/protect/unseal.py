@@ -8,6 +8,11 @@ renamed into place only after every chunk verified. Either way a tampered object
 plaintext of that file. With many files and more than one CPU, a forked child restores
 half of them.
 
+This runs at every confidential start, so it keeps system calls few: files are restored
+grouped by directory, and while the umask is 0 a new entry is created with its final
+permission bits and, when the kernel gives it the right owner anyway, needs no chown or chmod
+(a default ACL or a set-group-ID directory is taken into account; then they are set).
+
 The manifest may come from a hostile source that has the key, so writing never follows a
 symlink: every directory is opened relative to its parent with ``O_NOFOLLOW``, and entries are
 created and renamed through those directory descriptors. Symlink targets are restored as
@@ -25,10 +30,10 @@ import hmac
 import logging
 import os
 import stat
-import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from enclavify import crypto
 from enclavify.errors import IntegrityError, ProtectError
@@ -41,21 +46,31 @@ from enclavify.protect.format import (
     chunk_count,
     chunk_nonce,
     parse_manifest,
-    sealed_size,
     split_fspf,
 )
 
 log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK so that a FIFO planted in place of an object cannot block the open.
+_OBJECT_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# O_EXCL makes the kernel refuse any existing entry, a symlink included.
+_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+_FIRST_NONCE = chunk_nonce(0)
 _SEGMENT = 1 << 20
 # With this many files or more, and more than one CPU, a forked child restores half of them.
 _FORK_FILES = 64
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 # Cost of restoring a file besides its bytes, in bytes of decryption (a rough estimate).
 _FILE_COST = 32768
-# Directory descriptors kept open while restoring; entries arrive grouped by directory.
-_DIR_CACHE_SIZE = 32
+# Directories kept open while restoring; files are restored grouped by directory.
+_DIR_CACHE_SIZE = 64
+
+if TYPE_CHECKING:
+    # A file to restore: its parent directory's path ("" for the target root), its name and
+    # its entry.
+    _File = tuple[str, str, Entry]
 
 
 def open_fspf(data: bytes, key: bytes, tag: bytes, *, name: str = "fspf") -> Manifest:
@@ -111,36 +126,51 @@ def unseal_tree(sealed: Path, key: bytes, tag: bytes, target_root: Path) -> Mani
     return manifest
 
 
-def _components(path: str) -> tuple[str, ...]:
-    return tuple(path[1:].split("/")) if path != "/" else ()
+class _Directory:
+    """An open directory of the target and what the kernel gives entries created in it.
 
+    ``new_owner`` is the (uid, gid) of a new entry: the effective ids, or the directory's group
+    if it has the set-group-ID bit, which new directories then inherit (``new_dir_bits``).
+    It is None when a default ACL decides the permission bits of new entries instead of the
+    umask; then nothing is predicted and every entry gets all its metadata set explicitly.
+    """
 
-def _split(path: str) -> tuple[tuple[str, ...], str]:
-    """Split an absolute normalized path into parent components and the last name."""
-    parts = _components(path)
-    if not parts:
-        return (), ""
-    return parts[:-1], parts[-1]
+    __slots__ = ("fd", "new_dir_bits", "new_owner")
+
+    def __init__(self, fd: int, new_owner: tuple[int, int] | None, new_dir_bits: int) -> None:
+        self.fd = fd
+        self.new_owner = new_owner
+        self.new_dir_bits = new_dir_bits
 
 
 class _Restorer:
     def __init__(self, target_root: Path, objects: Path, manifest: Manifest) -> None:
         self._manifest = manifest
-        self._as_root = os.geteuid() == 0
-        self._dirs: OrderedDict[tuple[str, ...], int] = OrderedDict()
-        self._root_fd = -1
+        self._chunk_size = manifest.chunk_size
+        self._euid = os.geteuid()
+        self._egid = os.getegid()
+        self._as_root = self._euid == 0
+        # Open directories below the target root by path; files arrive grouped by directory.
+        self._dirs: OrderedDict[str, _Directory] = OrderedDict()
         self._objects_fd = -1
         # Files of up to this many chunks are decrypted whole in memory; longer ones in
         # segments of this many chunks.
         self._segment_chunks = max(1, _SEGMENT // manifest.chunk_size)
-        self._local = threading.local()
+        self._sealed_buffer = self._plain_buffer = memoryview(b"")
+        # Named once, so that each file's cipher skips the backend choice.
+        self._backend = crypto.backend_name()
+        # Directories made only to hold restored entries (the parents of regions, say) get
+        # what the caller's umask would have given them.
+        self._implicit_mode = 0o755
         try:
-            self._root_fd = os.open(str(target_root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            root_fd = os.open(str(target_root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise ProtectError(
                 f"target root {str(target_root)!r} is not a directory: {exc.strerror}"
             ) from exc
+        self._root = _Directory(root_fd, None, 0)
         try:
+            self._root = self._describe(root_fd)
             self._objects_fd = os.open(str(objects), _DIR_FLAGS)
         except OSError as exc:
             self.close()
@@ -153,46 +183,60 @@ class _Restorer:
         self.close()
 
     def close(self) -> None:
-        for fd in self._dirs.values():
-            os.close(fd)
+        for directory in self._dirs.values():
+            os.close(directory.fd)
         self._dirs.clear()
-        for fd in (self._root_fd, self._objects_fd):
+        for fd in (self._root.fd, self._objects_fd):
             if fd >= 0:
                 os.close(fd)
-        self._root_fd = self._objects_fd = -1
+        self._root.fd = self._objects_fd = -1
 
-    def _directory(self, parts: tuple[str, ...], path: str) -> int:
-        """Return a descriptor of ``target_root/<parts>``, creating missing directories.
+    def _describe(self, fd: int) -> _Directory:
+        """Return a :class:`_Directory` for the open directory ``fd``."""
+        if _has_default_acl(fd):
+            return _Directory(fd, None, 0)
+        status = os.fstat(fd)
+        setgid = status.st_mode & stat.S_ISGID
+        gid = status.st_gid if setgid else self._egid
+        return _Directory(fd, (self._euid, gid), setgid)
 
-        No component is followed if it is a symlink; the descriptor stays owned by the cache.
+    def _directory(self, path: str, entry_path: str) -> _Directory:
+        """Return the open directory ``target_root/<path>``, making it if it is missing.
+
+        ``path`` is "" for the target root. No component is followed if it is a symlink. The
+        descriptor stays owned by the cache, so use it before asking for another directory.
         """
-        if not parts:
-            return self._root_fd
-        cached = self._dirs.get(parts)
+        if not path:
+            return self._root
+        cached = self._dirs.get(path)
         if cached is not None:
-            self._dirs.move_to_end(parts)
+            self._dirs.move_to_end(path)
             return cached
-        parent = self._directory(parts[:-1], path)
-        name = parts[-1]
+        parent_path, _, name = path.rpartition("/")
+        parent = self._directory(parent_path, entry_path).fd
         try:
-            os.mkdir(name, 0o755, dir_fd=parent)
-        except FileExistsError:
-            pass
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                # Not restored from an entry of its own: a parent of a region, say.
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, self._implicit_mode, dir_fd=parent)
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
         except OSError as exc:
-            raise self._cannot(path, parts, exc) from exc
+            raise self._cannot(entry_path, path, exc) from exc
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            directory = self._describe(fd)
         except OSError as exc:
-            raise self._cannot(path, parts, exc) from exc
-        self._dirs[parts] = fd
+            os.close(fd)
+            raise self._cannot(entry_path, path, exc) from exc
+        self._dirs[path] = directory
         if len(self._dirs) > _DIR_CACHE_SIZE:
             _, oldest = self._dirs.popitem(last=False)
-            os.close(oldest)
-        return fd
+            os.close(oldest.fd)
+        return directory
 
     @staticmethod
-    def _cannot(path: str, parts: tuple[str, ...], exc: OSError) -> ProtectError:
-        where = "/" + "/".join(parts)
+    def _cannot(path: str, where: str, exc: OSError) -> ProtectError:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             return ProtectError(
                 f"cannot restore {path!r}: {where!r} is a symlink or not a directory"
@@ -200,26 +244,51 @@ class _Restorer:
         return ProtectError(f"cannot restore {path!r}: {where!r}: {exc.strerror}")
 
     def restore(self) -> None:
+        # Under umask 0 a new entry gets exactly the permission bits asked for, so most
+        # files and directories are created with their final mode and need no chmod.
+        umask = os.umask(0)
+        try:
+            self._implicit_mode = 0o755 & ~umask
+            self._restore()
+        finally:
+            os.umask(umask)
+
+    def _restore(self) -> None:
         for region in self._manifest.regions:
-            self._directory(_components(region), region)
+            if region != "/":
+                self._directory(region, region)
+        # For each directory made here: its (uid, gid, mode) right after mkdir, or None if
+        # that is unknown (it existed before, or a default ACL applied).
+        made: dict[str, tuple[int, int, int] | None] = {}
         directories: list[Entry] = []
-        files: list[Entry] = []
+        # Files by parent directory, so that each directory is opened once per process.
+        groups: dict[str, list[tuple[str, Entry]]] = {}
         # Files come after directories and symlinks, hardlinks after every file they may name.
         hardlinks: list[Entry] = []
         for entry in self._manifest.entries:
+            kind = entry.type
             try:
-                if entry.type == "dir":
-                    self._restore_directory(entry)
+                if kind == "file":
+                    parent, _, name = entry.path.rpartition("/")
+                    group = groups.get(parent)
+                    if group is None:
+                        group = groups[parent] = []
+                    group.append((name, entry))
+                elif kind == "dir":
+                    made[entry.path] = self._make_directory(entry)
                     directories.append(entry)
-                elif entry.type == "file":
-                    files.append(entry)
-                elif entry.type == "symlink":
+                elif kind == "symlink":
                     self._restore_symlink(entry)
                 else:
                     hardlinks.append(entry)
             except OSError as exc:
                 raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
 
+        files = [
+            (parent, name, entry)
+            for parent, group in sorted(groups.items())
+            for name, entry in group
+        ]
         if len(files) >= _FORK_FILES and _CPUS > 1 and hasattr(os, "fork"):
             self._restore_files_in_two(files)
         else:
@@ -230,30 +299,63 @@ class _Restorer:
                 self._restore_hardlink(entry)
             except OSError as exc:
                 raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
-        # Deepest first, so that setting a child's metadata cannot disturb its parent's mtime
-        # and a read-only directory is made read-only only after its contents exist.
-        directories.sort(key=lambda item: item.path.count("/"), reverse=True)
+        # Descendants first (a path sorts after every path it starts with), so that a
+        # directory becomes read-only or unsearchable only after everything in it is done.
+        directories.sort(key=lambda item: item.path, reverse=True)
         for entry in directories:
             try:
-                self._apply_directory_metadata(entry)
+                self._apply_directory_metadata(entry, made[entry.path])
             except OSError as exc:
                 raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
 
-    def _restore_directory(self, entry: Entry) -> None:
-        parents, name = _split(entry.path)
-        if name:
-            self._directory((*parents, name), entry.path)
+    def _make_directory(self, entry: Entry) -> tuple[int, int, int] | None:
+        """Make the directory of ``entry``; return its (uid, gid, mode) if they are known.
 
-    def _apply_directory_metadata(self, entry: Entry) -> None:
-        parents, name = _split(entry.path)
-        if name:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=self._directory(parents, entry.path))
-        else:
-            fd = os.dup(self._root_fd)
+        It gets its final permission bits plus the owner's, which this process may need to
+        fill it; the final mode and owner are set after its contents.
+        """
+        path = entry.path
+        parent_path, _, name = path.rpartition("/")
+        if not name:  # the target root itself
+            return None
+        parent = self._directory(parent_path, path)
+        mode = (entry.mode & 0o777) | stat.S_IRWXU
         try:
-            self._apply_metadata(fd, entry)
-        finally:
-            os.close(fd)
+            os.mkdir(name, mode, dir_fd=parent.fd)
+        except FileExistsError:
+            # It must be a directory, not a symlink; its metadata is whatever it was.
+            self._directory(path, path)
+            return None
+        except OSError as exc:
+            raise self._cannot(path, path, exc) from exc
+        if parent.new_owner is None:
+            return None
+        return (*parent.new_owner, mode | parent.new_dir_bits)
+
+    def _apply_directory_metadata(
+        self, entry: Entry, made: tuple[int, int, int] | None
+    ) -> None:
+        """Set the owner, mode and mtime of a directory; skip what mkdir already got right."""
+        parent_path, _, name = entry.path.rpartition("/")
+        if not name:
+            self._apply_metadata(self._root.fd, entry)
+            return
+        parent = self._directory(parent_path, entry.path).fd
+        chown = self._as_root and (made is None or made[:2] != (entry.uid, entry.gid))
+        # None of these calls follows a symlink: fchownat and utimensat are told not to, and
+        # the chmod goes through a descriptor opened with O_NOFOLLOW.
+        if chown:
+            os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+        # After a chown, because chown may clear the set-user-ID and set-group-ID bits.
+        if chown or made is None or made[2] != entry.mode:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            try:
+                os.fchmod(fd, entry.mode)
+            finally:
+                os.close(fd)
+        os.utime(
+            name, times=(entry.mtime, entry.mtime), dir_fd=parent, follow_symlinks=False
+        )
 
     def _apply_metadata(self, fd: int, entry: Entry) -> None:
         # chown before chmod, because chown clears the set-user-ID and set-group-ID bits.
@@ -262,15 +364,19 @@ class _Restorer:
         os.fchmod(fd, entry.mode)
         os.utime(fd, times=(entry.mtime, entry.mtime))
 
-    def _restore_files(self, files: list[Entry]) -> None:
-        for entry in files:
-            parents, name = _split(entry.path)
+    def _restore_files(self, files: list[_File]) -> None:
+        current = None
+        directory = self._root
+        for parent, name, entry in files:
+            if parent != current:
+                directory = self._directory(parent, entry.path)
+                current = parent
             try:
-                self._write_file(self._directory(parents, entry.path), name, entry)
+                self._restore_file(directory, name, entry)
             except OSError as exc:
                 raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
 
-    def _restore_files_in_two(self, files: list[Entry]) -> None:
+    def _restore_files_in_two(self, files: list[_File]) -> None:
         """Restore the second half of ``files`` in a forked child and the first half here.
 
         Threads gain nothing, because the Python work per file holds the GIL; a second process
@@ -282,10 +388,10 @@ class _Restorer:
         OpenSSL, say); the launcher runs no other threads while it unseals.
         """
         # Split where about half the work is done: a file costs its size and a fixed amount.
-        total = sum(entry.size + _FILE_COST for entry in files)
+        total = sum(entry.size + _FILE_COST for _, _, entry in files)
         half = done = 0
         while half < len(files) and done < total // 2:
-            done += files[half].size + _FILE_COST
+            done += files[half][2].size + _FILE_COST
             half += 1
         reading, writing = os.pipe()
         try:
@@ -326,88 +432,89 @@ class _Restorer:
                 message = f"unsealing in a child process failed with status {status}"
             raise (IntegrityError if kind == "IntegrityError" else ProtectError)(message)
 
-    def _write_file(self, parent: int, name: str, entry: Entry) -> None:
-        """Decrypt the object of ``entry`` into ``name`` in the directory ``parent``."""
-        failed = IntegrityError(f"protected file {entry.path!r} failed verification")
+    def _restore_file(self, directory: _Directory, name: str, entry: Entry) -> None:
+        """Decrypt the object of ``entry`` into ``name`` in ``directory``."""
+        count = chunk_count(entry.size, self._chunk_size)
         try:
-            # O_NONBLOCK so that a FIFO planted in place of the object cannot block the open.
-            source = os.open(
-                entry.object,
-                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                dir_fd=self._objects_fd,
-            )
+            source = os.open(entry.object, _OBJECT_FLAGS, dir_fd=self._objects_fd)
         except OSError:
-            raise failed from None
+            raise _failed(entry) from None
         try:
-            if not stat.S_ISREG(os.fstat(source).st_mode):
+            status = os.fstat(source)
+            # Checked before reading, so a device planted as an object is never read.
+            if not stat.S_ISREG(status.st_mode):
                 raise IntegrityError(
                     f"protected file {entry.path!r} failed verification:"
                     " its object is not a regular file"
                 )
-            os.set_blocking(source, True)
-            chunk_size = self._manifest.chunk_size
-            if os.fstat(source).st_size != sealed_size(entry.size, chunk_size):
-                raise failed
-            sealed = _Sealed(source, entry, crypto.AesGcm(entry.key), chunk_size, failed)
-            if sealed.count <= self._segment_chunks:
-                # The whole file is verified in memory before its name is created.
-                plain = self._decrypt_segment(sealed, 0, sealed.count)
-                if not self._write_new(parent, name, entry, plain):
-                    self._write_replacing(parent, name, sealed, plain)
-            else:
-                self._write_replacing(parent, name, sealed, None)
+            # Exactly the sealed size is read later; should the object grow meanwhile, the
+            # rest is ignored, and the chunks read still verify only if they are the sealed
+            # ones, the last marked as last.
+            if status.st_size != entry.size + count * TAG_SIZE:
+                raise _failed(entry)
+            cipher = crypto.AesGcm(entry.key, backend=self._backend)
+            if count > self._segment_chunks:
+                segments = self._segments(source, cipher, entry, count)
+                self._write_replacing(directory.fd, name, entry, segments)
+                return
+            # The whole file is verified in memory before its name is created.
+            plain = self._decrypt_segment(source, cipher, entry, 0, count)
         finally:
             os.close(source)
+        if not self._write_new(directory, name, entry, plain):
+            self._write_replacing(directory.fd, name, entry, iter((plain,)))
 
-    def _write_new(self, parent: int, name: str, entry: Entry, plain: memoryview) -> bool:
-        """Create ``name`` holding ``plain``; return False if something is already there.
-
-        ``O_EXCL`` makes the kernel refuse any existing entry, a symlink included.
-        """
+    def _write_new(
+        self, directory: _Directory, name: str, entry: Entry, plain: memoryview
+    ) -> bool:
+        """Create ``name`` holding ``plain``; return False if something is already there."""
+        owner = directory.new_owner
+        if owner is not None and (
+            not self._as_root or (entry.uid == owner[0] and entry.gid == owner[1])
+        ):
+            # Created with its final owner and, under umask 0 without a default ACL, its
+            # final permission bits; only set-ID and sticky bits need a chmod.
+            create_mode = entry.mode & 0o777
+            chown = False
+            chmod = entry.mode & _SPECIAL_BITS
+        else:
+            create_mode = 0o600
+            chown = self._as_root
+            chmod = True
         try:
-            sink = os.open(
-                name,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=parent,
-            )
+            sink = os.open(name, _NEW_FLAGS, create_mode, dir_fd=directory.fd)
         except FileExistsError:
             return False
         try:
             _write_all(sink, plain)
-            self._apply_metadata(sink, entry)
+            # chown before chmod, because chown clears the set-user-ID and set-group-ID bits.
+            if chown:
+                os.fchown(sink, entry.uid, entry.gid)
+            if chmod:
+                os.fchmod(sink, entry.mode)
+            os.utime(sink, times=(entry.mtime, entry.mtime))
         except BaseException:
             os.close(sink)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=parent)
+                os.unlink(name, dir_fd=directory.fd)
             raise
         os.close(sink)
         return True
 
     def _write_replacing(
-        self, parent: int, name: str, sealed: _Sealed, plain: memoryview | None
+        self, parent: int, name: str, entry: Entry, segments: Iterator[memoryview]
     ) -> None:
-        """Decrypt into a temporary file and rename it to ``name`` once every chunk verified.
+        """Write ``segments`` to a temporary file and rename it to ``name`` once all verified.
 
-        ``plain`` is the already verified content of a file of one segment, else None.
+        ``segments`` yields verified plaintext and raises if a chunk fails verification.
         """
         temporary = _temporary_name()
-        sink = os.open(
-            temporary,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=parent,
-        )
+        sink = os.open(temporary, _NEW_FLAGS, 0o600, dir_fd=parent)
         try:
             try:
-                if plain is not None:
+                for plain in segments:
                     _write_all(sink, plain)
-                else:
-                    step = self._segment_chunks
-                    for first in range(0, sealed.count, step):
-                        end = min(sealed.count, first + step)
-                        _write_all(sink, self._decrypt_segment(sealed, first, end))
-                self._apply_metadata(sink, sealed.entry)
+                self._apply_metadata(sink, entry)
             finally:
                 os.close(sink)
             os.rename(temporary, name, src_dir_fd=parent, dst_dir_fd=parent)
@@ -416,49 +523,55 @@ class _Restorer:
                 os.unlink(temporary, dir_fd=parent)
             raise
 
-    def _decrypt_segment(self, sealed: _Sealed, first: int, end: int) -> memoryview:
-        """Read, verify and decrypt chunks ``first`` to ``end - 1`` of an object.
+    def _segments(
+        self, source: int, cipher: crypto.AesGcm, entry: Entry, count: int
+    ) -> Iterator[memoryview]:
+        step = self._segment_chunks
+        for first in range(0, count, step):
+            yield self._decrypt_segment(source, cipher, entry, first, min(count, first + step))
 
-        Returns a view of this thread's plaintext buffer, valid until its next call. After
-        the last chunk the object must end.
+    def _decrypt_segment(
+        self, source: int, cipher: crypto.AesGcm, entry: Entry, first: int, end: int
+    ) -> memoryview:
+        """Read, verify and decrypt chunks ``first`` to ``end - 1`` of the object ``source``.
+
+        Returns a view of this process's plaintext buffer, valid until the next call.
         """
-        entry, failed, count = sealed.entry, sealed.failed, sealed.count
-        chunk_size = sealed.chunk_size
+        chunk_size = self._chunk_size
+        count = chunk_count(entry.size, chunk_size)
         plain_size = min(entry.size, end * chunk_size) - first * chunk_size
-        size_sealed = plain_size + (end - first) * TAG_SIZE
-        sealed_buffer, plain_buffer = self._buffers()
-        # One byte more than expected at the end of the object shows whether it goes on.
-        want = size_sealed + 1 if end == count else size_sealed
-        if _read_into(sealed.fd, sealed_buffer[:want]) != size_sealed:
-            raise failed
-        offset = 0
-        plain_offset = 0
+        sealed_size = plain_size + (end - first) * TAG_SIZE
+        if len(self._plain_buffer) < plain_size or len(self._sealed_buffer) < sealed_size:
+            # Grown as needed rather than made for a whole segment at once, because a new
+            # buffer is filled with zeros.
+            capacity = min(
+                self._segment_chunks * chunk_size,
+                max(plain_size, 2 * len(self._plain_buffer), 1 << 16),
+            )
+            self._plain_buffer = memoryview(bytearray(capacity))
+            self._sealed_buffer = memoryview(
+                bytearray(capacity + (capacity // chunk_size + 1) * TAG_SIZE)
+            )
+        sealed = self._sealed_buffer
+        plain = self._plain_buffer
+        if _read_into(source, sealed[:sealed_size]) != sealed_size:
+            raise _failed(entry)
+        file_id = entry.file_id
+        offset = plain_offset = 0
         for index in range(first, end):
             size = min(chunk_size, entry.size - index * chunk_size)
             try:
-                sealed.cipher.decrypt_into(
-                    chunk_nonce(index),
-                    sealed_buffer[offset : offset + size + TAG_SIZE],
-                    chunk_aad(entry.file_id, index, index == count - 1),
-                    plain_buffer[plain_offset : plain_offset + size],
+                cipher.decrypt_into(
+                    _FIRST_NONCE if index == 0 else chunk_nonce(index),
+                    sealed[offset : offset + size + TAG_SIZE],
+                    chunk_aad(file_id, index, index == count - 1),
+                    plain[plain_offset : plain_offset + size],
                 )
             except crypto.AuthenticationError:
-                raise failed from None
+                raise _failed(entry) from None
             offset += size + TAG_SIZE
             plain_offset += size
-        return plain_buffer[:plain_size]
-
-    def _buffers(self) -> tuple[memoryview, memoryview]:
-        """Return this thread's buffers for one segment: sealed (plus one byte) and plain."""
-        buffers: tuple[memoryview, memoryview] | None = getattr(self._local, "buffers", None)
-        if buffers is None:
-            plain = self._segment_chunks * self._manifest.chunk_size
-            buffers = (
-                memoryview(bytearray(plain + self._segment_chunks * TAG_SIZE + 1)),
-                memoryview(bytearray(plain)),
-            )
-            self._local.buffers = buffers
-        return buffers
+        return plain[:plain_size]
 
     @staticmethod
     def _replace_with(parent: int, name: str, create: Callable[[str], None]) -> None:
@@ -473,8 +586,8 @@ class _Restorer:
             raise
 
     def _restore_symlink(self, entry: Entry) -> None:
-        parents, name = _split(entry.path)
-        parent = self._directory(parents, entry.path)
+        parent_path, _, name = entry.path.rpartition("/")
+        parent = self._directory(parent_path, entry.path).fd
 
         def create(temporary: str) -> None:
             os.symlink(entry.target, temporary, dir_fd=parent)
@@ -487,12 +600,12 @@ class _Restorer:
         self._replace_with(parent, name, create)
 
     def _restore_hardlink(self, entry: Entry) -> None:
-        source_parents, source_name = _split(entry.target)
+        source_path, _, source_name = entry.target.rpartition("/")
         # A copy, because opening the link's own parent may evict this one from the cache.
-        source_parent = os.dup(self._directory(source_parents, entry.target))
+        source_parent = os.dup(self._directory(source_path, entry.target).fd)
         try:
-            parents, name = _split(entry.path)
-            parent = self._directory(parents, entry.path)
+            parent_path, _, name = entry.path.rpartition("/")
+            parent = self._directory(parent_path, entry.path).fd
 
             def create(temporary: str) -> None:
                 os.link(
@@ -508,23 +621,24 @@ class _Restorer:
             os.close(source_parent)
 
 
-class _Sealed:
-    """An open object with what decrypting it needs."""
+def _has_default_acl(fd: int) -> bool:
+    """Return whether the directory ``fd`` may have a default ACL (True when unsure)."""
+    try:
+        return "system.posix_acl_default" in os.listxattr(fd)
+    except OSError as exc:
+        # No extended attributes on this file system means no ACLs either.
+        return exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP)
+    except AttributeError:  # no os.listxattr on this platform
+        return True
 
-    def __init__(
-        self, fd: int, entry: Entry, cipher: crypto.AesGcm, chunk_size: int, failed: IntegrityError
-    ) -> None:
-        self.fd = fd
-        self.entry = entry
-        self.cipher = cipher
-        self.chunk_size = chunk_size
-        self.count = chunk_count(entry.size, chunk_size)
-        self.failed = failed
+
+def _failed(entry: Entry) -> IntegrityError:
+    return IntegrityError(f"protected file {entry.path!r} failed verification")
 
 
 def _read_into(fd: int, buffer: memoryview) -> int:
     """Fill ``buffer`` from ``fd`` until it is full or the file ends; return the bytes read."""
-    filled = 0
+    filled = os.readv(fd, [buffer])
     total = len(buffer)
     while filled < total:
         count = os.readv(fd, [buffer[filled:]])
@@ -535,7 +649,7 @@ def _read_into(fd: int, buffer: memoryview) -> int:
 
 
 def _write_all(fd: int, data: memoryview) -> None:
-    written = 0
+    written = os.write(fd, data)
     while written < len(data):
         written += os.write(fd, data[written:])
 
