@@ -5,6 +5,9 @@
                      build step whose command line names the secret (session)
     app_archive      the same image as an oci-archive file (session)
     nopython_image   "localhost/enclavify-test/nopython:latest": only /app files, no Python
+
+Every test here runs with ``XDG_CACHE_HOME`` set to a directory of the test session, so
+conversions through the command line fill a private runtime cache.
 """
 
 from __future__ import annotations
@@ -49,6 +52,17 @@ def run(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
             f"{' '.join(argv)} failed ({process.returncode}):\n{process.stdout}\n{process.stderr}"
         )
     return process
+
+
+@pytest.fixture(scope="session")
+def runtime_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache home shared by this session's conversions, never the user's own."""
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
+@pytest.fixture(autouse=True)
+def _private_runtime_cache(runtime_cache_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(runtime_cache_home))
 
 
 @pytest.fixture(scope="session")
