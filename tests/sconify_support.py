@@ -1,25 +1,24 @@
-"""Helpers for the sconify_image tests: a CAS process, the example's hooks, compose to podman.
+"""Helpers for the sconify_image tests: the example's hooks and flags, compose to podman.
 
 Used by test_sconify.py, test_confidential_run.py and test_compose.py. Everything runs on
-127.0.0.1: the CAS listens on an ephemeral port with its own TLS certificate.
+127.0.0.1: the CAS (started with tests.cas_process) listens on an ephemeral port with its own
+TLS certificate.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.cas_process import CasProcess
 
 TOP = Path(__file__).resolve().parent.parent
 FLASK_EXAMPLE = TOP / "examples" / "flask-restapi"
@@ -30,67 +29,6 @@ SCONIFY = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "enclav
 FLASK_DIRS = ("/home", "/usr/local/lib", "/app", "/usr/lib/python3", "/usr/lib/python3.11",
               "/tls")
 FLASK_BINARY = "/usr/bin/python3"
-
-
-@dataclass
-class Cas:
-    """One ``enclavify cas serve`` subprocess on 127.0.0.1."""
-
-    data: Path
-    process: subprocess.Popen[str]
-    address: str
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def certificate(self) -> Path:
-        return self.data / "ca.pem"
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_cas(data: Path, listen: str = "127.0.0.1:0") -> Cas:
-    """Start a CAS with its data in ``data`` and wait until it listens."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "enclavify", "cas", "serve", "--data", str(data),
-         "--listen", listen],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    assert process.stderr is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 60
-    address = None
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"listening on https://(\S+)", line)
-        if match:
-            address = match.group(1)
-            break
-    if address is None:
-        process.kill()
-        process.wait()
-        raise RuntimeError("the CAS did not start:\n" + "".join(lines))
-    cas = Cas(data, process, address, lines)
-
-    def drain() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-
-    threading.Thread(target=drain, daemon=True).start()
-    return cas
 
 
 def free_port() -> int:
@@ -159,7 +97,7 @@ def run_sconify(
 
 
 def flask_arguments(
-    *, source: str, target: str, cas: Cas, namespace: str, name: str = "flask",
+    *, source: str, target: str, cas: CasProcess, namespace: str, name: str = "flask",
     identity: Path, extra: Sequence[str] = (),
 ) -> list[str]:
     """The walk-through's sconify_image flags for the Flask example, dirs for Debian."""

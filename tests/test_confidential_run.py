@@ -34,8 +34,8 @@ import zstandard
 from enclavify.cas.client import CasClient
 from enclavify.cas.identity import load_or_create_identity
 from enclavify.protect import open_fspf
+from tests.cas_process import CasProcess, start_cas
 from tests.sconify_support import (
-    Cas,
     compose_service,
     example_hooks,
     flask_arguments,
@@ -45,7 +45,6 @@ from tests.sconify_support import (
     remove_images,
     run_sconify,
     sconify_environment,
-    start_cas,
     wait_for_free_port,
 )
 
@@ -60,7 +59,7 @@ PORT = 4996
 @dataclass
 class Deployment:
     podman: str
-    cas: Cas
+    cas: CasProcess
     work: Path
     identity: Path
     image: str
@@ -73,8 +72,7 @@ class Deployment:
     made_images: list[str]
 
     def client(self) -> CasClient:
-        return CasClient(self.cas.address, ca_pem=self.cas.certificate.read_bytes(),
-                         identity=load_or_create_identity(self.identity))
+        return self.cas.client(load_or_create_identity(self.identity))
 
     def run_arguments(self, **environment: str) -> list[str]:
         service = dict(self.service, environment={**self.service["environment"], **environment})

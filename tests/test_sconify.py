@@ -23,8 +23,8 @@ from enclavify.cas.client import CasClient
 from enclavify.cas.identity import load_or_create_identity
 from enclavify.errors import CasRejected
 from enclavify.policy import parse_session, session_hash
+from tests.cas_process import CasProcess, start_cas
 from tests.sconify_support import (
-    Cas,
     compose_service,
     example_hooks,
     flask_arguments,
@@ -32,7 +32,6 @@ from tests.sconify_support import (
     remove_images,
     run_sconify,
     sconify_environment,
-    start_cas,
 )
 
 PROBE_VARIABLES = {"HOSTNAME", "TERM", "HOME", "SHLVL"}
@@ -42,17 +41,16 @@ PROBE_VARIABLES = {"HOSTNAME", "TERM", "HOME", "SHLVL"}
 class Setup:
     podman: str
     native: str
-    cas: Cas
+    cas: CasProcess
     home: Path
     identity: Path
     made_images: list[str]
 
     def client(self) -> CasClient:
-        return CasClient(self.cas.address, ca_pem=self.cas.certificate.read_bytes(),
-                         identity=load_or_create_identity(self.identity))
+        return self.cas.client(load_or_create_identity(self.identity))
 
     def sconify(self, work: Path, *, target: str, namespace: str, name: str = "flask",
-                extra: tuple[str, ...] = (), cas: Cas | None = None,
+                extra: tuple[str, ...] = (), cas: CasProcess | None = None,
                 hooks: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         self.made_images.append(target)
         return run_sconify(

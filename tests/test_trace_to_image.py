@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from enclavify.cas.client import CasClient
 from enclavify.cas.identity import load_or_create_identity
 from enclavify.trace import analyze
+from tests.cas_process import start_cas
 from tests.sconify_support import (
     FLASK_BINARY,
     compose_service,
@@ -28,7 +28,6 @@ from tests.sconify_support import (
     remove_images,
     run_sconify,
     sconify_environment,
-    start_cas,
     wait_for_free_port,
 )
 
@@ -77,8 +76,7 @@ def test_traced_directories_make_an_image_that_serves(
         )
         assert done.returncode == 0, done.stderr[-4000:]
 
-        client = CasClient(cas.address, ca_pem=cas.certificate.read_bytes(),
-                           identity=load_or_create_identity(identity))
+        client = cas.client(load_or_create_identity(identity))
         cafile = tmp_path / "api-ca.crt"
         cafile.write_text(client.public_values(f"{namespace}/flask")["api_ca_cert"])
 

@@ -3,96 +3,19 @@
 from __future__ import annotations
 
 import os
-import re
 import secrets
-import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from enclavify.cas.client import CasClient, Identity
+from enclavify.cas.client import Identity
 from enclavify.cas.identity import identity_key_hash, load_or_create_identity
+from tests.cas_process import CasProcess, start_cas
 
 MEASUREMENT = "11" * 32
 OTHER_MEASUREMENT = "44" * 32
-
-
-@dataclass
-class CasProcess:
-    """One ``enclavify cas serve`` subprocess and what it printed."""
-
-    data: Path
-    process: subprocess.Popen[str]
-    address: str
-    db: str | None
-    log_lines: list[str] = field(default_factory=list)
-
-    @property
-    def ca_pem(self) -> bytes:
-        return (self.data / "ca.pem").read_bytes()
-
-    def client(self, identity: Identity | None = None, **options: object) -> CasClient:
-        return CasClient(self.address, ca_pem=self.ca_pem, identity=identity, **options)  # type: ignore[arg-type]
-
-    def log(self) -> str:
-        return "".join(self.log_lines)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_cas(
-    data: Path, *, db: str | None = None, extra_env: dict[str, str] | None = None,
-    listen: str = "127.0.0.1:0", extra_args: tuple[str, ...] = (),
-) -> CasProcess:
-    command = [sys.executable, "-m", "enclavify", "-v", "cas", "serve", "--data", str(data),
-               "--listen", listen]
-    if db:
-        command += ["--db", db]
-    command += list(extra_args)
-    env = dict(os.environ)
-    env.update(extra_env or {})
-    process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
-    )
-    assert process.stderr is not None
-    lines: list[str] = []
-    address = None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"listening on https://(\S+)", line)
-        if match:
-            address = match.group(1)
-            break
-    if address is None:
-        process.kill()
-        raise RuntimeError("CAS did not start:\n" + "".join(lines) + process.stderr.read())
-    cas = CasProcess(data, process, address, db, lines)
-
-    def drain() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-
-    threading.Thread(target=drain, daemon=True).start()
-    return cas
 
 
 @pytest.fixture

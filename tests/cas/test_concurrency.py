@@ -7,6 +7,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +23,21 @@ from .conftest import CasProcess, app_yaml, namespace_yaml, start_cas, unique
 from .test_release import _request_body
 
 RACERS = 8
+
+
+@pytest.fixture
+def cas_pair(postgres_url: str, tmp_path: Path) -> Iterator[tuple[CasProcess, CasProcess]]:
+    """Two CAS processes on one data directory (one CA, master key and head file) and one
+    PostgreSQL database."""
+    first = start_cas(tmp_path / "cas", db=postgres_url)
+    try:
+        second = start_cas(tmp_path / "cas", db=postgres_url)
+        try:
+            yield first, second
+        finally:
+            second.stop()
+    finally:
+        first.stop()
 
 
 def _race(clients: list[CasClient], name: str, predecessor: str) -> tuple[list[str], list[int]]:
@@ -76,33 +92,27 @@ def test_racing_updates_postgres(
 
 @pytest.mark.postgres
 def test_racing_updates_across_two_processes(
-    postgres_url: str, tmp_path: Path, identities: dict[str, Identity]
+    cas_pair: tuple[CasProcess, CasProcess], postgres_url: str, tmp_path: Path,
+    identities: dict[str, Identity],
 ) -> None:
-    # Both processes share the data directory: the same CA, master key and head file.
-    first = start_cas(tmp_path / "cas", db=postgres_url)
-    second = start_cas(tmp_path / "cas", db=postgres_url)
+    clients = [server.client(identities["alice"]) for server in cas_pair]
+    name = unique("race2")
+    predecessor = clients[0].create_session(namespace_yaml(name))
+    assert clients[1].get_session(name)["hash"] == predecessor
+    for _ in range(5):
+        winners, refused = _race(clients, name, predecessor)
+        assert len(winners) == 1, f"{len(winners)} updates won across two CAS processes"
+        assert refused == [409] * (RACERS - 1)
+        assert clients[0].get_session(name)["hash"] == winners[0]
+        assert clients[1].get_session(name)["hash"] == winners[0]
+        predecessor = winners[0]
+    database = Database.open(postgres_url)
     try:
-        clients = [first.client(identities["alice"]), second.client(identities["alice"])]
-        name = unique("race2")
-        predecessor = clients[0].create_session(namespace_yaml(name))
-        assert clients[1].get_session(name)["hash"] == predecessor
-        for _ in range(5):
-            winners, refused = _race(clients, name, predecessor)
-            assert len(winners) == 1, f"{len(winners)} updates won across two CAS processes"
-            assert refused == [409] * (RACERS - 1)
-            assert clients[0].get_session(name)["hash"] == winners[0]
-            assert clients[1].get_session(name)["hash"] == winners[0]
-            predecessor = winners[0]
-        database = Database.open(postgres_url)
-        try:
-            head = audit.HeadFile(tmp_path / "cas" / audit.HEAD_FILE)
-            result = audit.verify_chain(database, head)
-        finally:
-            database.close()
-        assert result.ok, result.problems
+        head = audit.HeadFile(tmp_path / "cas" / audit.HEAD_FILE)
+        result = audit.verify_chain(database, head)
     finally:
-        first.stop()
-        second.stop()
+        database.close()
+    assert result.ok, result.problems
 
 
 @pytest.mark.slow
@@ -146,8 +156,7 @@ def _crash_during_writes(data: Path, db: str | None, identity: Identity) -> None
         for thread in threads:
             thread.start()
         time.sleep(rng.uniform(0.3, 1.2))
-        server.process.send_signal(signal.SIGKILL)
-        server.process.wait()
+        server.stop(signal.SIGKILL)
         stop.set()
         for thread in threads:
             thread.join()
@@ -171,22 +180,17 @@ def _crash_during_writes(data: Path, db: str | None, identity: Identity) -> None
 
 @pytest.mark.postgres
 def test_nonce_shared_across_processes(
-    postgres_url: str, tmp_path: Path, identities: dict[str, Identity]
+    cas_pair: tuple[CasProcess, CasProcess], identities: dict[str, Identity]
 ) -> None:
-    first = start_cas(tmp_path / "cas", db=postgres_url)
-    second = start_cas(tmp_path / "cas", db=postgres_url)
-    try:
-        name = unique("pair")
-        first.client(identities["alice"]).create_session(app_yaml(name))
-        nonce = bytes.fromhex(
-            first.client(None)._request("POST", "/v1/attest/challenge", b"{}")["nonce"]
-        )
-        _, public = crypto.x25519_generate()
-        body = json.dumps(_request_body(f"{name}/api", nonce, public)).encode()
-        answer = second.client(None)._request("POST", "/v1/attest", body)
-        assert set(answer) == {"cas_public_key", "nonce", "ciphertext"}
-        with pytest.raises(CasRejected, match="nonce already used"):
-            first.client(None)._request("POST", "/v1/attest", body)
-    finally:
-        first.stop()
-        second.stop()
+    first, second = cas_pair
+    name = unique("pair")
+    first.client(identities["alice"]).create_session(app_yaml(name))
+    nonce = bytes.fromhex(
+        first.client(None)._request("POST", "/v1/attest/challenge", b"{}")["nonce"]
+    )
+    _, public = crypto.x25519_generate()
+    body = json.dumps(_request_body(f"{name}/api", nonce, public)).encode()
+    answer = second.client(None)._request("POST", "/v1/attest", body)
+    assert set(answer) == {"cas_public_key", "nonce", "ciphertext"}
+    with pytest.raises(CasRejected, match="nonce already used"):
+        first.client(None)._request("POST", "/v1/attest", body)
