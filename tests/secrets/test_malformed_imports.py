@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from enclavify.errors import SecretError
 from enclavify.policy import parse_session
 from enclavify.secrets import SecretValue, generate_secrets
+from enclavify.secrets.certificates import private_key_pem
 
 ED25519_OID = bytes.fromhex("06032b6570")
 UNKNOWN_OID = bytes.fromhex("06032b6572")  # 1.3.101.114, no key type the library knows
@@ -62,15 +63,7 @@ secrets:
 
 
 def test_imported_issuer_with_malformed_certificate_names_the_secret() -> None:
-    key = (
-        ed25519.Ed25519PrivateKey.generate()
-        .private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        .decode("ascii")
-    )
+    key = private_key_pem(ed25519.Ed25519PrivateKey.generate()).decode("ascii")
     garbage = "c2VjcmV0LWNlcnRpZmljYXRl"
     cert = f"-----BEGIN CERTIFICATE-----\n{garbage}\n-----END CERTIFICATE-----\n"
     text = """
