@@ -160,7 +160,8 @@ def test_unknown_nonce_refused(release_cas: CasProcess, identities: dict[str, Id
     _, name = _create(release_cas, identities["alice"])
     _, public = crypto.x25519_generate()
     error = _attest_raw(release_cas, _request_body(f"{name}/api", b"\x01" * 32, public))
-    assert "unknown nonce" in str(error)
+    assert error.status == 403
+    assert "nonce not issued by this CAS" in str(error)
 
 
 def test_expired_nonce_refused(tmp_path: Path, identities: dict[str, Identity]) -> None:
@@ -238,7 +239,15 @@ def test_unknown_service_and_session_refused(
          "evidence": {"type": "simulation", "data": "!!"}},
         {"config_id": "a/b", "nonce": "00" * 32, "public_key": "00" * 32, "extra": 1,
          "evidence": {"type": "simulation", "data": ""}},
+        {"config_id": "a/b", "nonce": "", "public_key": "00" * 32,
+         "evidence": {"type": "simulation", "data": ""}},
+        {"config_id": "a/b", "nonce": "00" * 257, "public_key": "00" * 32,
+         "evidence": {"type": "simulation", "data": ""}},
+        {"config_id": "a/b", "nonce": "0" * 81, "public_key": "00" * 32,
+         "evidence": {"type": "simulation", "data": ""}},
     ],
+    ids=["empty", "nonce-not-hex", "short-key", "evidence-not-base64", "unknown-field",
+         "empty-nonce", "nonce-too-long", "nonce-odd-digits"],
 )
 def test_malformed_attest_request_is_400(release_cas: CasProcess, body: dict[str, object]) -> None:
     assert _attest_raw(release_cas, body).status == 400

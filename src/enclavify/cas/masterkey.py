@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclavify import atomic
+from enclavify import atomic, crypto
 from enclavify.errors import CasError
 
 MASTER_KEY_FILE = "master.key"
@@ -35,6 +35,7 @@ class MasterKey:
     def __init__(self, key: bytes) -> None:
         if len(key) != 32:
             raise CasError(f"the CAS master key must be 32 bytes, not {len(key)}")
+        self._key = key
         self._aead = AESGCM(key)
 
     @classmethod
@@ -55,6 +56,14 @@ class MasterKey:
         except OSError as error:
             raise CasError(f"cannot read the CAS master key {path}: {error}") from error
         return cls(data)
+
+    def derive_key(self, info: bytes) -> bytes:
+        """Return a 32-byte key for another purpose, named by ``info`` (HKDF-SHA256).
+
+        Every CAS process given the same master key file derives the same key, and no use
+        of a derived key can reveal the master key or a key derived for another purpose.
+        """
+        return crypto.hkdf_sha256(self._key, salt=b"", info=info)
 
     def seal(self, plaintext: bytes, context: str) -> str:
         nonce = os.urandom(12)

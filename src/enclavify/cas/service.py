@@ -49,7 +49,18 @@ from enclavify.policy.model import ANY, CREATOR, NONE, Session
 log = logging.getLogger(__name__)
 
 CONFIG_INFO = b"enclavify-config-v1"
-NONCE_BYTES = 32
+# The HKDF label of the key that authenticates challenge nonces.
+NONCE_KEY_INFO = b"enclavify-cas-challenge-nonce-v1"
+_NONCE_FORMAT = b"\x01"
+_NONCE_RANDOM = 16
+_NONCE_MAC = 16  # truncated HMAC-SHA256
+NONCE_BYTES = len(_NONCE_FORMAT) + _NONCE_RANDOM + 8 + _NONCE_MAC
+# Attestation requests may name nonces up to this size; longer ones are malformed requests,
+# shorter or longer ones within it are refused (and audited) as not issued by this CAS.
+MAX_NONCE_BYTES = 256
+# How long used nonces are kept past their expiry, and how often they are cleared out.
+NONCE_CLOCK_MARGIN = 300.0
+NONCE_PURGE_INTERVAL = 60.0
 ANONYMOUS = "anonymous"
 
 Clock = Callable[[], datetime.datetime]
@@ -117,7 +128,8 @@ class CasService:
         self.nonce_lifetime = nonce_lifetime
         self._cache: OrderedDict[tuple[str, str], StoredSession] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._challenges = 0
+        self._nonce_key = master_key.derive_key(NONCE_KEY_INFO)
+        self._last_purge = float("-inf")
 
     # -- storage helpers ------------------------------------------------------------------
 
@@ -395,74 +407,101 @@ class CasService:
     # -- attestation ----------------------------------------------------------------------
 
     def challenge(self) -> dict[str, Any]:
-        nonce = os.urandom(NONCE_BYTES).hex()
-        now = self.clock()
-        expires = now + datetime.timedelta(seconds=self.nonce_lifetime)
-        with self.database.transaction(write=True) as tx:
-            tx.execute(
-                "INSERT INTO nonces (nonce, expires_at, consumed_at) VALUES (?, ?, NULL)",
-                (nonce, expires.timestamp()),
-            )
-            self._challenges += 1
-            if self._challenges % 200 == 0:
-                # Forget nonces an hour past expiry; until then a reuse is reported as such.
-                # NOTE: challenges need no client certificate and are not rate-limited, so a
-                # flood of them grows this table for up to an hour.
-                tx.execute(
-                    "DELETE FROM nonces WHERE expires_at < ?", (now.timestamp() - 3600,)
-                )
-        return {"nonce": nonce, "expires_at": expires.isoformat()}
+        """Issue a nonce that proves itself: nothing is written to the database.
 
-    def _check_nonce(self, nonce: str) -> None:
-        """Raise why ``nonce`` cannot be used, before any expensive check (read only)."""
-        with self.database.transaction(write=False) as tx:
-            rows = tx.execute(
-                "SELECT expires_at, consumed_at FROM nonces WHERE nonce = ?", (nonce,)
-            )
-        used_before = bool(rows) and rows[0][1] is not None
-        _nonce_problem(rows, used_before=used_before, now=self.clock().timestamp())
+        The nonce is a format byte, random bytes, the expiry (milliseconds since the epoch)
+        and a MAC over them under a key derived from the master key, so every CAS process
+        sharing the master key accepts it and no other CAS does.
+        """
+        expires = self.clock() + datetime.timedelta(seconds=self.nonce_lifetime)
+        expires_ms = int(expires.timestamp() * 1000)
+        body = _NONCE_FORMAT + os.urandom(_NONCE_RANDOM) + expires_ms.to_bytes(8, "big")
+        nonce = body + self._nonce_mac(body)
+        expires_at = datetime.datetime.fromtimestamp(expires_ms / 1000, datetime.UTC)
+        return {"nonce": nonce.hex(), "expires_at": expires_at.isoformat()}
 
-    def _finish_attestation(self, nonce: str, record: AuditRecord) -> str | None:
-        """Consume ``nonce`` and append ``record`` in one transaction.
+    def _nonce_mac(self, body: bytes) -> bytes:
+        return hmac.new(self._nonce_key, body, hashlib.sha256).digest()[:_NONCE_MAC]
 
-        The nonce is consumed whatever the outcome, so one piece of evidence serves at most
-        one request. When ``record`` is a release but the nonce turned out to be used or
-        expired (a concurrent request won), the record is written as a refusal instead and
-        the reason is returned; otherwise None.
+    def _verify_nonce(self, nonce: bytes) -> float:
+        """Return the expiry (POSIX seconds) of ``nonce`` if this CAS issued it and it is
+        still valid; raise why not. Reads nothing from the database."""
+        if len(nonce) != NONCE_BYTES or nonce[:1] != _NONCE_FORMAT:
+            raise AttestationError("nonce not issued by this CAS")
+        body, mac = nonce[:-_NONCE_MAC], nonce[-_NONCE_MAC:]
+        if not hmac.compare_digest(mac, self._nonce_mac(body)):
+            raise AttestationError("nonce not issued by this CAS")
+        expires = int.from_bytes(body[-8:], "big") / 1000
+        if expires < self.clock().timestamp():
+            raise AttestationError("nonce expired")
+        return expires
+
+    def _finish_attestation(
+        self, nonce: str, expires: float | None, record: AuditRecord
+    ) -> str | None:
+        """Mark ``nonce`` used and append ``record`` in one transaction.
+
+        ``expires`` is None for a nonce this CAS did not issue or that had expired: such a
+        nonce is never stored, its MAC or expiry refuses it every time. Any other nonce is
+        stored whatever the outcome, so one piece of evidence serves at most one request.
+        When ``record`` is a release but the nonce turned out to be used (a concurrent
+        request won: the primary key lets only one insert through) or expired meanwhile,
+        the record is written as a refusal instead and the reason is returned; otherwise None.
         """
         now = self.clock().timestamp()
         problem: str | None = None
         with self.database.transaction(write=True) as tx:
-            tx.execute(
-                "UPDATE nonces SET consumed_at = ? WHERE nonce = ? AND consumed_at IS NULL",
-                (now, nonce),
-            )
-            consumed_now = tx.rowcount == 1
-            rows = tx.execute("SELECT expires_at FROM nonces WHERE nonce = ?", (nonce,))
-            if record.outcome == "ok":
-                try:
-                    _nonce_problem(rows, used_before=not consumed_now, now=now)
-                except AttestationError as error:
-                    problem = error.diagnostics()
-                    record = dataclasses.replace(record, outcome="refused", reason=problem)
+            if expires is not None:
+                tx.execute(
+                    "INSERT INTO used_nonces (nonce, expires_at, used_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (nonce) DO NOTHING",
+                    (nonce, expires, now),
+                )
+                first_use = tx.rowcount == 1
+                if record.outcome == "ok":
+                    if not first_use:
+                        problem = "nonce already used"
+                    elif expires < now:
+                        problem = "nonce expired"
+                    if problem is not None:
+                        record = dataclasses.replace(record, outcome="refused", reason=problem)
+                self._forget_expired_nonces(tx, now)
             head = self._audit(tx, record)
         self._advance_head(head)
         return problem
 
+    def _forget_expired_nonces(self, tx: Transaction, now: float) -> None:
+        """Delete used nonces well past their expiry, at most once per purge interval.
+
+        Once expired, a nonce is refused by its own expiry time, so its row is no longer
+        needed. The margin covers CAS processes on one database whose clocks differ: one
+        whose clock lags by less than the margin still finds the row of a nonce it would
+        take as unexpired.
+        """
+        if now - self._last_purge < NONCE_PURGE_INTERVAL:
+            return
+        self._last_purge = now
+        tx.execute("DELETE FROM used_nonces WHERE expires_at < ?", (now - NONCE_CLOCK_MARGIN,))
+
     def attest(self, body: Any, client: str | None) -> dict[str, Any]:
         """Check evidence and return the service's configuration sealed to the launcher's key.
 
-        All checks run before anything is written; then one transaction consumes the nonce
-        and appends the audit record, so a release costs a single commit.
+        The nonce's MAC and expiry are checked first, from the nonce alone, then whether it
+        was used (read only), then the evidence. All checks run before anything is written;
+        then one transaction marks the nonce used and appends the audit record, so a
+        release costs a single commit.
         """
         request = _parse_attest_request(body)
         nonce = request.nonce.hex()
         session_name, _, service_name = request.config_id.rpartition("/")
         who = client or ANONYMOUS
         session_hash: str | None = None
+        expires: float | None = None
         try:
-            self._check_nonce(nonce)
+            expires = self._verify_nonce(request.nonce)
             with self.database.transaction(write=False) as tx:
+                if tx.execute("SELECT 1 FROM used_nonces WHERE nonce = ?", (nonce,)):
+                    raise AttestationError("nonce already used")
                 current = self._load(tx, session_name) if session_name else None
             if current is None:
                 raise AttestationError(f"unknown session {session_name!r}")
@@ -489,7 +528,7 @@ class CasService:
             sealed = _seal_configuration(configuration, request.public_key, request.nonce)
         except (AttestationError, SecretError, PolicyError) as error:
             reason = error.diagnostics()
-            self._finish_attestation(nonce, AuditRecord(
+            self._finish_attestation(nonce, expires, AuditRecord(
                 action="release", client=who, session=request.config_id, outcome="refused",
                 reason=reason, hash_before=session_hash, hash_after=session_hash,
             ))
@@ -499,7 +538,7 @@ class CasService:
         notes = list(warnings)
         if claims.evidence_type == SIMULATION:
             notes.insert(0, "insecure: simulation evidence, nothing vouches for the measurement")
-        problem = self._finish_attestation(nonce, AuditRecord(
+        problem = self._finish_attestation(nonce, expires, AuditRecord(
             action="release", client=who, session=request.config_id, outcome="ok",
             reason="; ".join(notes), hash_before=session_hash, hash_after=session_hash,
         ))
@@ -526,16 +565,6 @@ class CasService:
         return values
 
 
-def _nonce_problem(rows: list[tuple[Any, ...]], *, used_before: bool, now: float) -> None:
-    """Raise why a nonce does not allow a release; ``rows`` holds its ``expires_at``."""
-    if not rows:
-        raise AttestationError("unknown nonce: ask for a challenge first")
-    if used_before:
-        raise AttestationError("nonce already used")
-    if float(rows[0][0]) < now:
-        raise AttestationError("nonce expired")
-
-
 @dataclass(frozen=True)
 class AttestRequest:
     config_id: str
@@ -557,8 +586,8 @@ def _parse_attest_request(body: Any) -> AttestRequest:
     config_id, evidence = body.get("config_id"), body.get("evidence")
     if not isinstance(config_id, str) or "/" not in config_id or len(config_id) > 1024:
         raise bad("config_id must be 'SESSION/SERVICE'")
-    nonce = _hex_field(body, "nonce", NONCE_BYTES, bad)
-    public_key = _hex_field(body, "public_key", 32, bad)
+    nonce = _hex_field(body, "nonce", (1, MAX_NONCE_BYTES), bad)
+    public_key = _hex_field(body, "public_key", (32, 32), bad)
     if not isinstance(evidence, dict) or set(evidence) != {"type", "data"}:
         raise bad("evidence must be an object with 'type' and 'data'")
     if not isinstance(evidence["type"], str) or not isinstance(evidence["data"], str):
@@ -571,17 +600,22 @@ def _parse_attest_request(body: Any) -> AttestRequest:
 
 
 def _hex_field(
-    body: Mapping[str, Any], name: str, size: int, bad: Callable[[str], CasRejected]
+    body: Mapping[str, Any], name: str, size: tuple[int, int], bad: Callable[[str], CasRejected]
 ) -> bytes:
+    """Return the bytes of a hex field whose length lies in ``size`` (inclusive bounds)."""
+    low, high = size
+    expected = f"{low} bytes" if low == high else f"{low} to {high} bytes"
     value = body.get(name)
     if not isinstance(value, str):
         raise bad(f"{name} must be a hex string")
+    if len(value) > 2 * high:
+        raise bad(f"{name} must be {expected}, got {len(value)} hex digits")
     try:
         data = bytes.fromhex(value)
     except ValueError as error:
         raise bad(f"{name} is not hex") from error
-    if len(data) != size:
-        raise bad(f"{name} must be {size} bytes, got {len(data)}")
+    if not low <= len(data) <= high:
+        raise bad(f"{name} must be {expected}, got {len(data)}")
     return data
 
 
