@@ -430,34 +430,62 @@ def _dropped(entry: tarindex.TarEntry, prefixes: Sequence[str]) -> bool:
 def _rewrite_tar(
     layer: Layer, prefixes: Sequence[str], out: IO[bytes], progress: blobs.Progress | None
 ) -> None:
-    """Copy the members of ``layer`` to ``out`` byte for byte, leaving dropped ones out."""
+    """Copy the members of ``layer`` to ``out`` byte for byte, leaving dropped ones out.
+
+    The layer's index already gives each member's byte range, so the headers are not parsed
+    a second time (that took about 0.5 s for a 123 MiB Debian layer). Only a hardlink, whose
+    target may be left out, is read again; bytes between indexed members (the root
+    directory's own entry, which the index skips) are copied as they are.
+    """
     label = f"rewriting layer {layer.index}"
     total = layer.uncompressed_size
-    by_offset = {entry.header_offset: entry for entry in layer.entries}
     latest: dict[str, tarindex.TarEntry] = {}
+    position = 0
     with open(layer.tar_path, "rb") as source, tarfile.open(layer.tar_path, mode="r:") as tar:
-        while (member := tar.next()) is not None:
-            tar.members = []  # type: ignore[attr-defined]
+        for entry in layer.entries:
             if progress is not None:
-                progress(member.offset, total, label)
-            entry = by_offset.get(member.offset)
-            if entry is None:  # the root entry, which the index skips
-                _copy_range(source, out, member.offset, member.offset_data)
-                continue
+                progress(entry.header_offset, total, label)
+            if entry.header_offset > position:
+                _copy_range(source, out, position, entry.header_offset)
+            position = entry.end_offset
             if entry.kind not in (tarindex.WHITEOUT, tarindex.OPAQUE, tarindex.META):
                 latest[entry.path] = entry
             if _dropped(entry, prefixes):
                 continue
-            if member.islnk():
-                target_path, _ = tarindex.normalize_name(member.linkname, layer=layer.digest)
-                target = latest.get(target_path)
-                if target is not None and _dropped(target, prefixes):
-                    _write_materialized(member, entry, source, out)
-                    continue
-            _copy_range(source, out, member.offset, entry.end_offset)
+            if entry.kind in (tarindex.HARDLINK, tarindex.SYMLINK):
+                member = _hardlink_member(tar, source, entry)
+                if member is not None:
+                    target_path, _ = tarindex.normalize_name(member.linkname, layer=layer.digest)
+                    target = latest.get(target_path)
+                    if target is not None and _dropped(target, prefixes):
+                        _write_materialized(member, entry, source, out)
+                        continue
+            _copy_range(source, out, entry.header_offset, entry.end_offset)
     out.write(b"\0" * 1024)
     if progress is not None:
         progress(total, total, label)
+
+
+# Where the type flag sits in a ustar header block.
+_TYPEFLAG_OFFSET = 156
+
+
+def _hardlink_member(
+    tar: tarfile.TarFile, source: IO[bytes], entry: tarindex.TarEntry
+) -> tarfile.TarInfo | None:
+    """Return the tar header of ``entry`` if the member is a hardlink, else ``None``.
+
+    A hardlink to a symlink is indexed as a symlink, so the type flag of the member's own
+    header block (the last block before its data offset) tells.
+    """
+    source.seek(entry.end_offset - tarfile.BLOCKSIZE + _TYPEFLAG_OFFSET)
+    if source.read(1) != tarfile.LNKTYPE:
+        return None
+    tar.fileobj.seek(entry.header_offset)
+    member = tarfile.TarInfo.fromtarfile(tar)
+    if member.offset != entry.header_offset or not member.islnk():
+        raise ImageError(f"{entry.name!r}: the layer tar changed since it was indexed")
+    return member
 
 
 def _write_materialized(
