@@ -65,7 +65,7 @@ _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 # Cost of restoring a file besides its bytes, in bytes of decryption (a rough estimate).
 _FILE_COST = 32768
 # Directories kept open while restoring; files are restored grouped by directory.
-_DIR_CACHE_SIZE = 64
+_DIR_CACHE_SIZE = 128
 
 if TYPE_CHECKING:
     # A file to restore: its parent directory's path ("" for the target root), its name and
