@@ -16,7 +16,7 @@ from .conftest import run_in_root
 
 # Imports everything the launcher needs on its CAS path, then proves the crypto backend works.
 PROBE = """
-import sys, ssl, ctypes, json, hashlib, http.client, socket
+import sys, ssl, ctypes, json, hashlib, socket
 from pathlib import Path
 from enclavify.runtime import launcher, libcrypto
 launcher.pin_libcrypto(Path("/opt/enclavify"))
