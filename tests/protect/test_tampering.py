@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from enclavify.errors import IntegrityError
-from enclavify.protect import CHUNK_SIZE, SealedVolume, open_fspf, seal_tree, unseal_tree
-from enclavify.protect.format import TAG_SIZE
+from enclavify.protect import CHUNK_SIZE, SealedVolume, open_fspf, seal_tree, unseal, unseal_tree
+from enclavify.protect.format import TAG_SIZE, Entry
 from tests.protect.trees import seal_manifest
 
 BIG = "/app/big.bin"
@@ -301,8 +301,8 @@ def test_many_files_unseal_alike_in_both_processes(
     monkeypatch.setattr(os, "fork", counting_fork)
     many_sealed.unseal()
 
-    if len(os.sched_getaffinity(0)) > 1:
-        assert len(forks) == 1
+    cpus = len(os.sched_getaffinity(0))
+    assert len(forks) == min(cpus, unseal._MAX_PROCESSES) - 1
 
     for index in range(120):
         relative = f"app/d{index // 10:02d}/f{index:03d}"
@@ -318,3 +318,57 @@ def test_object_replaced_by_fifo_is_rejected_without_blocking(sealed: Sealed) ->
     os.mkfifo(victim)
 
     assert_rejected(sealed, SMALL)
+
+
+@pytest.mark.parametrize("processes", [3, 4])
+def test_many_files_unseal_alike_in_more_processes(
+    many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch, processes: int
+) -> None:
+    monkeypatch.setattr(unseal, "_CPUS", processes)
+    # 120 files are enough for 4 processes with at least 16 files each.
+    monkeypatch.setattr(unseal, "_FORK_FILES", 32)
+    forks = []
+    real_fork = os.fork
+
+    def counting_fork() -> int:
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", counting_fork)
+    many_sealed.unseal()
+
+    assert len(forks) == processes - 1
+    for index in range(120):
+        relative = f"app/d{index // 10:02d}/f{index:03d}"
+        restored = (many_sealed.target / relative).read_bytes()
+        assert restored == (many_sealed.source / relative).read_bytes()
+
+
+@pytest.mark.parametrize("index", [0, 60, 119], ids=["here", "middle-child", "last-child"])
+def test_rejection_among_many_processes_names_the_file(
+    many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch, index: int
+) -> None:
+    monkeypatch.setattr(unseal, "_CPUS", 3)
+    path = f"/app/d{index // 10:02d}/f{index:03d}"
+    flip_bit(many_sealed.object_of(path), 5)
+    parts: list[list[str]] = []
+    real_fork_restoring = unseal._Restorer._fork_restoring
+
+    def recording(self: unseal._Restorer, files: list[tuple[str, str, Entry]]) -> tuple[int, int]:
+        parts.append([entry.path for _, _, entry in files])
+        return real_fork_restoring(self, files)
+
+    monkeypatch.setattr(unseal._Restorer, "_fork_restoring", recording)
+
+    with pytest.raises(IntegrityError) as excinfo:
+        many_sealed.unseal()
+
+    assert repr(path) in str(excinfo.value)
+    assert [path in part for part in parts] == {
+        0: [False, False],
+        60: [True, False],
+        119: [False, True],
+    }[index]
+    assert not (many_sealed.target / path.lstrip("/")).exists()

@@ -5,8 +5,8 @@ anything else is read. :func:`unseal_tree` then restores every entry below a tar
 A file of up to 1 MiB is decrypted and verified whole in memory before its name is created
 with ``O_EXCL``. A longer one is decrypted into a temporary file next to its destination and
 renamed into place only after every chunk verified. Either way a tampered object leaves no
-plaintext of that file. With many files and more than one CPU, a forked child restores
-half of them.
+plaintext of that file. With many files and more than one CPU, forked children restore
+part of them.
 
 This runs at every confidential start, so it keeps system calls few: files are restored
 grouped by directory, and while the umask is 0 a new entry is created with its final
@@ -59,8 +59,10 @@ _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 _FIRST_NONCE = chunk_nonce(0)
 _SEGMENT = 1 << 20
-# With this many files or more, and more than one CPU, a forked child restores half of them.
+# With this many files or more, and more than one CPU, forked children restore part of them:
+# one process per CPU, at most _MAX_PROCESSES, each with at least half of _FORK_FILES files.
 _FORK_FILES = 64
+_MAX_PROCESSES = 4
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 # Cost of restoring a file besides its bytes, in bytes of decryption (a rough estimate).
 _FILE_COST = 32768
@@ -289,8 +291,9 @@ class _Restorer:
             for parent, group in sorted(groups.items())
             for name, entry in group
         ]
-        if len(files) >= _FORK_FILES and _CPUS > 1 and hasattr(os, "fork"):
-            self._restore_files_in_two(files)
+        processes = min(_CPUS, _MAX_PROCESSES, 2 * len(files) // _FORK_FILES)
+        if processes > 1 and hasattr(os, "fork"):
+            self._restore_files_in_parallel(files, processes)
         else:
             self._restore_files(files)
 
@@ -376,23 +379,41 @@ class _Restorer:
             except OSError as exc:
                 raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
 
-    def _restore_files_in_two(self, files: list[_File]) -> None:
-        """Restore the second half of ``files`` in a forked child and the first half here.
+    def _restore_files_in_parallel(self, files: list[_File], processes: int) -> None:
+        """Restore ``files`` in ``processes`` processes: forked children and this one.
 
-        Threads gain nothing, because the Python work per file holds the GIL; a second process
-        has its own. Both only create files, in directories that already exist. The child
-        reports a failure through a pipe; this waits for the child in every case, so nothing
-        is written after this returns or raises.
+        Threads gain nothing, because the Python work per file holds the GIL; another process
+        has its own. All only create files, in directories that already exist. A child reports
+        a failure through its pipe; this waits for every child in every case, so nothing is
+        written after this returns or raises.
 
         NOTE: forking is safe only while no other thread of this process holds a lock (inside
         OpenSSL, say); the launcher runs no other threads while it unseals.
         """
-        # Split where about half the work is done: a file costs its size and a fixed amount.
+        # Parts of about equal work: a file costs its size and a fixed amount.
         total = sum(entry.size + _FILE_COST for _, _, entry in files)
-        half = done = 0
-        while half < len(files) and done < total // 2:
-            done += files[half][2].size + _FILE_COST
-            half += 1
+        bounds = [0]
+        done = 0
+        for index, (_, _, entry) in enumerate(files):
+            if done * processes >= total * len(bounds):
+                bounds.append(index)
+                if len(bounds) == processes:
+                    break
+            done += entry.size + _FILE_COST
+        bounds.append(len(files))
+        children: list[tuple[int, int]] = []
+        try:
+            for part in range(1, len(bounds) - 1):
+                children.append(self._fork_restoring(files[bounds[part] : bounds[part + 1]]))
+            self._restore_files(files[: bounds[1]])
+        finally:
+            failures = [_collect(child, reading) for child, reading in children]
+        for failure in failures:
+            if failure is not None:
+                raise failure
+
+    def _fork_restoring(self, files: list[_File]) -> tuple[int, int]:
+        """Fork a child that restores ``files``; return its pid and the pipe it reports to."""
         reading, writing = os.pipe()
         try:
             child = os.fork()
@@ -401,10 +422,10 @@ class _Restorer:
             os.close(writing)
             raise
         if child == 0:  # pragma: no cover - runs in the child, which ends with os._exit
-            os.close(reading)
             status = 0
             try:
-                self._restore_files(files[half:])
+                os.close(reading)
+                self._restore_files(files)
             except BaseException as exc:
                 status = 1
                 kind = "IntegrityError" if isinstance(exc, IntegrityError) else "ProtectError"
@@ -414,23 +435,7 @@ class _Restorer:
             finally:
                 os._exit(status)
         os.close(writing)
-        try:
-            self._restore_files(files[:half])
-        finally:
-            report = b""
-            with contextlib.suppress(OSError):
-                while True:
-                    data = os.read(reading, 65536)
-                    if not data:
-                        break
-                    report += data
-            os.close(reading)
-            _, status = os.waitpid(child, 0)
-        if report or status != 0:
-            kind, _, message = report.decode(errors="replace").partition("\0")
-            if not message:
-                message = f"unsealing in a child process failed with status {status}"
-            raise (IntegrityError if kind == "IntegrityError" else ProtectError)(message)
+        return child, reading
 
     def _restore_file(self, directory: _Directory, name: str, entry: Entry) -> None:
         """Decrypt the object of ``entry`` into ``name`` in ``directory``."""
@@ -630,6 +635,25 @@ def _has_default_acl(fd: int) -> bool:
         return exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP)
     except AttributeError:  # no os.listxattr on this platform
         return True
+
+
+def _collect(child: int, reading: int) -> ProtectError | None:
+    """Wait for a child restoring files; return the error it reported, if any."""
+    report = b""
+    with contextlib.suppress(OSError):
+        while True:
+            data = os.read(reading, 65536)
+            if not data:
+                break
+            report += data
+    os.close(reading)
+    _, status = os.waitpid(child, 0)
+    if not report and status == 0:
+        return None
+    kind, _, message = report.decode(errors="replace").partition("\0")
+    if not message:
+        message = f"unsealing in a child process failed with status {status}"
+    return (IntegrityError if kind == "IntegrityError" else ProtectError)(message)
 
 
 def _failed(entry: Entry) -> IntegrityError:
