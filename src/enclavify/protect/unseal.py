@@ -248,6 +248,8 @@ class _Restorer:
     def restore(self) -> None:
         # Under umask 0 a new entry gets exactly the permission bits asked for, so most
         # files and directories are created with their final mode and need no chmod.
+        # NOTE: the umask belongs to the process; the launcher runs no other threads while it
+        # unseals.
         umask = os.umask(0)
         try:
             self._implicit_mode = 0o755 & ~umask
@@ -368,6 +370,13 @@ class _Restorer:
         os.utime(fd, times=(entry.mtime, entry.mtime))
 
     def _restore_files(self, files: list[_File]) -> None:
+        # Buffers for the largest segment of these files, made once: a buffer is filled with
+        # zeros when made, and growing it file by file costs more.
+        largest = max((entry.size for _, _, entry in files), default=0)
+        capacity = min(largest, self._segment_chunks * self._chunk_size)
+        chunks = min(self._segment_chunks, chunk_count(largest, self._chunk_size))
+        self._plain_buffer = memoryview(bytearray(capacity))
+        self._sealed_buffer = memoryview(bytearray(capacity + chunks * TAG_SIZE))
         current = None
         directory = self._root
         for parent, name, entry in files:
@@ -546,17 +555,6 @@ class _Restorer:
         count = chunk_count(entry.size, chunk_size)
         plain_size = min(entry.size, end * chunk_size) - first * chunk_size
         sealed_size = plain_size + (end - first) * TAG_SIZE
-        if len(self._plain_buffer) < plain_size or len(self._sealed_buffer) < sealed_size:
-            # Grown as needed rather than made for a whole segment at once, because a new
-            # buffer is filled with zeros.
-            capacity = min(
-                self._segment_chunks * chunk_size,
-                max(plain_size, 2 * len(self._plain_buffer), 1 << 16),
-            )
-            self._plain_buffer = memoryview(bytearray(capacity))
-            self._sealed_buffer = memoryview(
-                bytearray(capacity + (capacity // chunk_size + 1) * TAG_SIZE)
-            )
         sealed = self._sealed_buffer
         plain = self._plain_buffer
         if _read_into(source, sealed[:sealed_size]) != sealed_size:
