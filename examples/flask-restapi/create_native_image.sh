@@ -34,4 +34,14 @@ if [[ -z $base ]]; then
 fi
 
 echo "create_native_image.sh: building $image from $base with $engine" >&2
+previous=$("$engine" image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
 "$engine" build --build-arg "BASE=$base" -t "$image" -f "$here/Dockerfile" "$here"
+
+# A rebuild that makes a new image (always, with BUILDAH_LAYERS=false) moves the tag and
+# leaves the image it named before untagged. Remove that one, unless another tag still names
+# it or a container uses it (rmi without -f then refuses).
+current=$("$engine" image inspect --format '{{.Id}}' "$image")
+if [[ -n $previous && $previous != "$current" ]] \
+        && [[ $("$engine" image inspect --format '{{len .RepoTags}}' "$previous" 2>/dev/null) == 0 ]]; then
+    "$engine" rmi "$previous" >/dev/null 2>&1 || true
+fi
