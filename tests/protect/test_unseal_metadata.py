@@ -135,7 +135,7 @@ def test_modes_are_exact_under_a_default_acl(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not IS_ROOT, reason="choosing the group of the target needs root")
 @pytest.mark.parametrize("group", [4242, 0])
-def test_group_is_exact_below_a_set_group_id_directory(tmp_path: Path, group: int) -> None:
+def test_group_exact_below_setgid_directory(tmp_path: Path, group: int) -> None:
     source, key, tag = seal_varied(tmp_path)
     target = tmp_path / "target"
     target.mkdir()

@@ -276,7 +276,7 @@ def _parse_entry(raw: Any, regions: tuple[str, ...], index: int) -> Entry:
 
 
 def _is_normal(path: str) -> bool:
-    """Return whether ``path`` is absolute and normalized; may say no to "/" (see check_path)."""
+    """Return whether ``path`` is absolute and normalized (False for "/", unlike check_path)."""
     padded = path + "/"
     return (
         path[:1] == "/"
@@ -306,7 +306,7 @@ def _new_entry(fields: dict[str, Any]) -> Entry:
     """Return an Entry of ``fields`` (every field, already validated).
 
     The frozen dataclass's __init__ sets its 11 fields one by one through object.__setattr__,
-    which costs about 1 µs an entry; filling the instance dictionary at once is 3 times faster
+    which costs about 1 µs an entry. Filling the instance dictionary at once is 3 times faster
     and gives an equal object.
     """
     entry: Entry = _new_object(Entry)

@@ -134,7 +134,7 @@ class _Directory:
     ``new_owner`` is the (uid, gid) of a new entry: the effective ids, or the directory's group
     if it has the set-group-ID bit, which new directories then inherit (``new_dir_bits``).
     It is None when a default ACL decides the permission bits of new entries instead of the
-    umask; then nothing is predicted and every entry gets all its metadata set explicitly.
+    umask. Then nothing is predicted, and every entry gets all its metadata set explicitly.
     """
 
     __slots__ = ("fd", "new_dir_bits", "new_owner")
@@ -161,8 +161,8 @@ class _Restorer:
         self._sealed_buffer = self._plain_buffer = memoryview(b"")
         # Named once, so that each file's cipher skips the backend choice.
         self._backend = crypto.backend_name()
-        # Directories made only to hold restored entries (the parents of regions, say) get
-        # what the caller's umask would have given them.
+        # Directories made only to hold restored entries (for example the parents of
+        # regions) get what the caller's umask would have given them.
         self._implicit_mode = 0o755
         try:
             root_fd = os.open(str(target_root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -220,7 +220,7 @@ class _Restorer:
             try:
                 fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
             except FileNotFoundError:
-                # Not restored from an entry of its own: a parent of a region, say.
+                # Not restored from an entry of its own, for example a parent of a region.
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(name, self._implicit_mode, dir_fd=parent)
                 fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
@@ -263,7 +263,7 @@ class _Restorer:
                 self._directory(region, region)
         # For each directory made here: its (uid, gid, mode) right after mkdir, or None if
         # that is unknown (it existed before, or a default ACL applied).
-        made: dict[str, tuple[int, int, int] | None] = {}
+        after_mkdir: dict[str, tuple[int, int, int] | None] = {}
         directories: list[Entry] = []
         # Files by parent directory, so that each directory is opened once per process.
         groups: dict[str, list[tuple[str, Entry]]] = {}
@@ -279,7 +279,7 @@ class _Restorer:
                         group = groups[parent] = []
                     group.append((name, entry))
                 elif kind == "dir":
-                    made[entry.path] = self._make_directory(entry)
+                    after_mkdir[entry.path] = self._make_directory(entry)
                     directories.append(entry)
                 elif kind == "symlink":
                     self._restore_symlink(entry)
@@ -309,15 +309,15 @@ class _Restorer:
         directories.sort(key=lambda item: item.path, reverse=True)
         for entry in directories:
             try:
-                self._apply_directory_metadata(entry, made[entry.path])
+                self._apply_directory_metadata(entry, after_mkdir[entry.path])
             except OSError as exc:
                 raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
 
     def _make_directory(self, entry: Entry) -> tuple[int, int, int] | None:
         """Make the directory of ``entry``; return its (uid, gid, mode) if they are known.
 
-        It gets its final permission bits plus the owner's, which this process may need to
-        fill it; the final mode and owner are set after its contents.
+        It gets its final permission bits plus the owner's, because this process may need
+        them to fill it. The final mode and owner are set after its contents.
         """
         path = entry.path
         parent_path, _, name = path.rpartition("/")
@@ -338,7 +338,7 @@ class _Restorer:
         return (*parent.new_owner, mode | parent.new_dir_bits)
 
     def _apply_directory_metadata(
-        self, entry: Entry, made: tuple[int, int, int] | None
+        self, entry: Entry, after_mkdir: tuple[int, int, int] | None
     ) -> None:
         """Set the owner, mode and mtime of a directory; skip what mkdir already got right."""
         parent_path, _, name = entry.path.rpartition("/")
@@ -346,13 +346,15 @@ class _Restorer:
             self._apply_metadata(self._root.fd, entry)
             return
         parent = self._directory(parent_path, entry.path).fd
-        chown = self._as_root and (made is None or made[:2] != (entry.uid, entry.gid))
-        # None of these calls follows a symlink: fchownat and utimensat are told not to, and
-        # the chmod goes through a descriptor opened with O_NOFOLLOW.
+        chown = self._as_root and (
+            after_mkdir is None or after_mkdir[:2] != (entry.uid, entry.gid)
+        )
+        # None of these calls follows a symlink: fchownat and utimensat get
+        # AT_SYMLINK_NOFOLLOW, and the chmod goes through a descriptor opened with O_NOFOLLOW.
         if chown:
             os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
         # After a chown, because chown may clear the set-user-ID and set-group-ID bits.
-        if chown or made is None or made[2] != entry.mode:
+        if chown or after_mkdir is None or after_mkdir[2] != entry.mode:
             fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
             try:
                 os.fchmod(fd, entry.mode)
@@ -461,9 +463,9 @@ class _Restorer:
                     f"protected file {entry.path!r} failed verification:"
                     " its object is not a regular file"
                 )
-            # Exactly the sealed size is read later; should the object grow meanwhile, the
-            # rest is ignored, and the chunks read still verify only if they are the sealed
-            # ones, the last marked as last.
+            # Exactly the sealed size is read later. Should the object grow meanwhile, the
+            # rest is ignored, because the chunks read verify only if they are the sealed
+            # ones with the last marked as last.
             if status.st_size != entry.size + count * TAG_SIZE:
                 raise _failed(entry)
             cipher = crypto.AesGcm(entry.key, backend=self._backend)
