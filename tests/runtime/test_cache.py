@@ -162,18 +162,40 @@ def test_an_incomplete_entry_is_rebuilt(
     assert cached
 
 
-def test_edited_enclavify_sources_change_the_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_carried_sources_decide_the_key(
+    host_files: DirectoryFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    before = cache._host_key(None)
-    copy = tmp_path / "enclavify"
-    shutil.copytree(builder.SOURCE_ROOT / "enclavify", copy)
-    monkeypatch.setattr(builder, "SOURCE_ROOT", tmp_path)
-    assert cache._host_key(None) == before
-    launcher = copy / "runtime" / "launcher.py"
+    sources = tmp_path / "sources"
+    shutil.copytree(builder.SOURCE_ROOT / "enclavify", sources / "enclavify")
+    monkeypatch.setattr(builder, "SOURCE_ROOT", sources)
+    cache_dir = tmp_path / "cache"
+    _build(host_files, tmp_path / "first", cache_dir)
+
+    # A module the launcher does not carry: the stored runtime still fits.
+    server = sources / "enclavify" / "cas" / "server.py"
+    server.write_text(server.read_text() + "\n# an edit of the CAS server\n")
+    _, cached = _build(host_files, tmp_path / "unrelated", cache_dir)
+    assert cached
+
+    # A developer's edit of the launcher gives a fresh runtime that carries it.
+    launcher = sources / "enclavify" / "runtime" / "launcher.py"
     launcher.write_text(launcher.read_text() + "\n# a developer's edit\n")
-    assert cache._host_key(None) != before
+    _, cached = _build(host_files, tmp_path / "edited", cache_dir)
+    assert not cached
+    carried = next((tmp_path / "edited" / "lib").glob("python*/enclavify/runtime/launcher.py"))
+    assert carried.read_text().endswith("# a developer's edit\n")
+
+    # A new module in a carried package may now satisfy an optional import.
+    (sources / "enclavify" / "protect" / "aead.py").write_text('"""Added."""\n')
+    _, cached = _build(host_files, tmp_path / "added", cache_dir)
+    assert not cached
+    _, cached = _build(host_files, tmp_path / "again", cache_dir)
+    assert cached
+
+
+def test_host_key_depends_on_the_python_option() -> None:
     assert cache._host_key(HOST_PYTHON) != cache._host_key(None)
+    assert cache._host_key(None) == cache._host_key(None)
 
 
 _CONCURRENT = """

@@ -5,20 +5,24 @@ its ``entry``, ``resolve``, ``open``, ``listdir`` and ``walk`` calls) and what i
 this machine (the carried enclavify modules, the Python that lists the launcher's imports and
 compiles the bytecode, the builder itself). The cache is keyed by both:
 
-    <cache>/runtime/lookups/<host key>/<queries digest>.json
+    <cache>/runtime/lookups/<host key>/<calls digest>.json
         the distinct calls a build made, sorted, for each kind of image seen with this host key
     <cache>/runtime/<key>/entry.json
         the build's :class:`RuntimeInfo` (without ``source``) and the digest of the tree
     <cache>/runtime/<key>/tree/
         the runtime as the builder left it, before ``runtime.json`` is added
 
-The host key covers the enclavify version and every ``.py`` file of the package, the host
-Python (version, build, executable and standard library directory), the platform, the cache
-format and the ``python`` option. A lookup replays each recorded call list on the new image;
-``<key>`` hashes the host key with the answers, file contents as SHA-256. The builder decides
-what to call next only from earlier answers, so equal answers mean the same calls (perhaps in
-another order, as it walks sets) and the same output. The image's other files (an application
-layer that changed) do not count.
+The host key covers the enclavify version, the code of the builder and of this module, the
+host Python (version, build, executable and standard library directory), the platform, the
+cache format and the ``python`` option. A build's call list also holds the carried enclavify
+modules (``source``, their content) and the package directories on the way to them
+(``package``, the modules and subpackages they hold), so editing the launcher or adding a
+module it may import gives a fresh runtime, while editing the CAS server does not.
+
+A lookup replays each recorded call list; ``<key>`` hashes the host key with the answers,
+file contents as SHA-256. The builder decides what to call next only from earlier answers, so
+equal answers mean the same calls (perhaps in another order, as it walks sets) and the same
+output. The image's other files (an application layer that changed) do not count.
 
 Entries are written under a temporary name and renamed into place: a second writer that loses
 the race drops its copy. Every use checks the tree against the stored digest while it copies
@@ -102,14 +106,16 @@ def build_runtime_cached(
 
     recorder = _Recorder(files)
     info = build_runtime(recorder, output, python=python, source=source)
-    if _host_key(python) != host_key:
+    calls = recorder.calls + _source_calls(output)
+    answers = recorder.answers + _replay(files, calls[len(recorder.calls) :])
+    if not _carried_as_read(output, answers):
         # An enclavify module changed while the build read it: the tree may mix both versions.
         log.debug("runtime cache: enclavify's sources changed during the build; not stored")
         return info, False
-    key = _entry_key(host_key, recorder.answers)
+    key = _entry_key(host_key, answers)
     try:
         _store(cache_dir, key, output, info)
-        _write_atomic(lookups, recorder.calls)
+        _write_atomic(lookups, calls)
         _prune(cache_dir, lookups.parent)
     except OSError as error:
         log.debug("runtime cache: not stored in %s (%s)", cache_dir, error)
@@ -120,20 +126,13 @@ def build_runtime_cached(
 
 
 def _host_key(python: str | None) -> str:
-    """Digest of everything a build takes from this machine rather than from the image."""
-    package = builder.SOURCE_ROOT / "enclavify"
-    sources = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        if "__pycache__" in path.parts:
-            continue
-        sources.update(path.relative_to(package).as_posix().encode() + b"\0")
-        sources.update(hashlib.sha256(path.read_bytes()).digest())
+    """Digest of what a build takes from this machine, apart from the carried modules."""
     stdlib = Path(os.__file__).parent
     executable = Path(sys.executable).resolve()
     described = {
         "format": FORMAT_VERSION,
         "enclavify": __version__,
-        "sources": sources.hexdigest(),
+        "code": _OWN_CODE,
         "python": sys.version,
         "cache_tag": sys.implementation.cache_tag,
         "executable": [str(executable), *_stat_key(executable)],
@@ -143,6 +142,45 @@ def _host_key(python: str | None) -> str:
         "option_python": python,
     }
     return _digest(described)
+
+
+def _code_digest() -> str:
+    """Digest of the builder and this module as this process loaded them."""
+    digest = hashlib.sha256()
+    for path in (Path(builder.__file__), Path(__file__)):
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+_OWN_CODE = _code_digest()
+
+
+def _source_calls(output: Path) -> list[list[str]]:
+    """The calls that stand for the carried enclavify modules of the runtime at ``output``.
+
+    Each carried module's source counts, and so do the names in each package directory on
+    the way to it: a module added there (an optional import that now succeeds) changes what
+    importing the launcher pulls in, which decides the standard library modules carried.
+    """
+    calls: list[list[str]] = []
+    packages = {"enclavify"}
+    for carried in sorted((output / "lib").glob("python*/enclavify")):
+        for path in sorted(carried.rglob("*.py")):
+            relative = path.relative_to(carried.parent)
+            calls.append(["source", relative.as_posix()])
+            packages.update(parent.as_posix() for parent in relative.parents if parent.parts)
+    return calls + [["package", name] for name in sorted(packages)]
+
+
+def _carried_as_read(output: Path, answers: list[Any]) -> bool:
+    """Return whether each carried module in ``output`` equals the source file now."""
+    for op, path, answer in answers:
+        if op != "source":
+            continue
+        copies = list((output / "lib").glob(f"python*/{path}"))
+        if len(copies) != 1 or hashlib.sha256(copies[0].read_bytes()).hexdigest() != answer:
+            return False
+    return True
 
 
 def _stat_key(path: Path) -> list[int]:
@@ -174,8 +212,21 @@ def _describe(entry: Any) -> list[Any] | None:
 
 
 def _perform(files: ImageFiles, op: str, path: str) -> Any:
-    """Make one call on ``files``; an error it raises is returned, to be raised later."""
+    """Make one call on ``files``; an error it raises is returned, to be raised later.
+
+    ``source`` and ``package`` calls read the enclavify source tree the runtime carries:
+    a file's content and a package directory's module and subpackage names.
+    """
     try:
+        if op == "source":
+            return _source_path(path).read_bytes()
+        if op == "package":
+            directory = _source_path(path)
+            return sorted(
+                name
+                for name in os.listdir(directory)
+                if name.endswith(".py") or (directory / name / "__init__.py").is_file()
+            )
         if op == "entry":
             return files.entry(path)
         if op == "resolve":
@@ -200,9 +251,16 @@ def _answer(op: str, result: Any) -> Any:
         return _describe(result)
     if op == "walk":
         return [_describe(entry) for entry in result]
-    if op == "open":
+    if op in ("open", "source"):
         return hashlib.sha256(result).hexdigest()
     return result
+
+
+def _source_path(relative: str) -> Path:
+    parts = relative.split("/")
+    if parts[0] != "enclavify" or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"recorded source {relative!r} is not below the enclavify package")
+    return builder.SOURCE_ROOT.joinpath(*parts)
 
 
 def _replay(files: ImageFiles, calls: list[list[str]]) -> list[Any]:
