@@ -25,7 +25,10 @@ START_SECONDS = 60
 
 @dataclass
 class CasProcess:
-    """One ``enclavify cas serve`` subprocess and the lines it wrote to stderr."""
+    """One ``enclavify cas serve`` subprocess and the lines it wrote to stderr.
+
+    Used as a context manager, it stops the CAS when the block ends.
+    """
 
     data: Path
     process: subprocess.Popen[str]
@@ -47,6 +50,12 @@ class CasProcess:
 
     def log(self) -> str:
         return "".join(self.lines)
+
+    def __enter__(self) -> CasProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Send ``sig`` (SIGKILL for crash tests) and wait. Kill it if it outlasts 20 s."""

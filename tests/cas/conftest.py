@@ -20,16 +20,14 @@ OTHER_MEASUREMENT = "44" * 32
 
 @pytest.fixture
 def cas(tmp_path: Path) -> Iterator[CasProcess]:
-    server = start_cas(tmp_path / "cas")
-    yield server
-    server.stop()
+    with start_cas(tmp_path / "cas") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def shared_cas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CasProcess]:
-    server = start_cas(tmp_path_factory.mktemp("shared") / "cas")
-    yield server
-    server.stop()
+    with start_cas(tmp_path_factory.mktemp("shared") / "cas") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

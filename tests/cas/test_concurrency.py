@@ -29,15 +29,9 @@ RACERS = 8
 def cas_pair(postgres_url: str, tmp_path: Path) -> Iterator[tuple[CasProcess, CasProcess]]:
     """Two CAS processes on one data directory (one CA, master key and head file) and one
     PostgreSQL database."""
-    first = start_cas(tmp_path / "cas", db=postgres_url)
-    try:
-        second = start_cas(tmp_path / "cas", db=postgres_url)
-        try:
-            yield first, second
-        finally:
-            second.stop()
-    finally:
-        first.stop()
+    with start_cas(tmp_path / "cas", db=postgres_url) as first, \
+            start_cas(tmp_path / "cas", db=postgres_url) as second:
+        yield first, second
 
 
 def _race(clients: list[CasClient], name: str, predecessor: str) -> tuple[list[str], list[int]]:
@@ -80,14 +74,11 @@ def test_racing_updates_sqlite(cas: CasProcess, identities: dict[str, Identity])
 def test_racing_updates_postgres(
     postgres_url: str, tmp_path: Path, identities: dict[str, Identity]
 ) -> None:
-    server = start_cas(tmp_path / "cas", db=postgres_url)
-    try:
+    with start_cas(tmp_path / "cas", db=postgres_url) as server:
         client = server.client(identities["alice"])
         name = unique("race")
         digest = client.create_session(namespace_yaml(name))
         _check_one_winner(client, name, digest)
-    finally:
-        server.stop()
 
 
 @pytest.mark.postgres
@@ -162,13 +153,10 @@ def _crash_during_writes(data: Path, db: str | None, identity: Identity) -> None
             thread.join()
 
     assert len(acknowledged) > 20, "too few writes were acknowledged to test anything"
-    server = start_cas(data, db=db)
-    try:
+    with start_cas(data, db=db) as server:
         client = server.client(identity)
         for name, digest in acknowledged.items():
             assert client.get_session(name)["hash"] == digest, f"acknowledged {name} was lost"
-    finally:
-        server.stop()
     database = Database.open(db or str(data / "cas.db"))
     try:
         result = audit.verify_chain(database, audit.HeadFile(data / audit.HEAD_FILE))

@@ -26,10 +26,9 @@ FSPF_KEY = "22" * 32
 
 @pytest.fixture(scope="module")
 def release_cas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CasProcess]:
-    server = start_cas(tmp_path_factory.mktemp("release") / "cas",
-                       extra_env={"PYTHONWARNINGS": "ignore"})
-    yield server
-    server.stop()
+    with start_cas(tmp_path_factory.mktemp("release") / "cas",
+                   extra_env={"PYTHONWARNINGS": "ignore"}) as server:
+        yield server
 
 
 def simulation(measurement: str = MEASUREMENT) -> Callable[[bytes], tuple[str, bytes]]:
@@ -165,17 +164,14 @@ def test_unknown_nonce_refused(release_cas: CasProcess, identities: dict[str, Id
 
 
 def test_expired_nonce_refused(tmp_path: Path, identities: dict[str, Identity]) -> None:
-    server = start_cas(tmp_path / "cas", extra_args=("--nonce-lifetime", "1"))
-    try:
+    with start_cas(tmp_path / "cas", extra_args=("--nonce-lifetime", "1")) as server:
         _, name = _create(server, identities["alice"])
         nonce = _challenge(server)
         _, public = crypto.x25519_generate()
         time.sleep(1.5)
         error = _attest_raw(server, _request_body(f"{name}/api", nonce, public))
-        assert error.status == 403
-        assert "nonce expired" in str(error)
-    finally:
-        server.stop()
+    assert error.status == 403
+    assert "nonce expired" in str(error)
 
 
 def test_report_data_mismatch_refused(
