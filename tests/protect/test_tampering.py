@@ -340,6 +340,9 @@ def test_many_files_unseal_alike_in_more_processes(
     many_sealed.unseal()
 
     assert len(forks) == processes - 1
+    for child in forks:
+        with pytest.raises(ChildProcessError):  # already reaped
+            os.waitpid(child, os.WNOHANG)
     for index in range(120):
         relative = f"app/d{index // 10:02d}/f{index:03d}"
         restored = (many_sealed.target / relative).read_bytes()
@@ -354,11 +357,14 @@ def test_rejection_among_many_processes_names_the_file(
     path = f"/app/d{index // 10:02d}/f{index:03d}"
     flip_bit(many_sealed.object_of(path), 5)
     parts: list[list[str]] = []
+    children: list[int] = []
     real_fork_restoring = unseal._Restorer._fork_restoring
 
     def recording(self: unseal._Restorer, files: list[tuple[str, str, Entry]]) -> tuple[int, int]:
         parts.append([entry.path for _, _, entry in files])
-        return real_fork_restoring(self, files)
+        child, reading = real_fork_restoring(self, files)
+        children.append(child)
+        return child, reading
 
     monkeypatch.setattr(unseal._Restorer, "_fork_restoring", recording)
 
@@ -366,6 +372,9 @@ def test_rejection_among_many_processes_names_the_file(
         many_sealed.unseal()
 
     assert repr(path) in str(excinfo.value)
+    for child in children:
+        with pytest.raises(ChildProcessError):  # already reaped
+            os.waitpid(child, os.WNOHANG)
     assert [path in part for part in parts] == {
         0: [False, False],
         60: [True, False],

@@ -58,6 +58,9 @@ _OBJECT_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 _FIRST_NONCE = chunk_nonce(0)
+# What a forked child reports when all its files are restored; an error report never starts
+# with a NUL.
+_DONE = b"\0"
 _SEGMENT = 1 << 20
 # With this many files or more, and more than one CPU, forked children restore part of them:
 # one process per CPU, at most _MAX_PROCESSES, each with at least half of _FORK_FILES files.
@@ -164,6 +167,8 @@ class _Restorer:
         # Directories made only to hold restored entries (for example the parents of
         # regions) get what the caller's umask would have given them.
         self._implicit_mode = 0o755
+        # Forked children that reported success but may still be exiting.
+        self._reporting_done: list[int] = []
         try:
             root_fd = os.open(str(target_root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -256,6 +261,11 @@ class _Restorer:
             self._restore()
         finally:
             os.umask(umask)
+            # Children that reported success write nothing more, and are left to exit
+            # while this process finishes the directories.
+            for child in self._reporting_done:
+                os.waitpid(child, 0)
+            self._reporting_done.clear()
 
     def _restore(self) -> None:
         for region in self._manifest.regions:
@@ -395,8 +405,8 @@ class _Restorer:
 
         Threads gain nothing, because the Python work per file holds the GIL; another process
         has its own. All only create files, in directories that already exist. A child reports
-        a failure through its pipe; this waits for every child in every case, so nothing is
-        written after this returns or raises.
+        success or a failure through its pipe. This waits for every report in every case, so
+        nothing is written after this returns or raises; restore() reaps the children.
 
         NOTE: forking is safe only while no other thread of this process holds a lock (inside
         OpenSSL, say); the launcher runs no other threads while it unseals.
@@ -418,7 +428,9 @@ class _Restorer:
                 children.append(self._fork_restoring(files[bounds[part] : bounds[part + 1]]))
             self._restore_files(files[: bounds[1]])
         finally:
-            failures = [_collect(child, reading) for child, reading in children]
+            failures = [
+                _collect(child, reading, self._reporting_done) for child, reading in children
+            ]
         for failure in failures:
             if failure is not None:
                 raise failure
@@ -437,6 +449,7 @@ class _Restorer:
             try:
                 os.close(reading)
                 self._restore_files(files)
+                _write_all(writing, memoryview(_DONE))
             except BaseException as exc:
                 status = 1
                 kind = "IntegrityError" if isinstance(exc, IntegrityError) else "ProtectError"
@@ -637,11 +650,19 @@ def _has_default_acl(fd: int) -> bool:
         return True
 
 
-def _collect(child: int, reading: int) -> ProtectError | None:
-    """Wait for a child restoring files; return the error it reported, if any."""
+def _collect(child: int, reading: int, done: list[int]) -> ProtectError | None:
+    """Wait for the report of a child restoring files; return the error it reported, if any.
+
+    A child that reported success is appended to ``done``, to be reaped later.
+    """
     report = b""
     with contextlib.suppress(OSError):
-        while True:
+        report = os.read(reading, 65536)
+        if report == _DONE:
+            os.close(reading)
+            done.append(child)
+            return None
+        while report:
             data = os.read(reading, 65536)
             if not data:
                 break
