@@ -287,126 +287,127 @@ def _is_normal(path: str) -> bool:
     )
 
 
-def _hex(text: Any, size: int) -> bytes | None:
-    """Return the bytes of ``text`` if it is exactly ``size`` bytes of lowercase hex, else None."""
-    if type(text) is not str or len(text) != 2 * size:
-        return None
-    try:
-        value = bytes.fromhex(text)
-    except ValueError:
-        return None
-    # fromhex also takes upper case and spaces, which the canonical form never has.
-    return value if len(value) == size and value.hex() == text else None
-
-
 _new_object = object.__new__
+# The frozen dataclass's __init__ sets its 11 fields one by one through object.__setattr__,
+# which costs about 1 µs an entry. Filling the instance dictionary at once is 3 times faster
+# and gives an equal object.
+_DEFAULTS: dict[str, Any] = {
+    "mode": 0,
+    "uid": 0,
+    "gid": 0,
+    "mtime": 0.0,
+    "size": 0,
+    "object": "",
+    "key": b"",
+    "file_id": b"",
+    "target": "",
+}
 
 
-def _new_entry(fields: dict[str, Any]) -> Entry:
-    """Return an Entry of ``fields`` (every field, already validated).
-
-    The frozen dataclass's __init__ sets its 11 fields one by one through object.__setattr__,
-    which costs about 1 µs an entry. Filling the instance dictionary at once is 3 times faster
-    and gives an equal object.
-    """
-    entry: Entry = _new_object(Entry)
-    entry.__dict__.update(fields)
-    return entry
-
-
-def _quick_entry(raw: Any, inside: Callable[[str], bool]) -> Entry | None:
+def _quick_entry(raw: Any, exact: frozenset[str], below: tuple[str, ...]) -> Entry | None:
     """Return the entry ``raw`` describes if it passes cheap checks, else None.
 
-    The checks here only accept what :func:`_parse_entry` accepts; anything else, including
-    every malformed entry, gets None and then the thorough checks and their messages.
-    Duplicates, hardlink targets and object reuse are checked by the caller either way.
+    ``exact`` and ``below`` are from :func:`_region_test`. The checks here only accept what
+    :func:`_parse_entry` accepts; anything else, including every malformed entry, gets None
+    and then the thorough checks and their messages. Duplicates, hardlink targets and
+    object reuse are checked by the caller either way. Helpers are written out here, because
+    this runs for every entry at every confidential start.
     """
     if type(raw) is not dict:
         return None
     get = raw.get
     path = get("path")
-    if type(path) is not str or not _is_normal(path) or not inside(path):
+    if type(path) is not str:
+        return None
+    padded = path + "/"
+    if (
+        path[:1] != "/"
+        or "//" in padded
+        or "/./" in padded
+        or "/../" in padded
+        or "\x00" in path
+        or not (path in exact or path.startswith(below))
+    ):
         return None
     kind = get("type")
+    fields = dict(_DEFAULTS)
     if kind == "hardlink":
         target = get("target")
         if type(target) is not str or not _is_normal(target):
             return None
-        return _new_entry({**_HARDLINK, "path": path, "target": target})
-    mode = get("mode")
-    uid = get("uid")
-    gid = get("gid")
-    mtime = get("mtime")
-    if not (
-        type(mode) is int
-        and type(uid) is int
-        and type(gid) is int
-        and type(mtime) is float
-        and 0 <= mode <= 0o7777
-        and 0 <= uid <= _MAX_ID
-        and 0 <= gid <= _MAX_ID
-        and _isfinite(mtime)
-    ):
-        return None
-    if kind == "file":
-        size = get("size")
-        name = get("object")
-        key = _hex(get("key"), KEY_SIZE)
-        file_id = _hex(get("file_id"), FILE_ID_SIZE)
-        if (
-            type(size) is not int
-            or size < 0
-            or type(name) is not str
-            or not _HEX_OBJECT_NAME.match(name)
-            or key is None
-            or file_id is None
+        fields["target"] = target
+    else:
+        mode = get("mode")
+        uid = get("uid")
+        gid = get("gid")
+        mtime = get("mtime")
+        if not (
+            type(mode) is int
+            and type(uid) is int
+            and type(gid) is int
+            and type(mtime) is float
+            and 0 <= mode <= 0o7777
+            and 0 <= uid <= _MAX_ID
+            and 0 <= gid <= _MAX_ID
+            and _isfinite(mtime)
         ):
             return None
-        return _new_entry(
-            {
-                "type": "file",
-                "path": path,
-                "mode": mode,
-                "uid": uid,
-                "gid": gid,
-                "mtime": mtime,
-                "size": size,
-                "object": name,
-                "key": key,
-                "file_id": file_id,
-                "target": "",
-            }
-        )
-    if kind == "dir":
-        return _new_entry(
-            {**_NO_CONTENT, "type": kind, "path": path, "mode": mode, "uid": uid, "gid": gid,
-             "mtime": mtime}
-        )
-    if kind == "symlink":
-        target = get("target")
-        if type(target) is not str or not target or "\x00" in target:
+        fields["mode"] = mode
+        fields["uid"] = uid
+        fields["gid"] = gid
+        fields["mtime"] = mtime
+        if kind == "file":
+            size = get("size")
+            name = get("object")
+            key_text = get("key")
+            file_id_text = get("file_id")
+            if (
+                type(size) is not int
+                or size < 0
+                or type(name) is not str
+                or not _HEX_OBJECT_NAME.match(name)
+                or type(key_text) is not str
+                or len(key_text) != 2 * KEY_SIZE
+                or type(file_id_text) is not str
+                or len(file_id_text) != 2 * FILE_ID_SIZE
+            ):
+                return None
+            try:
+                key = bytes.fromhex(key_text)
+                file_id = bytes.fromhex(file_id_text)
+            except ValueError:
+                return None
+            # fromhex also takes upper case and spaces, which the canonical form never has.
+            if key.hex() != key_text or file_id.hex() != file_id_text:
+                return None
+            fields["size"] = size
+            fields["object"] = name
+            fields["key"] = key
+            fields["file_id"] = file_id
+        elif kind == "symlink":
+            target = get("target")
+            if type(target) is not str or not target or "\x00" in target:
+                return None
+            fields["target"] = target
+        elif kind != "dir":
             return None
-        return _new_entry(
-            {**_NO_CONTENT, "type": kind, "path": path, "mode": mode, "uid": uid, "gid": gid,
-             "mtime": mtime, "target": target}
-        )
-    return None
+    fields["type"] = kind
+    fields["path"] = path
+    entry: Entry = _new_object(Entry)
+    entry.__dict__.update(fields)
+    return entry
 
 
 _isfinite = math.isfinite
-# Field values of entries without content, and of hardlinks, before their own fields.
-_NO_CONTENT: dict[str, Any] = {"size": 0, "object": "", "key": b"", "file_id": b"", "target": ""}
-_HARDLINK: dict[str, Any] = {"type": "hardlink", "mode": 0, "uid": 0, "gid": 0, "mtime": 0.0}
-_HARDLINK.update(_NO_CONTENT)
 
 
-def _region_test(regions: tuple[str, ...]) -> Callable[[str], bool]:
-    """Return a test equal to ``region_of(path, regions) is not None`` for normalized paths."""
-    if "/" in regions:
-        return lambda path: True
-    exact = frozenset(regions)
-    below = tuple(region + "/" for region in regions)
-    return lambda path: path in exact or path.startswith(below)
+def _region_test(regions: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """Return ``exact`` and ``below`` for :func:`_quick_entry`.
+
+    A normalized path lies in a region if it is one of ``exact`` or starts with one of
+    ``below`` (the regions with a slash appended, "/" itself for the region "/").
+    """
+    return frozenset(regions), tuple(region.rstrip("/") + "/" for region in regions)
 
 
 def parse_manifest(plaintext: bytes) -> Manifest:
@@ -443,12 +444,12 @@ def parse_manifest(plaintext: bytes) -> Manifest:
 
     # This loop runs for every entry at every confidential start, so it is kept lean: cheap
     # checks first (_quick_entry), the thorough ones with their messages only when those fail.
-    inside = _region_test(regions)
+    exact, below = _region_test(regions)
     entries = []
     kinds: dict[str, str] = {}
     objects: set[str] = set()
     for index, raw in enumerate(raw_entries):
-        entry = _quick_entry(raw, inside) or _parse_entry(raw, regions, index)
+        entry = _quick_entry(raw, exact, below) or _parse_entry(raw, regions, index)
         path = entry.path
         kind = entry.type
         if path in kinds:
