@@ -361,3 +361,33 @@ def test_hardlink_between_deep_directories_round_trips(tmp_path: Path) -> None:
     assert link.read_bytes() == b"shared"
     assert os.stat(link).st_ino == os.stat(restored).st_ino
     assert_same_tree(source / "app", target / "app")
+
+
+def test_short_reads_and_writes_round_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "source"
+    files = {f"f{size}": Node("file", content=os.urandom(size)) for size in (0, 1, 999, 70000)}
+    make_source(source, Node("dir", children=files), Node("dir"))
+    volume = seal_tree(source, REGIONS, tmp_path / "sealed")
+    real_readv, real_write = os.readv, os.write
+    calls = {"readv": 0, "write": 0}
+
+    def short_readv(fd: int, buffers: list[memoryview]) -> int:
+        calls["readv"] += 1
+        return real_readv(fd, [buffers[0][:1000]])
+
+    def short_write(fd: int, data: memoryview) -> int:
+        calls["write"] += 1
+        return real_write(fd, data[:1000])
+
+    monkeypatch.setattr(os, "readv", short_readv)
+    monkeypatch.setattr(os, "write", short_write)
+    target = tmp_path / "target"
+    target.mkdir()
+    unseal_tree(tmp_path / "sealed", volume.key, volume.tag, target)
+    monkeypatch.undo()
+
+    assert calls["readv"] > 70
+    assert calls["write"] > 70
+    assert_same_tree(source / "app", target / "app")

@@ -515,7 +515,9 @@ class _Restorer:
         except FileExistsError:
             return False
         try:
-            _write_all(sink, plain)
+            written = os.write(sink, plain)
+            if written < len(plain):
+                _write_all(sink, plain[written:])
             # chown before chmod, because chown clears the set-user-ID and set-group-ID bits.
             if chown:
                 os.fchown(sink, entry.uid, entry.gid)
@@ -572,7 +574,11 @@ class _Restorer:
         sealed_size = plain_size + (end - first) * TAG_SIZE
         sealed = self._sealed_buffer
         plain = self._plain_buffer
-        if _read_into(source, sealed[:sealed_size]) != sealed_size:
+        # One call reads a regular file whole; only a short read needs more.
+        got = os.readv(source, [sealed[:sealed_size]])
+        if got < sealed_size:
+            got += _read_into(source, sealed[got:sealed_size])
+        if got != sealed_size:
             raise _failed(entry)
         file_id = entry.file_id
         offset = plain_offset = 0
