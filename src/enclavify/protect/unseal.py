@@ -167,6 +167,8 @@ class _Restorer:
         # Directories made only to hold restored entries (for example the parents of
         # regions) get what the caller's umask would have given them.
         self._implicit_mode = 0o755
+        # Directories made by _make_directory, by path: what they give new entries (see there).
+        self._made: dict[str, tuple[tuple[int, int] | None, int]] = {}
         # Forked children that reported success but may still be exiting.
         self._reporting_done: list[int] = []
         try:
@@ -231,11 +233,15 @@ class _Restorer:
                 fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
         except OSError as exc:
             raise self._cannot(entry_path, path, exc) from exc
-        try:
-            directory = self._describe(fd)
-        except OSError as exc:
-            os.close(fd)
-            raise self._cannot(entry_path, path, exc) from exc
+        made = self._made.get(path)
+        if made is not None:
+            directory = _Directory(fd, *made)
+        else:
+            try:
+                directory = self._describe(fd)
+            except OSError as exc:
+                os.close(fd)
+                raise self._cannot(entry_path, path, exc) from exc
         self._dirs[path] = directory
         if len(self._dirs) > _DIR_CACHE_SIZE:
             _, oldest = self._dirs.popitem(last=False)
@@ -343,6 +349,9 @@ class _Restorer:
             return None
         except OSError as exc:
             raise self._cannot(path, path, exc) from exc
+        # A new directory gives new entries what its parent gives them: the same owner, the
+        # set-group-ID bit it inherited, and a copy of the parent's default ACL if any.
+        self._made[path] = (parent.new_owner, parent.new_dir_bits)
         if parent.new_owner is None:
             return None
         return (*parent.new_owner, mode | parent.new_dir_bits)
