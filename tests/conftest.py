@@ -10,6 +10,8 @@ missing podman shows up as skipped tests, never as passing ones.
     native_flask_image   "localhost/native_flask_restapi_image:latest", the Flask example's
                          native image built by its create_native_image.sh (session)
     flask_example_dir    path of examples/flask-restapi
+    docker_host          DOCKER_HOST of a Docker API that podman serves, for the docker CLI
+                         and docker-compose (session)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -158,3 +161,43 @@ def native_flask_image(podman: str, python_base_image: str) -> Iterator[str]:
     if build.returncode != 0:
         pytest.fail(f"create_native_image.sh failed:\n{_tail(build.stdout + build.stderr, 30)}")
     yield NATIVE_FLASK_IMAGE
+
+
+@pytest.fixture(scope="session")
+def docker_host(podman: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``DOCKER_HOST`` of a Docker API served by ``podman system service`` for this session.
+
+    No Docker engine runs on the test machines, so the docker CLI and docker-compose reach
+    podman through its Docker-compatible API instead. Skips when the docker CLI is missing.
+    """
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("the docker CLI is not installed")
+    socket = tmp_path_factory.mktemp("docker-api") / "podman.sock"
+    address = f"unix://{socket}"
+    log = socket.with_name("service.log")
+    with log.open("wb") as stream:
+        service = subprocess.Popen(
+            [podman, "system", "service", "--time=0", address],
+            stdin=subprocess.DEVNULL, stdout=stream, stderr=stream,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            probe = subprocess.run(
+                [docker, "version", "--format", "{{.Server.Version}}"],
+                env=dict(os.environ, DOCKER_HOST=address),
+                capture_output=True, text=True, timeout=30, check=False,
+            )
+            if probe.returncode == 0:
+                break
+            if service.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"podman's Docker API service failed to start:\n{_tail(log.read_text())}"
+                    f"\n{probe.stderr}"
+                )
+            time.sleep(0.2)
+        yield address
+    finally:
+        service.terminate()
+        service.wait(timeout=30)

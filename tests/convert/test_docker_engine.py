@@ -1,20 +1,17 @@
 """Reading from and writing to a Docker engine's store through the docker CLI.
 
-No Docker engine runs here, so podman serves the Docker API (``podman system service``) on a
-socket of this test and the real docker CLI talks to it through ``DOCKER_HOST``. The
-converter then goes the way it goes on a Docker host: ``docker save``, ``docker load``,
-``docker tag``, and the image runs with ``docker run``.
+No Docker engine runs here, so podman serves the Docker API (the ``docker_host`` fixture) and
+the real docker CLI talks to it through ``DOCKER_HOST``. The converter then goes the way it
+goes on a Docker host: ``docker save``, ``docker load``, ``docker tag``, and the image runs
+with ``docker run``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
-import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,42 +23,6 @@ from .conftest import MESSAGE
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
 REGIONS = ("/app", "/usr/lib/python3.11")
-
-
-@pytest.fixture(scope="module")
-def docker_host(podman: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``DOCKER_HOST`` of a Docker API that podman serves for this module only."""
-    docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("the docker CLI is not installed")
-    socket = tmp_path_factory.mktemp("docker-api") / "podman.sock"
-    address = f"unix://{socket}"
-    log = socket.with_name("service.log")
-    with log.open("wb") as stream:
-        service = subprocess.Popen(
-            [podman, "system", "service", "--time=0", address],
-            stdin=subprocess.DEVNULL, stdout=stream, stderr=stream,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            probe = subprocess.run(
-                [docker, "version", "--format", "{{.Server.Version}}"],
-                env=dict(os.environ, DOCKER_HOST=address),
-                capture_output=True, text=True, timeout=30, check=False,
-            )
-            if probe.returncode == 0:
-                break
-            if service.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"podman's Docker API service failed to start:\n{log.read_text()[-2000:]}"
-                    f"\n{probe.stderr}"
-                )
-            time.sleep(0.2)
-        yield address
-    finally:
-        service.terminate()
-        service.wait(timeout=30)
 
 
 def docker(docker_host: str, *argv: str) -> subprocess.CompletedProcess[str]:
