@@ -17,6 +17,8 @@
 #
 # Environment: NATIVE_IMAGE and IMAGE name the native and the confidential image (default
 # native_flask_restapi_image and flask_restapi_image); CAS_PORT is the CAS's port (8081);
+# COMPOSE is the compose command (default: podman-compose, docker compose, podman compose or
+# docker-compose, the first one installed);
 # BASE is the base image, which must have the Debian layout (default: the local Debian
 # base, built with scripts/build-base-image when missing).
 # Both images are removed at the end, and so is everything else the script made.
@@ -49,13 +51,20 @@ export ENCLAVIFY_CAS_DATA=$work/cas
 # The walk-through's client identity lives in the scratch directory, not in your home.
 export XDG_CONFIG_HOME=$work/config
 cas_pid=
-compose=()
-if command -v podman-compose >/dev/null; then
+# The first compose implementation found, unless COMPOSE names one ("docker compose", say).
+if [[ -n ${COMPOSE:-} ]]; then
+    read -r -a compose <<<"$COMPOSE"
+elif command -v podman-compose >/dev/null; then
     compose=(podman-compose)
 elif docker compose version >/dev/null 2>&1; then
     compose=(docker compose)
+elif podman compose version >/dev/null 2>&1; then
+    compose=(podman compose)
+elif command -v docker-compose >/dev/null; then
+    compose=(docker-compose)
 else
-    echo "run-walkthrough: neither podman-compose nor docker compose is installed" >&2
+    echo "run-walkthrough: no compose found: install podman-compose, docker compose" \
+        "or docker-compose" >&2
     exit 1
 fi
 engine=$(command -v podman || command -v docker)
