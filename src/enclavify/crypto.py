@@ -129,8 +129,8 @@ class _LibcryptoBackend:
 
 _lock = threading.Lock()
 _instances: dict[str, Any] = {}
-# Why a backend could not be loaded. Remembered because a failed import is not cached by
-# Python: retrying it for every cipher searched sys.path again (about 30 µs a file when
+# The reason each unavailable backend could not be loaded. Python does not cache a failed
+# import, so retrying it for every cipher searched sys.path again (about 30 µs a file when
 # unsealing in a runtime without pyca/cryptography).
 _unavailable: dict[str, str] = {}
 # The backend forced by select_backend(); None means the environment or automatic choice.

@@ -58,7 +58,7 @@ DEFAULT_INJECTION_MODE = 0o600
 
 
 class InjectionFile:
-    """A file the configuration asks to be written before the application starts."""
+    """A file the configuration lists for writing before the application starts."""
 
     __slots__ = ("content", "mode", "path")
 
@@ -150,7 +150,7 @@ class PendingMeasurement:
     def _run(self, config: RuntimeConfig, runtime_dir: Path, root: Path) -> None:
         try:
             self._value = measure(config, runtime_dir, root)
-        except BaseException as error:  # handed to the main thread by result()
+        except BaseException as error:  # result() raises it in the main thread
             self._error = error
 
     def wait(self) -> None:
@@ -552,7 +552,7 @@ def launch(
     try:
         configuration = obtain_configuration(config, pending.result, environ, runtime_dir)
     finally:
-        # Joined in every case: unsealing forks, which is safe only with no other thread.
+        # Joined in every case, because unsealing forks, which is safe only with no other thread.
         pending.wait()
     log.debug("measurement %s", pending.result())
     unseal(config, configuration, root)
