@@ -16,6 +16,7 @@ missing podman shows up as skipped tests, never as passing ones.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -47,27 +48,53 @@ TEST_IMAGE_PREFIX = "localhost/enclavify-test"
 
 @pytest.fixture(scope="session", autouse=True)
 def _remove_test_images() -> Iterator[None]:
-    """Remove, after the whole session, the containers and images the tests left in podman."""
-    yield
+    """Remove, after the whole session, the test images it made and stopped containers on them.
+
+    Only images that did not exist when the session began count, so a user's images and
+    those of earlier sessions stay. An image counts when every name it ever had is below
+    TEST_IMAGE_PREFIX: that includes images a later build or load under the same name left
+    untagged. Running containers, and the images they use, are left alone: they may belong
+    to a test session running beside this one.
+    """
     podman = shutil.which("podman")
+    before = _image_ids(podman) if podman else set()
+    yield
     if podman is None:
         return
-    listed = subprocess.run(
-        [podman, "images", "--format", "{{.Repository}}:{{.Tag}}"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    images = [name for name in listed.stdout.split() if name.startswith(TEST_IMAGE_PREFIX)]
-    if not images:
-        return
-    for image in images:
+    for image in _test_images(podman, _image_ids(podman) - before):
         containers = subprocess.run(
-            [podman, "ps", "-a", "-q", "--filter", f"ancestor={image}"],
+            [podman, "ps", "-a", "-q", "--filter", f"ancestor={image}",
+             "--filter", "status=exited", "--filter", "status=created"],
             capture_output=True, text=True, timeout=120, check=False,
         ).stdout.split()
         if containers:
-            subprocess.run([podman, "rm", "-f", *containers], capture_output=True,
-                           timeout=120, check=False)
-    subprocess.run([podman, "rmi", "-f", *images], capture_output=True, timeout=300, check=False)
+            subprocess.run([podman, "rm", *containers], capture_output=True, timeout=120,
+                           check=False)
+        subprocess.run([podman, "rmi", image], capture_output=True, timeout=300, check=False)
+
+
+def _image_ids(podman: str) -> set[str]:
+    """Return the IDs of podman's images, named and untagged, but not intermediate layers."""
+    listed = subprocess.run([podman, "images", "-q", "--no-trunc"], capture_output=True,
+                            text=True, timeout=120, check=False)
+    return set(listed.stdout.split())
+
+
+def _test_images(podman: str, ids: set[str]) -> list[str]:
+    """Return those of ``ids`` whose every name, past or present, is below TEST_IMAGE_PREFIX."""
+    if not ids:
+        return []
+    inspected = subprocess.run(
+        [podman, "image", "inspect", "--format", "{{.Id}} {{json .NamesHistory}}", *ids],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    found = []
+    for line in inspected.stdout.splitlines():
+        image, _, names = line.partition(" ")
+        history = json.loads(names or "null") or []
+        if history and all(name.startswith(TEST_IMAGE_PREFIX) for name in history):
+            found.append(image)
+    return found
 
 
 def _tail(text: str, lines: int = 15) -> str:
