@@ -43,7 +43,7 @@ def _measure(built: runtimelayer.BuiltRuntime) -> str:
     )
 
 
-def test_measurement_is_identical_with_and_without_the_cache(
+def test_measurement_same_with_cache(
     app_archive: Path, tmp_path: Path
 ) -> None:
     cache_dir = tmp_path / "cache"
@@ -99,7 +99,7 @@ def test_cli_conversions_share_one_runtime_layer(app_archive: Path, tmp_path: Pa
     bypass_home = tmp_path / "xdg-bypass"
     _convert(app_archive, tmp_path / "bypass", bypass_home, "--no-runtime-cache")
 
-    # The runtime layer holds runtime.json too, so equal blobs mean an equal runtime tree.
+    # The runtime layer contains runtime.json too, so equal blobs mean an equal runtime tree.
     layers = {_runtime_layer(tmp_path / name) for name in ("cold", "warm", "bypass")}
     assert len(layers) == 1
     assert not bypass_home.exists()

@@ -79,7 +79,7 @@ class _EditedFiles(DirectoryFiles):
         return io.BytesIO(data)
 
 
-def test_second_build_comes_from_the_cache_and_is_identical(
+def test_cached_build_is_identical(
     host_files: DirectoryFiles, tmp_path: Path
 ) -> None:
     cache_dir = tmp_path / "cache"
@@ -98,7 +98,7 @@ def test_second_build_comes_from_the_cache_and_is_identical(
     assert second.to_json() == {**plain.to_json(), "source": "base X"}
 
 
-def test_a_changed_image_file_misses_the_cache(host_files: DirectoryFiles, tmp_path: Path) -> None:
+def test_changed_image_file_misses(host_files: DirectoryFiles, tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     info, _ = _build(host_files, tmp_path / "first", cache_dir)
     module = _stdlib_file(info, "os.py")
@@ -117,7 +117,7 @@ def test_a_changed_image_file_misses_the_cache(host_files: DirectoryFiles, tmp_p
     assert changed.size == info.size + len(b"\n# changed in a later layer\n")
 
 
-def test_a_damaged_entry_is_rebuilt(
+def test_damaged_entry_is_rebuilt(
     host_files: DirectoryFiles, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache_dir = tmp_path / "cache"
@@ -143,7 +143,7 @@ def test_a_damaged_entry_is_rebuilt(
 
 
 @pytest.mark.parametrize("damage", ["missing", "garbage", "missing-file"])
-def test_an_incomplete_entry_is_rebuilt(
+def test_incomplete_entry_is_rebuilt(
     host_files: DirectoryFiles, tmp_path: Path, damage: str
 ) -> None:
     cache_dir = tmp_path / "cache"
@@ -265,7 +265,7 @@ def test_cache_directory_follows_xdg_cache_home(
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "enclavify" / "runtime"
 
 
-def test_lookup_lists_only_what_the_build_read(host_files: DirectoryFiles, tmp_path: Path) -> None:
+def test_call_list_names_files_read(host_files: DirectoryFiles, tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     _build(host_files, tmp_path / "first", cache_dir)
     (lookups,) = (cache_dir / "lookups").iterdir()

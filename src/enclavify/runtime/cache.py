@@ -1,6 +1,6 @@
 """A cache of built runtimes, so that converting images with the same Python builds it once.
 
-A runtime is a function of two things: what the builder reads from the image (the answers to
+A runtime is a function of two things: what the builder reads from the image (the results of
 its ``entry``, ``resolve``, ``open``, ``listdir`` and ``walk`` calls) and what it takes from
 this machine (the carried enclavify modules, the Python that lists the launcher's imports and
 compiles the bytecode, the builder itself). The cache is keyed by both:
@@ -14,20 +14,21 @@ compiles the bytecode, the builder itself). The cache is keyed by both:
 
 The host key covers the enclavify version, the code of the builder and of this module, the
 host Python (version, build, executable and standard library directory), the platform, the
-cache format and the ``python`` option. A build's call list also holds the carried enclavify
+cache format and the ``python`` option. A build's call list also lists the carried enclavify
 modules (``source``, their content) and the package directories on the way to them
-(``package``, the modules and subpackages they hold), so editing the launcher or adding a
+(``package``, the modules and subpackages they contain), so editing the launcher or adding a
 module it may import gives a fresh runtime, while editing the CAS server does not.
 
-A lookup replays each recorded call list; ``<key>`` hashes the host key with the answers,
-file contents as SHA-256. The builder decides what to call next only from earlier answers, so
-equal answers mean the same calls (perhaps in another order, as it walks sets) and the same
-output. The image's other files (an application layer that changed) do not count.
+A lookup replays each recorded call list; ``<key>`` hashes the host key with the results'
+fingerprints (file contents as SHA-256). The builder decides what to call next only from
+earlier results, so equal results mean the same calls (perhaps in another order, as it walks
+sets) and the same output. The image's other files (an application layer that changed) do
+not count.
 
 Entries are written under a temporary name and renamed into place: a second writer that loses
-the race drops its copy. Every use checks the tree against the stored digest while it copies
-it out; a damaged or incomplete entry is removed and the runtime built again. The cache keeps
-the :data:`MAX_ENTRIES` most recently used entries.
+the race drops its copy. Every use checks the tree against the stored digest while it links
+or copies it out; a damaged or incomplete entry is removed and the runtime built again. The
+cache keeps the :data:`MAX_ENTRIES` most recently used entries.
 """
 
 from __future__ import annotations
@@ -107,12 +108,12 @@ def build_runtime_cached(
     recorder = _Recorder(files)
     info = build_runtime(recorder, output, python=python, source=source)
     calls = recorder.calls + _source_calls(output)
-    answers = recorder.answers + _replay(files, calls[len(recorder.calls) :])
-    if not _carried_as_read(output, answers):
+    fingerprints = recorder.fingerprints + _replay(files, calls[len(recorder.calls) :])
+    if not _carried_as_read(output, fingerprints):
         # An enclavify module changed while the build read it: the tree may mix both versions.
         log.debug("runtime cache: enclavify's sources changed during the build; not stored")
         return info, False
-    key = _entry_key(host_key, answers)
+    key = _entry_key(host_key, fingerprints)
     try:
         _store(cache_dir, key, output, info)
         _write_atomic(lookups, calls)
@@ -159,8 +160,8 @@ def _source_calls(output: Path) -> list[list[str]]:
     """The calls that stand for the carried enclavify modules of the runtime at ``output``.
 
     Each carried module's source counts, and so do the names in each package directory on
-    the way to it: a module added there (an optional import that now succeeds) changes what
-    importing the launcher pulls in, which decides the standard library modules carried.
+    the way to it. A module added there can make an optional import succeed, which changes
+    what importing the launcher pulls in and so the standard library modules carried.
     """
     calls: list[list[str]] = []
     packages = {"enclavify"}
@@ -172,13 +173,13 @@ def _source_calls(output: Path) -> list[list[str]]:
     return calls + [["package", name] for name in sorted(packages)]
 
 
-def _carried_as_read(output: Path, answers: list[Any]) -> bool:
+def _carried_as_read(output: Path, fingerprints: list[Any]) -> bool:
     """Return whether each carried module in ``output`` equals the source file now."""
-    for op, path, answer in answers:
+    for op, path, fingerprint in fingerprints:
         if op != "source":
             continue
         copies = list((output / "lib").glob(f"python*/{path}"))
-        if len(copies) != 1 or hashlib.sha256(copies[0].read_bytes()).hexdigest() != answer:
+        if len(copies) != 1 or hashlib.sha256(copies[0].read_bytes()).hexdigest() != fingerprint:
             return False
     return True
 
@@ -191,10 +192,10 @@ def _stat_key(path: Path) -> list[int]:
     return [info.st_size, info.st_mtime_ns]
 
 
-def _entry_key(host_key: str, answers: list[Any]) -> str:
+def _entry_key(host_key: str, fingerprints: list[Any]) -> str:
     # Sorted: the builder walks sets of module names, so two runs of the same build can make
     # the same calls in another order.
-    return _digest([host_key, sorted(answers, key=lambda answer: (answer[0], answer[1]))])
+    return _digest([host_key, sorted(fingerprints, key=lambda item: (item[0], item[1]))])
 
 
 def _digest(value: Any) -> str:
@@ -243,8 +244,8 @@ def _perform(files: ImageFiles, op: str, path: str) -> Any:
     raise ValueError(f"unknown recorded call {op!r}")
 
 
-def _answer(op: str, result: Any) -> Any:
-    """Return what stands for a call's result in the key: JSON, file content as its digest."""
+def _fingerprint(op: str, result: Any) -> Any:
+    """Return the fingerprint of a call's result for the key: JSON, file content as SHA-256."""
     if isinstance(result, BaseException):
         return ["raises", type(result).__name__, str(result)]
     if op == "entry":
@@ -264,27 +265,27 @@ def _source_path(relative: str) -> Path:
 
 
 def _replay(files: ImageFiles, calls: list[list[str]]) -> list[Any]:
-    answers = []
+    fingerprints = []
     for op, path in calls:
-        answers.append([op, path, _answer(op, _perform(files, str(op), str(path)))])
-    return answers
+        fingerprints.append([op, path, _fingerprint(op, _perform(files, str(op), str(path)))])
+    return fingerprints
 
 
 class _Recorder:
-    """An :class:`ImageFiles` that notes each distinct call and its answer."""
+    """An :class:`ImageFiles` that notes each distinct call and its fingerprint."""
 
     def __init__(self, files: ImageFiles) -> None:
         self._files = files
         self._seen: set[tuple[str, str]] = set()
         self.calls: list[list[str]] = []
-        self.answers: list[Any] = []
+        self.fingerprints: list[Any] = []
 
     def _record(self, op: str, path: str) -> Any:
         result = _perform(self._files, op, path)
         if (op, path) not in self._seen:
             self._seen.add((op, path))
             self.calls.append([op, path])
-            self.answers.append([op, path, _answer(op, result)])
+            self.fingerprints.append([op, path, _fingerprint(op, result)])
         if isinstance(result, BaseException):
             raise result
         return result
