@@ -218,18 +218,21 @@ def test_concurrent_first_starts_share_one_ca(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "url",
+    ("url", "kept"),
     [
-        "postgresql://cas:s3cret@db.internal:5432/cas",
-        "postgresql://cas@db.internal/cas?sslmode=require&password=s3cret",
-        "postgres://db.internal/cas?password=s3cret",
+        ("postgresql://cas:s3cret@db.internal:5432/cas", ("db.internal",)),
+        ("postgresql://cas@db.internal/cas?sslmode=require&password=s3cret", ("db.internal",)),
+        ("postgres://db.internal/cas?password=s3cret", ("db.internal",)),
+        ("host=db.internal dbname=cas user=cas password=s3cret", ("db.internal", "password")),
+        ("host=db.internal password = 's3cret x' dbname=cas", ("db.internal", "password")),
     ],
 )
-def test_database_url_redacts_password(url: str) -> None:
+def test_database_url_redacts_password(url: str, kept: tuple[str, ...]) -> None:
     redacted = redact_url(url)
     assert "s3cret" not in redacted
     assert "***" in redacted
-    assert "db.internal" in redacted
+    for word in kept:
+        assert word in redacted
 
 
 @pytest.mark.parametrize(
@@ -251,18 +254,3 @@ def test_keyword_connection_string_rejected(
     assert "postgresql://" in message
     assert "s3cret" not in message
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "host=db.internal dbname=cas user=cas password=s3cret",
-        "host=db.internal password = 's3cret x' dbname=cas",
-    ],
-)
-def test_keyword_connection_string_password_is_redacted(url: str) -> None:
-    redacted = redact_url(url)
-    assert "s3cret" not in redacted
-    assert "password" in redacted
-    assert "***" in redacted
-    assert "db.internal" in redacted
