@@ -74,6 +74,7 @@ SOURCE_ROOT = Path(__file__).resolve().parent.parent.parent
 CARRIED_MODULES = (
     "enclavify.runtime.launcher",
     "enclavify.runtime.config",
+    "enclavify.runtime.measuring",
     "enclavify.runtime.libcrypto",
     "enclavify.errors",
     "enclavify.crypto",

@@ -30,14 +30,13 @@ import os
 import posixpath
 import stat
 import sys
-import threading
 from pathlib import Path
 
-from enclavify.attest import measurement
 from enclavify.errors import Error, LaunchError
 from enclavify.protect.unseal import unseal_tree
 from enclavify.runtime import libcrypto, mounts
 from enclavify.runtime.config import CONFIG_NAME, RUNTIME_DIR, RuntimeConfig
+from enclavify.runtime.measuring import PendingMeasurement, measure
 
 # typing is imported for the type checker only: importing it costs about 2 ms at each start.
 TYPE_CHECKING = False
@@ -103,67 +102,6 @@ class Configuration:
 
     def __repr__(self) -> str:  # keeps keys and file contents out of tracebacks and logs
         return f"Configuration(command={self.command!r}, pwd={self.pwd!r})"
-
-
-def measure(config: RuntimeConfig, runtime_dir: Path = RUNTIME_DIR, root: Path = Path("/")) -> str:
-    """Return the measurement of this image as found on disk under ``root``."""
-    files = measurement.RootFiles(root)
-    try:
-        binary_digest = measurement.binary_digest(files, config.binary, config.regions)
-        digest = measurement.runtime_digest(runtime_dir)
-    except OSError as error:
-        raise LaunchError(f"cannot measure the runtime: {error}") from error
-    except Error as error:
-        raise LaunchError(f"cannot measure the binary: {error.diagnostics()}") from error
-    fspf = files.host_path(config.fspf_path)
-    try:
-        return measurement.compute(
-            runtime_digest=digest,
-            binary=config.binary,
-            binary_digest=binary_digest,
-            fspf_digest=measurement.fspf_digest(fspf),
-            heap=config.heap,
-            stack=config.stack,
-            dlopen=config.dlopen,
-        )
-    except Error as error:
-        raise LaunchError(f"{CONFIG_NAME}: {error.diagnostics()}") from error
-
-
-class PendingMeasurement:
-    """The image's measurement, computed on a thread while the launcher gets ready to attest.
-
-    Hashing the runtime and the binary (about 30 MB) takes about 20 ms. The evidence needs
-    the measurement only after the CAS client is imported, connected and has a challenge,
-    which is Python work and waiting on the network, so the two overlap.
-    """
-
-    def __init__(self, config: RuntimeConfig, runtime_dir: Path, root: Path) -> None:
-        self._value: Optional[str] = None
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(
-            target=self._run, args=(config, runtime_dir, root), name="enclavify-measure",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def _run(self, config: RuntimeConfig, runtime_dir: Path, root: Path) -> None:
-        try:
-            self._value = measure(config, runtime_dir, root)
-        except BaseException as error:  # result() raises it in the main thread
-            self._error = error
-
-    def wait(self) -> None:
-        """Wait until the thread has finished."""
-        self._thread.join()
-
-    def result(self) -> str:
-        """Wait for the measurement and return it, or raise what computing it raised."""
-        self.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
 
 
 def parse_configuration(data: Any, *, source: str) -> Configuration:
@@ -542,18 +480,23 @@ def launch(
     environ: Mapping[str, str],
     runtime_dir: Path = RUNTIME_DIR,
     root: Path = Path("/"),
+    pending: Optional[PendingMeasurement] = None,
 ) -> None:
-    """Start the application; returns only by raising."""
-    config = RuntimeConfig.load(runtime_dir / CONFIG_NAME)
-    if runtime_dir == RUNTIME_DIR:
-        check_loaded_libraries(runtime_dir)
-        pin_libcrypto(runtime_dir)
-    pending = PendingMeasurement(config, runtime_dir, root)
+    """Start the application; returns only by raising.
+
+    ``pending`` is the measurement the entrypoint started; without it one starts here.
+    """
+    if pending is None:
+        pending = PendingMeasurement(runtime_dir, root)
     try:
+        config = RuntimeConfig.load(runtime_dir / CONFIG_NAME)
+        if runtime_dir == RUNTIME_DIR:
+            check_loaded_libraries(runtime_dir)
+            pin_libcrypto(runtime_dir)
         configuration = obtain_configuration(config, pending.result, environ, runtime_dir)
     finally:
-        # Joined in every case, because unsealing forks, which is safe only with no other thread.
-        pending.wait()
+        # Reaped in every case, so that the application never inherits the child.
+        pending.close()
     log.debug("measurement %s", pending.result())
     unseal(config, configuration, root)
     user = resolve_user(config.user, root)
@@ -576,15 +519,20 @@ def launch(
         raise LaunchError(f"cannot execute {program!r}: {error.strerror}") from error
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m enclavify.runtime``: ``run`` or ``measure``."""
+def main(
+    argv: Optional[Sequence[str]] = None, pending: Optional[PendingMeasurement] = None
+) -> int:
+    """Entry point of ``python -m enclavify.runtime``: ``run`` or ``measure``.
+
+    ``pending`` is a measurement already started for ``run``.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     _configure_logging(os.environ.get("ENCLAVIFY_LOG_LEVEL", "warning"))
     command = args[0] if args else "run"
     log.debug("launcher started: %s", command)
     try:
         if command == "run":
-            launch(environ=os.environ)
+            launch(environ=os.environ, pending=pending)
             return 1
         if command == "measure":
             config = RuntimeConfig.load(RUNTIME_DIR / CONFIG_NAME)
