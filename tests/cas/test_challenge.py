@@ -155,7 +155,7 @@ def test_nonce_valid_until_expiry_then_refused(local: Local) -> None:
     assert local.used_nonces() == {early.hex()}
 
 
-def test_used_nonces_forgotten_after_expiry_and_margin(local: Local) -> None:
+def test_used_nonces_deleted_after_margin(local: Local) -> None:
     first = _nonce(local.service.challenge())
     local.attest(first)
     local.clock.advance(NONCE_PURGE_INTERVAL + 1)
@@ -169,7 +169,7 @@ def test_used_nonces_forgotten_after_expiry_and_margin(local: Local) -> None:
     local.attest(third)
     assert local.used_nonces() == {first.hex(), second.hex(), third.hex()}
 
-    # Once every row but the newest is past expiry plus margin, the next release clears them.
+    # Once the first two are past expiry plus margin, the next release deletes their rows.
     local.clock.advance(NONCE_CLOCK_MARGIN)
     fourth = _nonce(local.service.challenge())
     local.attest(fourth)
@@ -178,7 +178,7 @@ def test_used_nonces_forgotten_after_expiry_and_margin(local: Local) -> None:
     assert local.refusal(first) == "nonce expired"
 
 
-def test_nonce_of_another_master_key_refused_in_process(tmp_path: Path, local: Local) -> None:
+def test_foreign_nonce_refused_in_process(tmp_path: Path, local: Local) -> None:
     other = _local(tmp_path / "other")
     try:
         nonce = _nonce(other.service.challenge())
@@ -285,7 +285,7 @@ def test_altered_nonce_refused_and_audited(
     assert altered.hex() not in _used_nonces(db)
 
 
-def test_nonce_of_cas_with_other_master_key_refused(
+def test_foreign_cas_nonce_refused(
     challenge_cas: CasProcess, tmp_path: Path, identities: dict[str, Identity]
 ) -> None:
     other = start_cas(tmp_path / "other")
@@ -391,7 +391,7 @@ def postgres_pair(postgres_url: str, tmp_path: Path) -> Iterator[list[CasProcess
 
 
 @pytest.mark.postgres
-def test_racing_uses_release_once_across_two_processes(
+def test_racing_uses_release_once_postgres(
     postgres_pair: list[CasProcess], postgres_url: str, identities: dict[str, Identity]
 ) -> None:
     _check_race(postgres_pair, postgres_url, identities["alice"])

@@ -55,8 +55,8 @@ _NONCE_FORMAT = b"\x01"
 _NONCE_RANDOM = 16
 _NONCE_MAC = 16  # truncated HMAC-SHA256
 NONCE_BYTES = len(_NONCE_FORMAT) + _NONCE_RANDOM + 8 + _NONCE_MAC
-# Attestation requests may name nonces up to this size; longer ones are malformed requests,
-# shorter or longer ones within it are refused (and audited) as not issued by this CAS.
+# A nonce longer than this makes the attestation request malformed (400). Any other length
+# but NONCE_BYTES is refused and audited as a nonce this CAS did not issue.
 MAX_NONCE_BYTES = 256
 # How long used nonces are kept past their expiry, and how often they are cleared out.
 NONCE_CLOCK_MARGIN = 300.0
@@ -424,8 +424,12 @@ class CasService:
         return hmac.new(self._nonce_key, body, hashlib.sha256).digest()[:_NONCE_MAC]
 
     def _verify_nonce(self, nonce: bytes) -> float:
-        """Return the expiry (POSIX seconds) of ``nonce`` if this CAS issued it and it is
-        still valid; raise why not. Reads nothing from the database."""
+        """Return the expiry (POSIX seconds) of ``nonce``, from the nonce alone.
+
+        Raises:
+            AttestationError: this CAS did not issue the nonce (malformed or wrong MAC), or
+                it has expired.
+        """
         if len(nonce) != NONCE_BYTES or nonce[:1] != _NONCE_FORMAT:
             raise AttestationError("nonce not issued by this CAS")
         body, mac = nonce[:-_NONCE_MAC], nonce[-_NONCE_MAC:]
@@ -444,9 +448,10 @@ class CasService:
         ``expires`` is None for a nonce this CAS did not issue or that had expired: such a
         nonce is never stored, its MAC or expiry refuses it every time. Any other nonce is
         stored whatever the outcome, so one piece of evidence serves at most one request.
-        When ``record`` is a release but the nonce turned out to be used (a concurrent
-        request won: the primary key lets only one insert through) or expired meanwhile,
-        the record is written as a refusal instead and the reason is returned; otherwise None.
+        The primary key lets only one insert of a nonce through, so of two racing requests
+        the second finds the nonce used. When ``record`` is a release but the nonce turned
+        out to be used or expired meanwhile, the record is written as a refusal instead and
+        the reason is returned. Otherwise the result is None.
         """
         now = self.clock().timestamp()
         problem: str | None = None
@@ -471,12 +476,12 @@ class CasService:
         return problem
 
     def _forget_expired_nonces(self, tx: Transaction, now: float) -> None:
-        """Delete used nonces well past their expiry, at most once per purge interval.
+        """Delete used nonces more than the clock margin past expiry, at most once per interval.
 
-        Once expired, a nonce is refused by its own expiry time, so its row is no longer
-        needed. The margin covers CAS processes on one database whose clocks differ: one
-        whose clock lags by less than the margin still finds the row of a nonce it would
-        take as unexpired.
+        An expired nonce is refused by its own expiry time, so its row is no longer needed.
+        The margin is for CAS processes on one database whose clocks differ: a process whose
+        clock lags by less than the margin still finds the row while it takes the nonce as
+        unexpired.
         """
         if now - self._last_purge < NONCE_PURGE_INTERVAL:
             return

@@ -4,8 +4,8 @@ One small layer hides the two, and SQL is written once with ``?`` placeholders. 
 transactions are serialised across every process using the database: SQLite takes its write
 lock with ``BEGIN IMMEDIATE``, and on PostgreSQL every writer first locks the audit head row,
 which every write updates anyway. That makes the conditional session update and the audit
-chain append race-free without relying on isolation levels; a nonce's second use is refused
-by the primary key of ``used_nonces`` as well.
+chain append race-free without relying on isolation levels. A nonce's second use is also
+refused by the primary key of ``used_nonces``.
 
 The schema is versioned: :data:`MIGRATIONS` lists the steps, and :meth:`Database.migrate`
 applies the missing ones under a lock so that CAS processes starting together agree.
@@ -71,9 +71,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '" + GENESIS_HASH + "')",  # noqa: S608
     ),
     # Version 2: challenge nonces carry their own expiry and a MAC, so issuing one writes
-    # nothing; only nonces named by an attestation are stored, to refuse their second use,
-    # until a while after they expire. Nonces issued under version 1 fail the MAC check, so
-    # the old table is dropped rather than carried over.
+    # nothing. Only nonces named by an attestation are stored, to refuse a second use, until
+    # a while after they expire. Nonces issued under version 1 fail the MAC check, so the
+    # old table is dropped rather than carried over.
     (
         "DROP TABLE nonces",
         """CREATE TABLE used_nonces (
