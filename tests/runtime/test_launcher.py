@@ -16,6 +16,7 @@ from enclavify.errors import LaunchError
 from enclavify.runtime import launcher, mounts
 from enclavify.runtime.config import RuntimeConfig
 from enclavify.runtime.launcher import InjectionFile, User
+from enclavify.runtime.measuring import measure
 
 KEY = "11" * 32
 TAG = "22" * 16
@@ -222,7 +223,7 @@ def _runtime(tmp_path: Path, **changes: object) -> Path:
 def test_insecure_file_logs_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     runtime = _runtime(tmp_path)
     config = RuntimeConfig.load(runtime / "runtime.json")
-    measured = launcher.measure(config, runtime, tmp_path)
+    measured = measure(config, runtime, tmp_path)
     document = tmp_path / "config.json"
     document.write_text(json.dumps(_configuration(measurement=measured)))
     environ = {launcher.INSECURE_CONFIG_VARIABLE: str(document)}
@@ -303,7 +304,7 @@ def test_cli_runs_app_from_host(tmp_path: Path) -> None:
         [*command, "--measure"], env=env, capture_output=True, text=True, check=True
     )
     config = RuntimeConfig.load(runtime / "runtime.json")
-    assert measured.stdout.strip() == launcher.measure(config, runtime, tmp_path)
+    assert measured.stdout.strip() == measure(config, runtime, tmp_path)
 
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 3, result.stderr

@@ -14,6 +14,7 @@ from typing import Any
 
 from enclavify.runtime import launcher
 from enclavify.runtime.config import CONFIG_NAME, RUNTIME_DIR, RuntimeConfig
+from enclavify.runtime.measuring import measure
 
 
 def register(subparsers: Any) -> None:
@@ -50,7 +51,7 @@ def register(subparsers: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.measure:
         config = RuntimeConfig.load(args.runtime_dir / CONFIG_NAME)
-        print(launcher.measure(config, args.runtime_dir, args.root))
+        print(measure(config, args.runtime_dir, args.root))
         return 0
     launcher.launch(environ=os.environ, runtime_dir=args.runtime_dir, root=args.root)
     return 1
