@@ -48,16 +48,15 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.dynamic import DynamicSection
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from enclavify import __version__
 from enclavify.attest.measurement import RootFiles
 from enclavify.errors import ImageError
+
+if TYPE_CHECKING:
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
 
 log = logging.getLogger(__name__)
 
@@ -349,6 +348,13 @@ class _Builder:
         )
 
     def _read_elf(self, path: str) -> _Elf:
+        # pyelftools is imported here: a conversion that takes the runtime from the cache
+        # reads no ELF file and so skips the import.
+        from elftools.common.exceptions import ELFError  # noqa: PLC0415
+        from elftools.elf.dynamic import DynamicSection  # noqa: PLC0415
+        from elftools.elf.elffile import ELFFile  # noqa: PLC0415
+        from elftools.elf.sections import SymbolTableSection  # noqa: PLC0415
+
         with self.files.open(path) as stream:
             data = stream.read()
         try:
