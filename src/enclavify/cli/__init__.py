@@ -95,8 +95,8 @@ def run_handler(
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    # A known command needs only its own group; anything else (no command, --help, a typo)
-    # gets the whole parser, so the help and the error list every command.
+    # A known command needs only its own group. Anything else (no command, --help, a typo)
+    # gets the whole parser, so that the help and the error message list every command.
     parser = build_parser(only=_command(arguments))
     args = parser.parse_args(arguments)
     configure_logging(args.verbose)

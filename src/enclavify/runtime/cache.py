@@ -118,7 +118,7 @@ def build_runtime_cached(
         _store(cache_dir, key, output, info)
         _write_atomic(lookups, calls)
         _prune(cache_dir, lookups.parent)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         log.debug("runtime cache: not stored in %s (%s)", cache_dir, error)
     return info, False
 
