@@ -337,3 +337,23 @@ def test_preloaded_library_rejected(tmp_path: Path) -> None:
     maps.write_text(f"{own}\n7f03-7f04 r-xp 00000000 08:01 2 /tmp/evil.so\n")
     with pytest.raises(LaunchError, match=r"'/tmp/evil\.so' is loaded from outside"):
         launcher.check_loaded_libraries(Path("/opt/enclavify"), str(maps))
+
+
+def test_start_up_imports_stay_lean() -> None:
+    # The launcher imports these at every container start; dataclasses (with inspect, ast
+    # and dis), typing and http.client (with email) each cost milliseconds there.
+    source = Path(launcher.__file__).resolve().parents[2]
+    code = (
+        f"import sys; sys.path.insert(0, {str(source)!r})\n"
+        "import enclavify.runtime.measuring, enclavify.runtime.launcher\n"
+        "import enclavify.attest.producers, enclavify.cas.client\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True,
+        timeout=60,
+    ).stdout.split()
+
+    assert "enclavify.cas.client" in loaded
+    for heavy in ("dataclasses", "inspect", "typing", "http.client", "email", "tempfile"):
+        assert heavy not in loaded, f"{heavy} is imported at start-up"

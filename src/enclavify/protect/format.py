@@ -24,10 +24,12 @@ import math
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from enclavify.errors import ProtectError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs about 2 ms at every container start
+    from typing import Any
 
 FORMAT_VERSION = 1
 CHUNK_SIZE = 65536
@@ -78,7 +80,6 @@ def chunk_aad(file_id: bytes, index: int, last: bool) -> bytes:
     return CHUNK_AAD_PREFIX + file_id + struct.pack(">QB", index, 1 if last else 0)
 
 
-@dataclass(frozen=True)
 class Entry:
     """One file system object of a protected region.
 
@@ -86,20 +87,55 @@ class Entry:
     type bits). Files carry ``size``, ``object`` (the object's name), ``key`` and ``file_id``;
     symlinks and hardlinks carry ``target``. A hardlink's metadata is that of its target, so
     its ``mode``, ``uid``, ``gid`` and ``mtime`` are unused and zero.
+
+    Entries are not changed after they are made. A plain class rather than a dataclass,
+    because the launcher imports this module at every container start and the dataclasses
+    module costs about 5 ms there.
     """
 
-    type: str
-    path: str
-    mode: int = 0
-    uid: int = 0
-    gid: int = 0
-    mtime: float = 0.0
-    size: int = 0
-    object: str = ""
-    # Left out of repr so that logging an entry or a manifest cannot leak a file key.
-    key: bytes = field(default=b"", repr=False)
-    file_id: bytes = b""
-    target: str = ""
+    FIELDS = ("type", "path", "mode", "uid", "gid", "mtime", "size", "object", "key",
+              "file_id", "target")
+
+    def __init__(
+        self,
+        *,
+        type: str,
+        path: str,
+        mode: int = 0,
+        uid: int = 0,
+        gid: int = 0,
+        mtime: float = 0.0,
+        size: int = 0,
+        object: str = "",
+        key: bytes = b"",
+        file_id: bytes = b"",
+        target: str = "",
+    ) -> None:
+        self.type = type
+        self.path = path
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.mtime = mtime
+        self.size = size
+        self.object = object
+        self.key = key
+        self.file_id = file_id
+        self.target = target
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash((self.type, self.path))
+
+    def __repr__(self) -> str:
+        # The key is left out, so that logging an entry or a manifest cannot leak it.
+        shown = ", ".join(f"{name}={self.__dict__[name]!r}" for name in self.FIELDS
+                          if name != "key")
+        return f"Entry({shown})"
 
     def to_json(self) -> dict[str, Any]:
         """Return the entry as stored in the manifest."""
@@ -123,14 +159,35 @@ class Entry:
         return data
 
 
-@dataclass(frozen=True)
 class Manifest:
     """The verified content of an fspf: protected regions and their entries in sealing order."""
 
-    regions: tuple[str, ...]
-    entries: tuple[Entry, ...]
-    chunk_size: int = CHUNK_SIZE
-    format: int = FORMAT_VERSION
+    def __init__(
+        self,
+        *,
+        regions: tuple[str, ...],
+        entries: tuple[Entry, ...],
+        chunk_size: int = CHUNK_SIZE,
+        format: int = FORMAT_VERSION,
+    ) -> None:
+        self.regions = regions
+        self.entries = entries
+        self.chunk_size = chunk_size
+        self.format = format
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Manifest):
+            return NotImplemented
+        return (self.regions, self.entries, self.chunk_size, self.format) == (
+            other.regions, other.entries, other.chunk_size, other.format
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.regions, self.chunk_size, self.format))
+
+    def __repr__(self) -> str:
+        return (f"Manifest(regions={self.regions!r}, entries={len(self.entries)} entries, "
+                f"chunk_size={self.chunk_size})")
 
     def to_json_bytes(self) -> bytes:
         """Return the manifest as canonical JSON (sorted keys, ASCII only)."""
@@ -288,10 +345,9 @@ def _is_normal(path: str) -> bool:
 
 
 _new_object = object.__new__
-_set_attribute = object.__setattr__
-# What an entry without these fields has in them, by type. The frozen dataclass's __init__
-# sets its 11 fields one by one through object.__setattr__, which costs about 1 µs an entry,
-# so _quick_entry turns the entry's JSON object into the instance dictionary instead.
+# What an entry without these fields has in them, by type. Calling Entry's __init__ with 11
+# keyword arguments costs about 1 µs an entry, so _quick_entry turns the entry's JSON object
+# into the instance dictionary instead.
 _SYMLINK_REST: dict[str, Any] = {"size": 0, "object": "", "key": b"", "file_id": b""}
 _DIRECTORY_REST: dict[str, Any] = {**_SYMLINK_REST, "target": ""}
 _HARDLINK_REST: dict[str, Any] = {**_SYMLINK_REST, "mode": 0, "uid": 0, "gid": 0, "mtime": 0.0}
@@ -385,7 +441,7 @@ def _quick_entry(raw: Any, exact: frozenset[str], below: tuple[str, ...]) -> Ent
             return None
     # Now exactly the fields of an Entry, so the dictionary becomes the entry's own.
     entry: Entry = _new_object(Entry)
-    _set_attribute(entry, "__dict__", raw)
+    entry.__dict__ = raw
     return entry
 
 
