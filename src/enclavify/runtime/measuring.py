@@ -6,8 +6,9 @@ received a challenge. A forked child hashes meanwhile. A thread would not do: ha
 the GIL while it hashes a block, but the thread must take the GIL back after each block, and
 the main thread holds it while importing, for up to the 5 ms switch interval each time.
 
-The entrypoint (``enclavify.runtime.__main__``) starts the child before it imports the
-launcher, so that the child's hashing overlaps those imports too.
+The entrypoint (``enclavify.runtime.__main__``) starts the child before it imports anything
+else, so that the child's imports and hashing overlap the launcher's imports. That is why
+this module imports the measurement code only when it measures.
 
 This module is carried into confidential images: standard library only, Python 3.8 syntax.
 """
@@ -15,27 +16,39 @@ This module is carried into confidential images: standard library only, Python 3
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from enclavify.attest import measurement
 from enclavify.errors import Error, LaunchError
-from enclavify.runtime.config import CONFIG_NAME, RUNTIME_DIR, RuntimeConfig
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs about 2 ms at every container start
-    from typing import Optional
+    from pathlib import Path
+    from typing import Optional, Union
+
+    from enclavify.runtime.config import RuntimeConfig
+
+# The runtime's place in a confidential image, as in enclavify.runtime.config.
+_RUNTIME_DIR = "/opt/enclavify"
 
 # What the child writes to the pipe before the measurement or the error message.
 _OK = b"ok "
 _ERROR = b"error "
 
 
-def measure(config: RuntimeConfig, runtime_dir: Path = RUNTIME_DIR, root: Path = Path("/")) -> str:
+def measure(
+    config: RuntimeConfig,
+    runtime_dir: Union[str, Path] = _RUNTIME_DIR,
+    root: Union[str, Path] = "/",
+) -> str:
     """Return the measurement of this image as found on disk under ``root``."""
-    files = measurement.RootFiles(root)
+    import pathlib  # noqa: PLC0415 - imported late, see the module's docstring
+
+    from enclavify.attest import measurement  # noqa: PLC0415
+    from enclavify.runtime.config import CONFIG_NAME  # noqa: PLC0415
+
+    files = measurement.RootFiles(pathlib.Path(root))
     try:
         binary_digest = measurement.binary_digest(files, config.binary, config.regions)
-        digest = measurement.runtime_digest(runtime_dir)
+        digest = measurement.runtime_digest(pathlib.Path(runtime_dir))
     except OSError as error:
         raise LaunchError(f"cannot measure the runtime: {error}") from error
     except Error as error:
@@ -62,7 +75,9 @@ class PendingMeasurement:
     reaps it and returns the measurement or raises LaunchError with the child's reason.
     """
 
-    def __init__(self, runtime_dir: Path = RUNTIME_DIR, root: Path = Path("/")) -> None:
+    def __init__(
+        self, runtime_dir: Union[str, Path] = _RUNTIME_DIR, root: Union[str, Path] = "/"
+    ) -> None:
         self._value: Optional[str] = None
         self._error: Optional[str] = None
         reading, writing = os.pipe()
@@ -115,12 +130,18 @@ class PendingMeasurement:
             self._error = f"measuring the image failed in a child process (status {status})"
 
 
-def _measure_in_child(writing: int, runtime_dir: Path, root: Path) -> None:  # pragma: no cover
+def _measure_in_child(  # pragma: no cover
+    writing: int, runtime_dir: Union[str, Path], root: Union[str, Path]
+) -> None:
     """Measure, write the outcome to ``writing`` and end the child; never returns."""
     status = 0
     try:
         try:
-            config = RuntimeConfig.load(runtime_dir / CONFIG_NAME)
+            import pathlib  # noqa: PLC0415
+
+            from enclavify.runtime.config import CONFIG_NAME, RuntimeConfig  # noqa: PLC0415
+
+            config = RuntimeConfig.load(pathlib.Path(runtime_dir) / CONFIG_NAME)
             report = _OK + measure(config, runtime_dir, root).encode("ascii")
         except Error as error:
             report = _ERROR + error.diagnostics().encode("utf-8", errors="replace")
