@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 
+from enclavify.values import Value
+
 log = logging.getLogger(__name__)
 
 REPORT_DIRECTORY = "/sys/kernel/config/tsm/report"
@@ -24,11 +26,8 @@ class TsmError(Exception):
     """configfs-tsm is unusable or kept changing under us."""
 
 
-class TsmReport:
-    """What one configfs-tsm report directory returned.
-
-    A plain class, not a dataclass, because the launcher imports this module at every start.
-    """
+class TsmReport(Value):
+    """What one configfs-tsm report directory returned."""
 
     __slots__ = ("auxblob", "generation", "outblob", "provider")
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from enclavify.values import Value
+
 SGX = "sgx"
 TDX = "tdx"
 SEV_SNP = "sev-snp"
@@ -20,28 +22,14 @@ CONFIGFS_TSM_PATH = "/sys/kernel/config/tsm/report"
 GRAMINE_ATTESTATION_PATH = "/dev/attestation"
 
 
-class Device:
-    """A TEE interface found on this machine; ``path`` is as seen from ``/``.
-
-    A plain class, not a dataclass, because the launcher imports this module at every start.
-    """
+class Device(Value):
+    """A TEE interface found on this machine; ``path`` is as seen from ``/``."""
 
     __slots__ = ("kind", "path")
 
     def __init__(self, kind: str, path: str) -> None:
         self.kind = kind
         self.path = path
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Device):
-            return NotImplemented
-        return (self.kind, self.path) == (other.kind, other.path)
-
-    def __hash__(self) -> int:
-        return hash((self.kind, self.path))
-
-    def __repr__(self) -> str:
-        return f"Device(kind={self.kind!r}, path={self.path!r})"
 
 
 def detect(root: str = "/") -> list[Device]:

@@ -37,6 +37,7 @@ from enclavify.protect.unseal import unseal_tree
 from enclavify.runtime import libcrypto, mounts
 from enclavify.runtime.config import CONFIG_NAME, RUNTIME_DIR, RuntimeConfig
 from enclavify.runtime.measuring import PendingMeasurement, measure
+from enclavify.values import Value
 
 # typing is imported for the type checker only: importing it costs about 2 ms at each start.
 TYPE_CHECKING = False
@@ -52,36 +53,24 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_INJECTION_MODE = 0o600
 
 
-# The value types below are plain classes, not dataclasses: this module is imported at every
-# container start, and importing dataclasses and setting up each class costs several ms.
-
-
-class InjectionFile:
+class InjectionFile(Value):
     """A file the configuration lists for writing before the application starts."""
 
     __slots__ = ("content", "mode", "path")
+    HIDDEN = ("content",)  # it may be a key
 
     def __init__(self, path: str, content: bytes, mode: int) -> None:
         self.path = path
         self.content = content
         self.mode = mode
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, InjectionFile):
-            return NotImplemented
-        return (self.path, self.content, self.mode) == (other.path, other.content, other.mode)
 
-    def __hash__(self) -> int:
-        return hash((self.path, self.content, self.mode))
-
-    def __repr__(self) -> str:  # the content may be a key
-        return f"InjectionFile(path={self.path!r}, mode={self.mode:#o})"
-
-
-class Configuration:
+class Configuration(Value):
     """Configuration the CAS releases for one service. ``fspf_key`` and ``fspf_tag`` are secrets."""
 
     __slots__ = ("command", "environment", "fspf_key", "fspf_tag", "injection_files", "pwd")
+    # Keys, file contents and the environment stay out of tracebacks and logs.
+    HIDDEN = ("environment", "fspf_key", "fspf_tag", "injection_files")
 
     def __init__(
         self,
@@ -99,9 +88,6 @@ class Configuration:
         self.fspf_key = fspf_key
         self.fspf_tag = fspf_tag
         self.injection_files = injection_files
-
-    def __repr__(self) -> str:  # keeps keys and file contents out of tracebacks and logs
-        return f"Configuration(command={self.command!r}, pwd={self.pwd!r})"
 
 
 def parse_configuration(data: Any, *, source: str) -> Configuration:
@@ -286,7 +272,7 @@ def unseal(config: RuntimeConfig, configuration: Configuration, root: Path) -> N
     log.debug("decrypted %d entries", len(manifest.entries))
 
 
-class User:
+class User(Value):
     """The user the application runs as: uid, primary gid and every group id it belongs to."""
 
     __slots__ = ("gid", "groups", "uid")
@@ -295,17 +281,6 @@ class User:
         self.uid = uid
         self.gid = gid
         self.groups = groups
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, User):
-            return NotImplemented
-        return (self.uid, self.gid, self.groups) == (other.uid, other.gid, other.groups)
-
-    def __hash__(self) -> int:
-        return hash((self.uid, self.gid, tuple(self.groups)))
-
-    def __repr__(self) -> str:
-        return f"User(uid={self.uid}, gid={self.gid}, groups={self.groups})"
 
 
 def resolve_user(spec: str, root: Path) -> User:
