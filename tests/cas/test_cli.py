@@ -96,6 +96,18 @@ def test_session_without_certificate_is_usage_error(tmp_path: Path) -> None:
     assert "--cas-cert" in completed.stderr
 
 
+def test_malformed_session_file_is_named_before_any_upload(tmp_path: Path) -> None:
+    # No CAS listens on port 1: the file is checked before any connection is made.
+    broken = tmp_path / "broken-session.yml"
+    broken.write_text("name: x\nservices: [\n")
+
+    completed = _enclavify("session", "create", "--cas", "127.0.0.1:1", str(broken),
+                           home=tmp_path)
+
+    assert completed.returncode == 1
+    assert f"{broken}: invalid YAML" in completed.stderr
+
+
 def test_export_and_import(shared_cas: CasProcess, identities: dict[str, Identity]) -> None:
     alice = shared_cas.client(identities["alice"])
     exporter = unique("exp")

@@ -78,8 +78,10 @@ def test_unknown_form_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str
     path = tmp_path / "evidence.bin"
     path.write_bytes(b"\x00" * 10)
     code, _, err = run(capsys, str(path))
-    assert code == 1
+    assert code == 2
     assert "cannot tell the evidence type" in err
+    assert str(path) in err
+    assert "--type" in err
 
 
 def test_missing_file_is_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -123,7 +123,8 @@ def _audit(args: argparse.Namespace) -> int:
             result = audit.verify_chain(database, audit.HeadFile(head_path))
             for problem in result.problems:
                 print(f"audit: {problem}", file=sys.stderr)
-            if not head_path.exists():
+            has_head = head_path.exists()
+            if not has_head:
                 print(
                     f"audit: no head file at {head_path}: truncation at the end of the log"
                     " cannot be detected", file=sys.stderr,
@@ -131,10 +132,10 @@ def _audit(args: argparse.Namespace) -> int:
             if not result.ok:
                 raise Error(f"audit log damaged: {len(result.problems)} problem(s)")
             print(f"audit log intact: {result.records} records, head {result.head_hash}")
+            against_head = ", and the end of the log against the head file" if has_head else ""
             print(
-                "checked: every record's hash and link, the database's head row, and the end"
-                " of the log against the head file; not detectable: a rollback of the database"
-                " and the data directory together"
+                f"checked: every record's hash and link and the database's head row{against_head};"
+                " not detectable: a rollback of the database and the data directory together"
             )
             return 0
         for seq, record, _prev, digest in audit.iter_records(database):

@@ -12,7 +12,7 @@ from enclavify.attest import verify
 from enclavify.attest.claims import EVIDENCE_TYPES, SGX_DCAP, TDX, claims_to_dict
 from enclavify.attest.collateral import Collateral
 from enclavify.attest.pccs import CollateralService
-from enclavify.errors import UsageError
+from enclavify.errors import AttestationError, UsageError
 
 
 def register(subparsers: Any) -> None:
@@ -74,7 +74,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.collateral and args.pccs:
         raise UsageError("give either --collateral or --pccs, not both")
     collateral = Collateral.load(args.collateral) if args.collateral else None
-    evidence_type = args.type or verify.detect_evidence_type(data)
+    evidence_type = args.type or _detect_type(args.file, data)
     if args.pccs:
         if evidence_type not in (SGX_DCAP, TDX):
             raise UsageError(f"--pccs serves SGX and TDX collateral, not {evidence_type}")
@@ -86,6 +86,16 @@ def run_verify(args: argparse.Namespace) -> int:
     claims = verify.verify_evidence(evidence_type, data, now=now, collateral=collateral)
     print(json.dumps(claims_to_dict(claims), indent=2, sort_keys=True))
     return 0
+
+
+def _detect_type(path: Path, data: bytes) -> str:
+    try:
+        return verify.detect_evidence_type(data)
+    except AttestationError as error:
+        raise UsageError(
+            f"{str(path)!r}: {error.diagnostics()}; give it with --type"
+            f" ({', '.join(EVIDENCE_TYPES)})"
+        ) from error
 
 
 def _parse_time(text: str) -> datetime:

@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     session.add_argument(
         "--dry-run",
         action="store_true",
-        help="convert and write the session and compose files, but upload nothing",
+        help="convert and write the session and compose files, but upload nothing (the CAS"
+        " certificate is still needed, because the image pins it)",
     )
     add_logging_flags(parser)
     return parser

@@ -11,7 +11,7 @@ from typing import Any
 from enclavify.cas.client import CasClient
 from enclavify.cas.identity import identity_key_hash, load_or_create_identity
 from enclavify.cas.paths import pinned_ca_certificate
-from enclavify.errors import UsageError
+from enclavify.errors import PolicyError, UsageError
 from enclavify.policy import parse_session
 
 
@@ -20,17 +20,23 @@ def register(subparsers: Any) -> None:
         "session", help="create, update and read sessions on a CAS"
     )
     commands = parser.add_subparsers(dest="session_command", metavar="COMMAND", required=True)
+    session_file = "the session's YAML file"
+    session_name = "the session's name, NAMESPACE/NAME"
     specs = (
-        ("create", "upload a new session from FILE", "FILE", _create),
-        ("update", "upload FILE as the next revision (predecessor filled in)", "FILE", _update),
-        ("show", "print the session NAME (secrets redacted) as JSON", "NAME", _show),
-        ("history", "print the revisions of session NAME as JSON", "NAME", _history),
-        ("values", "print the exported public values of session NAME as JSON", "NAME", _values),
+        ("create", "upload a new session from FILE", "FILE", session_file, _create),
+        ("update", "upload FILE as the next revision (predecessor filled in)", "FILE",
+         session_file, _update),
+        ("show", "print the session NAME (secrets redacted) as JSON", "NAME", session_name,
+         _show),
+        ("history", "print the revisions of session NAME as JSON", "NAME", session_name,
+         _history),
+        ("values", "print the exported public values of session NAME as JSON", "NAME",
+         session_name, _values),
     )
-    for name, help_text, metavar, handler in specs:
+    for name, help_text, metavar, target_help, handler in specs:
         command = commands.add_parser(name, help=help_text)
         add_cas_flags(command)
-        command.add_argument("target", metavar=metavar)
+        command.add_argument("target", metavar=metavar, help=target_help)
         command.set_defaults(handler=handler)
 
     identity = commands.add_parser(
@@ -71,11 +77,17 @@ def make_client(args: argparse.Namespace, *, with_identity: bool = True) -> CasC
 
 
 def _read(path_text: str) -> str:
+    """Read a session file and check it here, so that an error names the file."""
     path = Path(path_text)
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"cannot read session file {path}: {error}") from error
+    try:
+        parse_session(text)
+    except PolicyError as error:
+        raise PolicyError(f"{path}: {error.diagnostics()}") from error
+    return text
 
 
 def _print(data: Any) -> None:
@@ -83,7 +95,8 @@ def _print(data: Any) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
-    print(make_client(args).create_session(_read(args.target)))
+    text = _read(args.target)
+    print(make_client(args).create_session(text))
     return 0
 
 
