@@ -166,8 +166,8 @@ def test_docker_compose_starts_the_confidential_service(
     docker_host: str, native_flask_image: str, tmp_path: Path
 ) -> None:
     # Docker's own compose implementation, talking to podman's Docker API, starts the
-    # service from the file sconify_image wrote; the launcher attests to the CAS and the
-    # service answers over TLS with the session's certificate.
+    # service from the file sconify_image wrote. The launcher attests to the CAS, and the
+    # service responds over TLS with the session's certificate.
     compose = _docker_compose()
     podman = shutil.which("podman") or "podman"
     home, work = tmp_path / "home", tmp_path / "work"

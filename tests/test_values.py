@@ -38,7 +38,7 @@ def test_values_with_lists_hash() -> None:
 
 
 def test_hidden_fields_stay_out_of_repr() -> None:
-    shown = repr(Secretive("a", b"secret-key-bytes", [1]))
+    text = repr(Secretive("a", b"secret-key-bytes", [1]))
 
-    assert shown == "Secretive(groups=[1], name='a')"
-    assert "secret" not in shown
+    assert text == "Secretive(groups=[1], name='a')"
+    assert "secret" not in text

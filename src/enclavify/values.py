@@ -19,7 +19,7 @@ class Value:
     """Equality, hash and repr over the fields named in ``__slots__``.
 
     Fields named in ``HIDDEN`` (keys, file contents) are left out of the repr, so that logging
-    a value or a traceback that shows one cannot leak them.
+    a value, or a traceback that shows one, does not print them (tests/test_values.py).
     """
 
     __slots__: tuple[str, ...] = ()
@@ -40,6 +40,6 @@ class Value:
                           for field in self._fields()))
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__
                           if name not in self.HIDDEN)
-        return f"{type(self).__name__}({shown})"
+        return f"{type(self).__name__}({fields})"

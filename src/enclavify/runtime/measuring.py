@@ -2,9 +2,9 @@
 
 Hashing the runtime and the binary (about 30 MB) takes about 20 ms, and the evidence needs the
 measurement only after the launcher has imported its modules, connected to the CAS and
-received a challenge. A forked child hashes meanwhile. A thread would not do: hashlib releases
-the GIL while it hashes a block, but the thread must take the GIL back after each block, and
-the main thread holds it while importing, for up to the 5 ms switch interval each time.
+received a challenge. A forked child hashes meanwhile. A thread would be slower. hashlib
+releases the GIL while it hashes a block, but the thread must take the GIL back after each
+block. Meanwhile the importing main thread holds it for up to the 5 ms switch interval.
 
 The entrypoint (``enclavify.runtime.__main__``) starts the child before it imports anything
 else, so that the child's imports and hashing overlap the launcher's imports. That is why
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # typing costs about 2 ms at every container start
 # The runtime's place in a confidential image, as in enclavify.runtime.config.
 _RUNTIME_DIR = "/opt/enclavify"
 
-# What the child writes to the pipe before the measurement or the error message.
+# Prefixes of the child's report on the pipe: before the measurement, or an error message.
 _OK = b"ok "
 _ERROR = b"error "
 
@@ -97,7 +97,7 @@ class PendingMeasurement:
         """Wait for the measurement and return it.
 
         Raises:
-            LaunchError: the measurement failed; the message says why.
+            LaunchError: the measurement failed; the message gives the reason.
         """
         if self._value is None and self._error is None:
             self._collect()
