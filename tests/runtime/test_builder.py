@@ -17,9 +17,8 @@ from .conftest import run_in_root
 # Imports everything the launcher needs on its CAS path, then proves the crypto backend works.
 PROBE = """
 import sys, ssl, ctypes, json, hashlib, socket
-from pathlib import Path
 from enclavify.runtime import launcher, libcrypto
-launcher.pin_libcrypto(Path("/opt/enclavify"))
+launcher.pin_libcrypto("/opt/enclavify")
 assert libcrypto.load().name.startswith("/opt/enclavify/lib/libcrypto.so"), libcrypto.load().name
 import enclavify.runtime.launcher, enclavify.cas.client, enclavify.attest.producers
 import enclavify.protect.unseal

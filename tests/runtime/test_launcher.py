@@ -341,7 +341,7 @@ def test_preloaded_library_rejected(tmp_path: Path) -> None:
 
 def test_start_up_imports_stay_lean() -> None:
     # The launcher imports these at every container start; dataclasses (with inspect, ast
-    # and dis), typing and http.client (with email) each cost milliseconds there.
+    # and dis), typing, pathlib and http.client (with email) each cost milliseconds there.
     source = Path(launcher.__file__).resolve().parents[2]
     code = (
         f"import sys; sys.path.insert(0, {str(source)!r})\n"
@@ -355,5 +355,6 @@ def test_start_up_imports_stay_lean() -> None:
     ).stdout.split()
 
     assert "enclavify.cas.client" in loaded
-    for heavy in ("dataclasses", "inspect", "typing", "http.client", "email", "tempfile"):
+    for heavy in ("dataclasses", "inspect", "typing", "http.client", "email", "tempfile",
+                  "pathlib"):
         assert heavy not in loaded, f"{heavy} is imported at start-up"

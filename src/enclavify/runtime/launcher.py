@@ -30,7 +30,6 @@ import os
 import posixpath
 import stat
 import sys
-from pathlib import Path
 
 from enclavify.errors import Error, LaunchError
 from enclavify.protect.unseal import unseal_tree
@@ -42,7 +41,11 @@ from enclavify.values import Value
 # typing is imported for the type checker only: importing it costs about 2 ms at each start.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from os import PathLike
     from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+    # Paths are plain strings here: pathlib costs about 3 ms at every container start.
+    _PathText = str | PathLike[str]
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +170,7 @@ def obtain_configuration(
     config: RuntimeConfig,
     measured: Callable[[], str],
     environ: Mapping[str, str],
-    runtime_dir: Path,
+    runtime_dir: _PathText,
 ) -> Configuration:
     """Get the configuration from the insecure debug file or, normally, from the CAS.
 
@@ -206,7 +209,7 @@ def _cas_configuration(
     config: RuntimeConfig,
     measured: Callable[[], str],
     environ: Mapping[str, str],
-    runtime_dir: Path,
+    runtime_dir: _PathText,
 ) -> Configuration:
     address = _first(environ, CAS_ADDRESS_VARIABLES) or config.cas_address
     config_id = _first(environ, CONFIG_ID_VARIABLES) or config.config_id
@@ -224,9 +227,10 @@ def _cas_configuration(
             raise LaunchError(
                 f"{CONFIG_NAME}: the CAS certificate {pinned!r} must lie in {RUNTIME_DIR}"
             )
-        certificate = runtime_dir / pinned[len(f"{RUNTIME_DIR}/") :]
+        certificate = os.path.join(runtime_dir, pinned[len(f"{RUNTIME_DIR}/") :])
         try:
-            ca_pem = certificate.read_bytes()
+            with open(certificate, "rb") as stream:
+                ca_pem = stream.read()
         except OSError as error:
             raise LaunchError(f"cannot read the pinned CAS certificate: {error}") from error
     if ca_pem is None and not config.cas_fingerprint:
@@ -250,6 +254,11 @@ def _cas_configuration(
     return parse_configuration(data, source=f"CAS {address} configuration {config_id!r}")
 
 
+def _inside(root: _PathText, path: str) -> str:
+    """Return where the image path ``path`` lies on the host when the image's root is ``root``."""
+    return os.path.join(root, path.lstrip("/"))
+
+
 def _first(environ: Mapping[str, str], names: Sequence[str]) -> Optional[str]:
     for name in names:
         if environ.get(name):
@@ -257,7 +266,7 @@ def _first(environ: Mapping[str, str], names: Sequence[str]) -> Optional[str]:
     return None
 
 
-def unseal(config: RuntimeConfig, configuration: Configuration, root: Path) -> None:
+def unseal(config: RuntimeConfig, configuration: Configuration, root: _PathText) -> None:
     """Decrypt the protected regions into memory-backed mounts."""
     if not config.regions:
         return
@@ -266,8 +275,8 @@ def unseal(config: RuntimeConfig, configuration: Configuration, root: Path) -> N
             "the configuration has no fspf_key and fspf_tag for the protected regions"
         )
     for region in config.regions:
-        mounts.ensure_memory_backed(str(root / region.lstrip("/")))
-    sealed = (root / config.fspf_path.lstrip("/")).parent
+        mounts.ensure_memory_backed(_inside(root, region))
+    sealed = os.path.dirname(_inside(root, config.fspf_path))
     manifest = unseal_tree(sealed, configuration.fspf_key, configuration.fspf_tag, root)
     log.debug("decrypted %d entries", len(manifest.entries))
 
@@ -283,7 +292,7 @@ class User(Value):
         self.groups = groups
 
 
-def resolve_user(spec: str, root: Path) -> User:
+def resolve_user(spec: str, root: _PathText) -> User:
     """Resolve an image ``User`` (``name``, ``uid``, ``name:group``, ``uid:gid``).
 
     Names are looked up in the image's ``/etc/passwd`` and ``/etc/group`` directly, not
@@ -292,8 +301,8 @@ def resolve_user(spec: str, root: Path) -> User:
     if not spec or spec in ("root", "0", "0:0"):
         return User(0, 0, [0])
     user_part, _, group_part = spec.partition(":")
-    passwd = _read_table(root / "etc" / "passwd")
-    groups = _read_table(root / "etc" / "group")
+    passwd = _read_table(_inside(root, "/etc/passwd"))
+    groups = _read_table(_inside(root, "/etc/group"))
     try:
         name = None
         if user_part.isdigit():
@@ -325,44 +334,46 @@ def resolve_user(spec: str, root: Path) -> User:
     return User(uid, gid, sorted(set(supplementary)))
 
 
-def _read_table(path: Path) -> List[List[str]]:
+def _read_table(path: str) -> List[List[str]]:
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            text = stream.read()
     except OSError:
         return []
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 
 
-def write_injection_files(files: Sequence[InjectionFile], user: User, root: Path) -> None:
+def write_injection_files(files: Sequence[InjectionFile], user: User, root: _PathText) -> None:
     """Write injected files; each must land on a memory-backed mount."""
     for item in files:
-        target = root / item.path.lstrip("/")
-        if not mounts.is_memory_backed(str(target.parent)):
+        target = _inside(root, item.path)
+        directory, name = os.path.split(target)
+        if not mounts.is_memory_backed(directory):
             raise LaunchError(
                 f"injected file {item.path!r} is not on a memory-backed file system; make its "
                 f"directory a protected region or run with --tmpfs {posixpath.dirname(item.path)}"
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.enclavify-tmp")
+        os.makedirs(directory, exist_ok=True)
+        temporary = os.path.join(directory, f".{name}.enclavify-tmp")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        descriptor = os.open(str(temporary), flags, 0o600)
+        descriptor = os.open(temporary, flags, 0o600)
         try:
             with os.fdopen(descriptor, "wb") as stream:
                 stream.write(item.content)
             if os.getuid() == 0:
-                os.chown(str(temporary), user.uid, user.gid)
-            os.chmod(str(temporary), item.mode)
-            os.replace(str(temporary), str(target))
+                os.chown(temporary, user.uid, user.gid)
+            os.chmod(temporary, item.mode)
+            os.replace(temporary, target)
         except OSError as error:
-            if os.path.lexists(str(temporary)):
-                os.unlink(str(temporary))
+            if os.path.lexists(temporary):
+                os.unlink(temporary)
             raise LaunchError(
                 f"cannot write injected file {item.path!r}: {error.strerror}"
             ) from error
         log.debug("injected %s", item.path)
 
 
-def find_program(name: str, environment: Mapping[str, str], root: Path) -> str:
+def find_program(name: str, environment: Mapping[str, str], root: _PathText) -> str:
     """Resolve ``argv[0]`` like execvp does, with the configuration's PATH."""
     if "/" in name:
         candidates = [name]
@@ -370,7 +381,7 @@ def find_program(name: str, environment: Mapping[str, str], root: Path) -> str:
         search = environment.get("PATH", DEFAULT_PATH)
         candidates = [posixpath.join(d or ".", name) for d in search.split(":")]
     for candidate in candidates:
-        host = root / candidate.lstrip("/") if candidate.startswith("/") else Path(candidate)
+        host = _inside(root, candidate) if candidate.startswith("/") else candidate
         try:
             info = os.stat(str(host))
         except OSError:
@@ -380,9 +391,9 @@ def find_program(name: str, environment: Mapping[str, str], root: Path) -> str:
     raise LaunchError(f"command {name!r} not found (PATH={environment.get('PATH', DEFAULT_PATH)})")
 
 
-def check_binary(program: str, config: RuntimeConfig, root: Path) -> None:
+def check_binary(program: str, config: RuntimeConfig, root: _PathText) -> None:
     """Reject a program other than the measured binary."""
-    measured = os.path.realpath(str(root / config.binary.lstrip("/")))
+    measured = os.path.realpath(_inside(root, config.binary))
     if os.path.realpath(program) != measured:
         raise LaunchError(
             f"the command runs {program!r}, but the image was measured with binary "
@@ -401,7 +412,9 @@ def drop_privileges(user: User) -> None:
     os.setuid(user.uid)
 
 
-def check_loaded_libraries(runtime_dir: Path = RUNTIME_DIR, maps: str = "/proc/self/maps") -> None:
+def check_loaded_libraries(
+    runtime_dir: _PathText = RUNTIME_DIR, maps: str = "/proc/self/maps"
+) -> None:
     """Reject shared objects mapped from outside the runtime tree.
 
     The loader honours ``LD_PRELOAD`` and ``/etc/ld.so.preload``, neither of which the
@@ -420,7 +433,7 @@ def check_loaded_libraries(runtime_dir: Path = RUNTIME_DIR, maps: str = "/proc/s
     except OSError:
         log.debug("%s is not readable; loaded libraries not checked", maps)
         return
-    allowed = str(runtime_dir).rstrip("/") + "/"
+    allowed = os.fspath(runtime_dir).rstrip("/") + "/"
     for line in lines:
         fields = line.split(None, 5)
         if len(fields) < 6 or not fields[5].startswith("/"):
@@ -434,14 +447,21 @@ def check_loaded_libraries(runtime_dir: Path = RUNTIME_DIR, maps: str = "/proc/s
             )
 
 
-def pin_libcrypto(runtime_dir: Path = RUNTIME_DIR) -> None:
+def pin_libcrypto(runtime_dir: _PathText = RUNTIME_DIR) -> None:
     """Load libcrypto from the runtime tree by absolute path before any other code requests it.
 
     The crypto backend opens libcrypto by soname, trying ``libcrypto.so.3`` first. When the
     runtime carries another version, the loader would search the image's unmeasured library
     directories for that name. Loading the carried copy first makes every later request use it.
     """
-    candidates = sorted(str(path) for path in (runtime_dir / "lib").glob("libcrypto.so*"))
+    library_dir = os.path.join(runtime_dir, "lib")
+    try:
+        names = os.listdir(library_dir)
+    except OSError:
+        names = []
+    candidates = sorted(
+        os.path.join(library_dir, name) for name in names if name.startswith("libcrypto.so")
+    )
     if not candidates:
         return
     try:
@@ -453,8 +473,8 @@ def pin_libcrypto(runtime_dir: Path = RUNTIME_DIR) -> None:
 def launch(
     *,
     environ: Mapping[str, str],
-    runtime_dir: Path = RUNTIME_DIR,
-    root: Path = Path("/"),
+    runtime_dir: _PathText = RUNTIME_DIR,
+    root: _PathText = "/",
     pending: Optional[PendingMeasurement] = None,
 ) -> None:
     """Start the application; returns only by raising.
@@ -464,8 +484,8 @@ def launch(
     if pending is None:
         pending = PendingMeasurement(runtime_dir, root)
     try:
-        config = RuntimeConfig.load(runtime_dir / CONFIG_NAME)
-        if runtime_dir == RUNTIME_DIR:
+        config = RuntimeConfig.load(os.path.join(runtime_dir, CONFIG_NAME))
+        if os.fspath(runtime_dir) == RUNTIME_DIR:
             check_loaded_libraries(runtime_dir)
             pin_libcrypto(runtime_dir)
         configuration = obtain_configuration(config, pending.result, environ, runtime_dir)
@@ -478,11 +498,11 @@ def launch(
     write_injection_files(configuration.injection_files, user, root)
     program = find_program(configuration.command[0], configuration.environment, root)
     check_binary(program, config, root)
-    if runtime_dir == RUNTIME_DIR:
+    if os.fspath(runtime_dir) == RUNTIME_DIR:
         check_loaded_libraries(runtime_dir)
     drop_privileges(user)
     try:
-        os.chdir(str(root / configuration.pwd.lstrip("/")))
+        os.chdir(_inside(root, configuration.pwd))
     except OSError as error:
         raise LaunchError(
             f"cannot change to the working directory {configuration.pwd!r}: {error.strerror}"
@@ -510,7 +530,7 @@ def main(
             launch(environ=os.environ, pending=pending)
             return 1
         if command == "measure":
-            config = RuntimeConfig.load(RUNTIME_DIR / CONFIG_NAME)
+            config = RuntimeConfig.load(os.path.join(RUNTIME_DIR, CONFIG_NAME))
             print(measure(config))
             return 0
         print(f"enclavify: unknown command {command!r}; use run or measure", file=sys.stderr)

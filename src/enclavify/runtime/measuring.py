@@ -21,8 +21,8 @@ from enclavify.errors import Error, LaunchError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs about 2 ms at every container start
-    from pathlib import Path
-    from typing import Optional, Union
+    from os import PathLike
+    from typing import Optional
 
     from enclavify.runtime.config import RuntimeConfig
 
@@ -36,19 +36,17 @@ _ERROR = b"error "
 
 def measure(
     config: RuntimeConfig,
-    runtime_dir: Union[str, Path] = _RUNTIME_DIR,
-    root: Union[str, Path] = "/",
+    runtime_dir: str | PathLike[str] = _RUNTIME_DIR,
+    root: str | PathLike[str] = "/",
 ) -> str:
     """Return the measurement of this image as found on disk under ``root``."""
-    import pathlib  # noqa: PLC0415 - imported late, see the module's docstring
-
-    from enclavify.attest import measurement  # noqa: PLC0415
+    from enclavify.attest import measurement  # noqa: PLC0415 - see the module's docstring
     from enclavify.runtime.config import CONFIG_NAME  # noqa: PLC0415
 
-    files = measurement.RootFiles(pathlib.Path(root))
+    files = measurement.RootFiles(root)
     try:
         binary_digest = measurement.binary_digest(files, config.binary, config.regions)
-        digest = measurement.runtime_digest(pathlib.Path(runtime_dir))
+        digest = measurement.runtime_digest(runtime_dir)
     except OSError as error:
         raise LaunchError(f"cannot measure the runtime: {error}") from error
     except Error as error:
@@ -76,7 +74,7 @@ class PendingMeasurement:
     """
 
     def __init__(
-        self, runtime_dir: Union[str, Path] = _RUNTIME_DIR, root: Union[str, Path] = "/"
+        self, runtime_dir: str | PathLike[str] = _RUNTIME_DIR, root: str | PathLike[str] = "/"
     ) -> None:
         self._value: Optional[str] = None
         self._error: Optional[str] = None
@@ -131,17 +129,15 @@ class PendingMeasurement:
 
 
 def _measure_in_child(  # pragma: no cover
-    writing: int, runtime_dir: Union[str, Path], root: Union[str, Path]
+    writing: int, runtime_dir: str | PathLike[str], root: str | PathLike[str]
 ) -> None:
     """Measure, write the outcome to ``writing`` and end the child; never returns."""
     status = 0
     try:
         try:
-            import pathlib  # noqa: PLC0415
-
             from enclavify.runtime.config import CONFIG_NAME, RuntimeConfig  # noqa: PLC0415
 
-            config = RuntimeConfig.load(pathlib.Path(runtime_dir) / CONFIG_NAME)
+            config = RuntimeConfig.load(os.path.join(runtime_dir, CONFIG_NAME))
             report = _OK + measure(config, runtime_dir, root).encode("ascii")
         except Error as error:
             report = _ERROR + error.diagnostics().encode("utf-8", errors="replace")
