@@ -144,7 +144,7 @@ key = crypto.hkdf_sha256(shared, salt=b"nonce", info=b"enclavify-config-v1")
 sealed = crypto.aes_gcm_encrypt(key, bytes(12), b"configuration", b"")
 assert crypto.aes_gcm_decrypt(key, bytes(12), sealed, b"") == b"configuration"
 try:
-    crypto.aes_gcm_decrypt(key, bytes(12), sealed[:-1] + b"?", b"")
+    crypto.aes_gcm_decrypt(key, bytes(12), sealed[:-1] + bytes([sealed[-1] ^ 1]), b"")
 except crypto.AuthenticationError:
     pass
 else:
