@@ -30,6 +30,9 @@ def test_image_convert_imports_no_server_modules() -> None:
     assert "enclavify.cli.image" in modules
     heavy = {"asyncio", "aiohttp", "psycopg", "enclavify.cas.server", "enclavify.cli.cas"}
     assert not heavy & modules
+    # Only a conversion with --cas-cert, or one to or from a registry, needs these.
+    assert "cryptography.x509" not in modules
+    assert "http.client" not in modules
 
 
 def test_cas_command_still_loads_its_group() -> None:

@@ -14,8 +14,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
-
 from enclavify.attest.measurement import (
     DLOPEN_DEFAULT,
     GIB,
@@ -213,6 +211,10 @@ def certificate_fingerprint(pem: bytes) -> str:
     Raises:
         UsageError: ``pem`` is not exactly one parseable X.509 certificate.
     """
+    # Imported here: cryptography's x509 module takes about 20 ms to import, and only a
+    # conversion with --cas-cert needs it.
+    from cryptography import x509  # noqa: PLC0415
+
     try:
         x509.load_pem_x509_certificate(pem)
         return pem_fingerprint(pem)

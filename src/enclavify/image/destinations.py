@@ -40,7 +40,6 @@ from enclavify.image.reference import (
     REGISTRY,
     ImageReference,
 )
-from enclavify.image.registry import push_image
 
 if TYPE_CHECKING:
     from enclavify.image.builder import BuiltImage
@@ -87,6 +86,9 @@ def _write(
         with _atomic_file(reference.path) as stream:
             write_docker_archive(image, stream, reference.name, progress)
     elif reference.transport == REGISTRY:
+        # Imported here: the registry client (http.client) takes about 12 ms to import.
+        from enclavify.image.registry import push_image  # noqa: PLC0415
+
         push_image(image, reference, insecure_http=insecure_http, progress=progress)
     elif reference.transport == ENGINE:
         fd, name = tempfile.mkstemp(prefix="load-", suffix=".tar", dir=work)

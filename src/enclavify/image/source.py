@@ -47,7 +47,6 @@ from enclavify.image.reference import (
     ImageReference,
     parse_reference,
 )
-from enclavify.image.registry import RegistryStore
 from enclavify.image.stores import (
     MAX_JSON,
     BlobStore,
@@ -300,6 +299,9 @@ def _open_store(
         assert reference.path is not None
         return OciArchiveStore(reference.path, work)
     if reference.transport == REGISTRY:
+        # Imported here: the registry client (http.client) takes about 12 ms to import.
+        from enclavify.image.registry import RegistryStore  # noqa: PLC0415
+
         return RegistryStore(reference, insecure_http=insecure_http)
     if reference.transport == ENGINE:
         return export_image(reference, work)
