@@ -286,9 +286,8 @@ def test_rejection_of_a_file_among_many_names_it(many_sealed: Sealed, index: int
     assert leftovers == []
 
 
-def test_many_files_unseal_alike_in_both_processes(
-    many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _unseal_counting_forks(many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Unseal ``many_sealed`` and return the pids of the children it forked."""
     forks = []
     real_fork = os.fork
 
@@ -300,14 +299,24 @@ def test_many_files_unseal_alike_in_both_processes(
 
     monkeypatch.setattr(os, "fork", counting_fork)
     many_sealed.unseal()
+    return forks
 
-    cpus = len(os.sched_getaffinity(0))
-    assert len(forks) == min(cpus, unseal._MAX_PROCESSES) - 1
 
+def _assert_all_restored(many_sealed: Sealed) -> None:
     for index in range(120):
         relative = f"app/d{index // 10:02d}/f{index:03d}"
         restored = (many_sealed.target / relative).read_bytes()
         assert restored == (many_sealed.source / relative).read_bytes()
+
+
+def test_many_files_unseal_alike_in_both_processes(
+    many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forks = _unseal_counting_forks(many_sealed, monkeypatch)
+
+    cpus = len(os.sched_getaffinity(0))
+    assert len(forks) == min(cpus, unseal._MAX_PROCESSES) - 1
+    _assert_all_restored(many_sealed)
 
 
 @pytest.mark.timeout(10)
@@ -325,30 +334,18 @@ def test_many_files_unseal_alike_in_more_processes(
     many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch, processes: int
 ) -> None:
     monkeypatch.setattr(unseal, "_CPUS", processes)
-    # 120 files are enough for 4 processes with at least 16 files each; the tree is far
-    # smaller than a child's estimated extra cost, so that estimate is left out here.
+    # 120 files are enough for 4 processes with at least 16 files each.
     monkeypatch.setattr(unseal, "_FORK_FILES", 32)
+    # The tree is far smaller than a child's estimated extra cost, so that estimate is left out.
     monkeypatch.setattr(unseal, "_CHILD_COST", 0)
-    forks = []
-    real_fork = os.fork
 
-    def counting_fork() -> int:
-        pid = real_fork()
-        if pid:
-            forks.append(pid)
-        return pid
-
-    monkeypatch.setattr(os, "fork", counting_fork)
-    many_sealed.unseal()
+    forks = _unseal_counting_forks(many_sealed, monkeypatch)
 
     assert len(forks) == processes - 1
     for child in forks:
         with pytest.raises(ChildProcessError):  # already reaped
             os.waitpid(child, os.WNOHANG)
-    for index in range(120):
-        relative = f"app/d{index // 10:02d}/f{index:03d}"
-        restored = (many_sealed.target / relative).read_bytes()
-        assert restored == (many_sealed.source / relative).read_bytes()
+    _assert_all_restored(many_sealed)
 
 
 @pytest.mark.parametrize("index", [0, 60, 119], ids=["here", "middle-child", "last-child"])

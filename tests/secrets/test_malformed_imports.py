@@ -27,6 +27,13 @@ def _unknown_algorithm_key() -> tuple[str, str]:
     return f"-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----\n", body
 
 
+def _generation_error(text: str, imported: SecretValue) -> str:
+    """Return the SecretError message of generating ``text``, each import giving ``imported``."""
+    with pytest.raises(SecretError) as info:
+        generate_secrets(parse_session(text), {}, lambda session, secret: imported)
+    return str(info.value)
+
+
 def test_public_key_of_unsupported_algorithm_is_a_secret_error() -> None:
     pem, body = _unknown_algorithm_key()
     value = SecretValue("private-key", {"key": pem}, "x")
@@ -54,9 +61,8 @@ secrets:
 """
     imported = SecretValue("private-key", {"key": pem}, "x")
 
-    with pytest.raises(SecretError) as info:
-        generate_secrets(parse_session(text), {}, lambda session, secret: imported)
-    message = str(info.value)
+    message = _generation_error(text, imported)
+
     assert "'server'" in message
     assert "'shared_key'" in message
     assert body not in message
@@ -78,9 +84,8 @@ secrets:
 """
     imported = SecretValue("x509-ca", {"cert": cert, "key": key, "chain": ""}, "x")
 
-    with pytest.raises(SecretError) as info:
-        generate_secrets(parse_session(text), {}, lambda session, secret: imported)
-    message = str(info.value)
+    message = _generation_error(text, imported)
+
     assert "'server'" in message
     assert "'ca'" in message
     assert garbage not in message
