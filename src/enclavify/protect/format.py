@@ -26,6 +26,7 @@ import struct
 from collections.abc import Callable
 
 from enclavify.errors import ProtectError
+from enclavify.values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs about 2 ms at every container start
@@ -159,8 +160,11 @@ class Entry:
         return data
 
 
-class Manifest:
+class Manifest(Value):
     """The verified content of an fspf: protected regions and their entries in sealing order."""
+
+    __slots__ = ("chunk_size", "entries", "format", "regions")
+    HIDDEN = ("entries",)  # thousands of them, each with its file key left out anyway
 
     def __init__(
         self,
@@ -174,20 +178,6 @@ class Manifest:
         self.entries = entries
         self.chunk_size = chunk_size
         self.format = format
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Manifest):
-            return NotImplemented
-        return (self.regions, self.entries, self.chunk_size, self.format) == (
-            other.regions, other.entries, other.chunk_size, other.format
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.regions, self.chunk_size, self.format))
-
-    def __repr__(self) -> str:
-        return (f"Manifest(regions={self.regions!r}, entries={len(self.entries)} entries, "
-                f"chunk_size={self.chunk_size})")
 
     def to_json_bytes(self) -> bytes:
         """Return the manifest as canonical JSON (sorted keys, ASCII only)."""
