@@ -295,8 +295,8 @@ def test_falls_back_to_libcrypto_without_cryptography() -> None:
 
 
 def test_missing_cryptography_is_looked_for_once() -> None:
-    # A failed import is not cached by Python; looking for the package again for every
-    # cipher cost about 30 µs a file when unsealing in a runtime without it.
+    # Python does not cache a failed import. Looking for the package again for every cipher
+    # cost about 30 µs a file when unsealing in a runtime without it.
     code = (
         "import sys; sys.modules['cryptography'] = None\n"
         "import builtins\n"

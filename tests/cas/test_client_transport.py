@@ -39,7 +39,7 @@ class Step:
     reply: bytes | Callable[[bytes], bytes] = b""
     close: bool = False
     hang: bool = False
-    stream: int = 0  # bytes sent after ``reply`` in 1 MiB pieces, chunk-framed if it says chunked
+    stream: int = 0  # bytes sent after ``reply`` in 1 MiB pieces, chunk-framed if ``reply`` declares chunked
 
 
 @dataclass

@@ -133,7 +133,7 @@ class Entry:
         return hash((self.type, self.path))
 
     def __repr__(self) -> str:
-        # The key is left out, so that logging an entry or a manifest cannot leak it.
+        # The key is left out, so that logging an entry does not print it.
         shown = ", ".join(f"{name}={self.__dict__[name]!r}" for name in self.FIELDS
                           if name != "key")
         return f"Entry({shown})"
@@ -335,7 +335,7 @@ def _is_normal(path: str) -> bool:
 
 
 _new_object = object.__new__
-# What an entry without these fields has in them, by type. Calling Entry's __init__ with 11
+# Default values of the fields an entry of each type lacks. Calling Entry's __init__ with 11
 # keyword arguments costs about 1 µs an entry, so _quick_entry turns the entry's JSON object
 # into the instance dictionary instead.
 _SYMLINK_REST: dict[str, Any] = {"size": 0, "object": "", "key": b"", "file_id": b""}

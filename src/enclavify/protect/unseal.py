@@ -8,10 +8,10 @@ renamed into place only after every chunk verified. Either way a tampered object
 plaintext of that file. With many files and more than one CPU, forked children restore
 part of them.
 
-This runs at every confidential start, so it keeps system calls few: files are restored
-grouped by directory, and while the umask is 0 a new entry is created with its final
-permission bits and, when the kernel gives it the right owner anyway, needs no chown or chmod
-(a default ACL or a set-group-ID directory is taken into account; then they are set).
+This runs at every confidential start, so it keeps system calls few. Files are restored
+grouped by directory. While the umask is 0, a new entry is created with its final permission
+bits, and when the kernel already gives it the right owner it needs no chown or chmod. Below a
+directory with a default ACL or the set-group-ID bit, owner and mode are set explicitly.
 
 The manifest may come from a hostile source that has the key, so writing never follows a
 symlink: every directory is opened relative to its parent with ``O_NOFOLLOW``, and entries are
@@ -56,13 +56,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK so that a FIFO planted in place of an object cannot block the open.
+# O_NONBLOCK so that a FIFO planted in place of an object cannot block the open (tested in
+# tests/protect/test_tampering.py).
 _OBJECT_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # O_EXCL makes the kernel refuse any existing entry, a symlink included.
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 _FIRST_NONCE = chunk_nonce(0)
-# What a forked child reports when all its files are restored; an error report never starts
+# The report of a forked child that restored all its files. An error report never starts
 # with a NUL.
 _DONE = b"\0"
 _SEGMENT = 1 << 20
@@ -72,9 +73,9 @@ _FORK_FILES = 64
 _MAX_PROCESSES = 4
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 # Cost of restoring a file besides its bytes, in bytes of decryption, and the extra cost of
-# a forked child (copy-on-write faults, a cold cache), about 3 ms. Both are measured
-# estimates for the Flask walk-through on 2 CPUs; inside the container the child was about
-# 5 ms slower than the parent with an equal share, outside about 1 ms.
+# a forked child (copy-on-write faults, a cold cache), about 3 ms. Both are estimates measured
+# for the Flask walk-through on 2 CPUs. Inside its container the child took about 5 ms longer
+# than the parent for an equal share, outside about 1 ms.
 _FILE_COST = 32768
 _CHILD_COST = 4 << 20
 # Directories kept open while restoring; files are restored grouped by directory.

@@ -64,7 +64,7 @@ RUNTIME_ROOT = "/opt/enclavify"
 LIBRARY_DIR = f"{RUNTIME_ROOT}/lib"
 INTERPRETER = f"{RUNTIME_ROOT}/bin/python3"
 DEFAULT_INTERPRETERS = ("/usr/local/bin/python3", "/usr/bin/python3")
-# The directory that holds the enclavify package whose modules the runtime carries.
+# The directory that contains the enclavify package whose modules the runtime carries.
 SOURCE_ROOT = Path(__file__).resolve().parent.parent.parent
 
 # The enclavify modules the launcher may import. Some are imported only on one path (the

@@ -1,9 +1,9 @@
 """A cache of built runtimes, so that converting images with the same Python builds it once.
 
-A runtime is a function of two things: what the builder reads from the image (the results of
-its ``entry``, ``resolve``, ``open``, ``listdir`` and ``walk`` calls) and what it takes from
-this machine (the carried enclavify modules, the Python that lists the launcher's imports and
-compiles the bytecode, the builder itself). The cache is keyed by both:
+A runtime depends on two things. One is what the builder reads from the image: the results of
+its ``entry``, ``resolve``, ``open``, ``listdir`` and ``walk`` calls. The other is what it takes
+from this machine: the carried enclavify modules, the Python that lists the launcher's imports
+and compiles the bytecode, and the builder itself. The cache is keyed by both:
 
     <cache>/runtime/lookups/<host key>/<calls digest>.json
         the distinct calls a build made, sorted, for each kind of image seen with this host key
@@ -157,7 +157,7 @@ _OWN_CODE = _code_digest()
 
 
 def _source_calls(output: Path) -> list[list[str]]:
-    """The calls that stand for the carried enclavify modules of the runtime at ``output``.
+    """Return the calls that represent the carried enclavify modules of the runtime at ``output``.
 
     Each carried module's source counts, and so do the names in each package directory on
     the way to it. A module added there can make an optional import succeed, which changes

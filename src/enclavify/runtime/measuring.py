@@ -4,7 +4,7 @@ Hashing the runtime and the binary (about 30 MB) takes about 20 ms, and the evid
 measurement only after the launcher has imported its modules, connected to the CAS and
 received a challenge. A forked child hashes meanwhile. A thread would be slower. hashlib
 releases the GIL while it hashes a block, but the thread must take the GIL back after each
-block. Meanwhile the importing main thread holds it for up to the 5 ms switch interval.
+block, and the importing main thread keeps it for up to the 5 ms switch interval each time.
 
 The entrypoint (``enclavify.runtime.__main__``) starts the child before it imports anything
 else, so that the child's imports and hashing overlap the launcher's imports. That is why

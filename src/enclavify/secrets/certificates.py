@@ -1,7 +1,8 @@
 """Private keys as PEM and self-signed certificates, for session secrets and the CAS's own PKI.
 
-Keys are written unencrypted in PKCS#8: the files that hold them are protected by their mode
-(and session secrets by the CAS's storage), not by a passphrase nobody could type.
+Keys are written unencrypted in PKCS#8. The files that contain them are protected by their mode
+(and session secrets by the CAS's storage), because a passphrase would have to be entered by a
+person at every start of an unattended service.
 """
 
 from __future__ import annotations
