@@ -39,7 +39,8 @@ class Step:
     reply: bytes | Callable[[bytes], bytes] = b""
     close: bool = False
     hang: bool = False
-    stream: int = 0  # bytes sent after ``reply`` in 1 MiB pieces, chunk-framed if ``reply`` declares chunked
+    # Bytes sent after ``reply`` in 1 MiB pieces, chunk-framed if ``reply`` declares chunked.
+    stream: int = 0
 
 
 @dataclass
