@@ -33,7 +33,7 @@ import zstandard
 
 from enclavify.cas.client import CasClient
 from enclavify.cas.identity import load_or_create_identity
-from enclavify.protect import open_fspf
+from enclavify.protect import open_fspf, sealed_size
 from tests.cas_process import CasProcess, start_cas
 from tests.sconify_support import (
     compose_service,
@@ -359,7 +359,7 @@ def test_no_secret_outside_memory(
 
 
 def test_changed_ciphertext_byte_stops_start_naming_the_file(deployment: Deployment) -> None:
-    from enclavify.convert.options import FSPF_PATH, OBJECTS_DIR  # noqa: PLC0415
+    from enclavify.convert.options import FSPF_PATH, PACK_PATH  # noqa: PLC0415
 
     (definition,) = deployment.session["services"]
     manifest = open_fspf(
@@ -367,10 +367,9 @@ def test_changed_ciphertext_byte_stops_start_naming_the_file(deployment: Deploym
         bytes.fromhex(definition["fspf_tag"]),
     )
     (entry,) = [entry for entry in manifest.entries if entry.path == "/app/rest_api.py"]
-    object_path = f"{OBJECTS_DIR}/{entry.object}"
-    sealed = bytearray(deployment.read_from_image(object_path))
-    sealed[len(sealed) // 2] ^= 0x01
-    tampered = deployment.derived_image({object_path: bytes(sealed)})
+    pack = bytearray(deployment.read_from_image(PACK_PATH))
+    pack[entry.offset + sealed_size(entry.size) // 2] ^= 0x01
+    tampered = deployment.derived_image({PACK_PATH: bytes(pack)})
 
     done = deployment.run_to_end(tampered)
     assert done.returncode != 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,16 +96,16 @@ def test_confidential_image_is_not_converted_again(app_image: str, tmp_path: Pat
 def test_failure_while_sealing_leaves_nothing(
     app_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_add_file = Sealer.add_file
+    real_seal_file = Sealer.seal_file
     calls = {"count": 0}
 
-    def failing_add_file(self: Sealer, *args: Any, **kwargs: Any) -> None:
+    def failing_seal_file(self: Sealer, *args: Any, **kwargs: Any) -> Iterator[bytes]:
         calls["count"] += 1
         if calls["count"] == 3:
             raise RuntimeError("injected failure while sealing")
-        real_add_file(self, *args, **kwargs)
+        return real_seal_file(self, *args, **kwargs)
 
-    monkeypatch.setattr(Sealer, "add_file", failing_add_file)
+    monkeypatch.setattr(Sealer, "seal_file", failing_seal_file)
     with pytest.raises(RuntimeError, match="injected failure"):
         convert_image(options(app_image, tmp_path))
     assert calls["count"] == 3

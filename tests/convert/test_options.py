@@ -94,7 +94,7 @@ def test_check_options_normalizes_and_collapses(tmp_path: Path) -> None:
         (("app",), (), "is not absolute"),
         (("/",), (), "whole image"),
         (("/opt",), (), "overlaps /opt/enclavify"),
-        (("/.enclavify/objects",), (), "overlaps /.enclavify"),
+        (("/.enclavify/pack",), (), "overlaps /.enclavify"),
         (("/proc/self",), (), "kernel file system"),
         (("/app",), ("/app/static",), "overlaps --plain"),
         (("/app/lib",), ("/app",), "overlaps --plain"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -35,21 +34,23 @@ class Counter:
         return bytes([self.calls % 256]) * size
 
 
-class Objects:
-    """An in-memory object store for Sealer."""
+class Pack:
+    """An in-memory pack for Sealer."""
 
     def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-        self.sizes: dict[str, int] = {}
+        self.data = bytearray()
 
-    def __call__(self, name: str, size: int, chunks: Iterable[bytes]) -> None:
-        self.data[name] = b"".join(chunks)
-        self.sizes[name] = size
+    def write(self, chunk: bytes) -> None:
+        self.data += chunk
+
+    def object_at(self, offset: int, size: int) -> bytes:
+        """Return the object of a file of ``size`` bytes at ``offset``."""
+        return bytes(self.data[offset : offset + sealed_size(size)])
 
 
-def seal_example(randbytes: Counter | None = None) -> tuple[Objects, Sealer]:
-    objects = Objects()
-    sealer = Sealer(["/app"], objects, randbytes=randbytes or os.urandom)
+def seal_example(randbytes: Counter | None = None) -> tuple[Pack, Sealer]:
+    pack = Pack()
+    sealer = Sealer(["/app"], pack.write, randbytes=randbytes or os.urandom)
     sealer.add_directory("/app", mode=0o40755, uid=0, gid=0, mtime=1.5)
     content = bytes(range(256)) * 700  # 179200 bytes: 2 full chunks and a partial one
     sealer.add_file(
@@ -58,7 +59,7 @@ def seal_example(randbytes: Counter | None = None) -> tuple[Objects, Sealer]:
     sealer.add_file("/app/empty", io.BytesIO(b""), 0, mode=0o600, uid=0, gid=0, mtime=0.0)
     sealer.add_symlink("/app/l", "x.py", uid=0, gid=0, mtime=4.0)
     sealer.add_hardlink("/app/h", "/app/x.py")
-    return objects, sealer
+    return pack, sealer
 
 
 @pytest.mark.parametrize(
@@ -76,11 +77,11 @@ def test_sealed_size_follows_chunk_count(size: int, expected: int) -> None:
 
 
 def test_objects_decrypt_as_documented() -> None:
-    objects, sealer = seal_example()
+    pack, sealer = seal_example()
     volume = sealer.finish()
 
     # Decrypt the fspf by hand: header, 12-byte nonce, ciphertext with the header as AAD.
-    assert volume.fspf.startswith(b"ENCLAVIFY-FSPF\x00\x01")
+    assert volume.fspf.startswith(b"ENCLAVIFY-FSPF\x00\x02")
     nonce = volume.fspf[16:28]
     plaintext = AESGCM(volume.key).decrypt(nonce, volume.fspf[28:], volume.fspf[:16])
     assert volume.tag == volume.fspf[-16:]
@@ -101,23 +102,29 @@ def test_objects_decrypt_as_documented() -> None:
     assert entries["/app/h"] == {"type": "hardlink", "path": "/app/h", "target": "/app/x.py"}
     assert entries["/app/l"]["target"] == "x.py"
 
-    # Re-seal each file independently of the code under test and compare byte for byte.
+    # Re-seal each file independently of the code under test and compare byte for byte: the
+    # pack is the objects in the order of the file entries, and nothing else.
     content = bytes(range(256)) * 700
-    for path, data in (("/app/x.py", content), ("/app/empty", b"")):
-        entry = entries[path]
+    expected_pack = b""
+    for entry in document["entries"]:
+        if entry["type"] != "file":
+            continue
+        data = {"/app/x.py": content, "/app/empty": b""}[entry["path"]]
         assert entry["mode"] == (0o644 if data else 0o600)
         assert entry["size"] == len(data)
         expected = seal_object(bytes.fromhex(entry["key"]), bytes.fromhex(entry["file_id"]), data)
-        assert objects.data[entry["object"]] == expected
-        assert objects.sizes[entry["object"]] == len(expected) == sealed_size(len(data))
+        assert len(expected) == sealed_size(len(data))
+        expected_pack += expected
+    assert bytes(pack.data) == expected_pack
+    assert sealer.pack_size == len(expected_pack)
 
 
 def test_sealing_is_deterministic_with_injected_randomness() -> None:
-    first_objects, first = seal_example(Counter())
-    second_objects, second = seal_example(Counter())
+    first_pack, first = seal_example(Counter())
+    second_pack, second = seal_example(Counter())
 
     assert first.finish() == second.finish()
-    assert first_objects.data == second_objects.data
+    assert first_pack.data == second_pack.data
 
 
 def test_open_fspf_returns_entries_in_sealing_order() -> None:
@@ -152,20 +159,22 @@ def test_repr_shows_no_key_material() -> None:
         assert repr(file_entry.key) not in text
 
 
-def test_unknown_header_version_is_rejected() -> None:
+@pytest.mark.parametrize("version", [FORMAT_VERSION - 1, FORMAT_VERSION + 1])
+def test_other_header_version_is_rejected(version: int) -> None:
     _, sealer = seal_example()
     volume = sealer.finish()
-    future = volume.fspf[:15] + b"\x02" + volume.fspf[16:]
+    other = volume.fspf[:15] + bytes([version]) + volume.fspf[16:]
 
-    with pytest.raises(ProtectError, match="unsupported fspf format version 2"):
-        open_fspf(future, volume.key, volume.tag)
+    with pytest.raises(ProtectError, match=f"unsupported fspf format version {version}.*again"):
+        open_fspf(other, volume.key, volume.tag)
 
 
 def test_unknown_manifest_version_is_rejected() -> None:
     key = os.urandom(32)
-    fspf = seal_manifest({"format": 2, "chunk_size": CHUNK_SIZE, "regions": [], "entries": []}, key)
+    document = {"format": 3, "chunk_size": CHUNK_SIZE, "regions": [], "entries": []}
+    fspf = seal_manifest(document, key)
 
-    with pytest.raises(ProtectError, match=r"^'vol/fspf': unsupported fspf format version 2"):
+    with pytest.raises(ProtectError, match=r"^'vol/fspf': unsupported fspf format version 3"):
         open_fspf(fspf, key, fspf[-TAG_SIZE:], name="vol/fspf")
 
 
@@ -175,7 +184,7 @@ def test_file_that_is_not_an_fspf_is_rejected() -> None:
 
 
 def test_entry_outside_regions_is_rejected_when_sealing() -> None:
-    sealer = Sealer(["/app"], Objects())
+    sealer = Sealer(["/app"], Pack().write)
 
     with pytest.raises(ProtectError, match="'/etc/passwd' lies outside every protected region"):
         sealer.add_file("/etc/passwd", io.BytesIO(b"x"), 1, mode=0o644, uid=0, gid=0, mtime=0)
@@ -185,14 +194,14 @@ def test_entry_outside_regions_is_rejected_when_sealing() -> None:
 
 @pytest.mark.parametrize("path", ["app/x", "/app/../etc/x", "/app//x", "/app/./x", "/app/x/"])
 def test_unnormalized_path_is_rejected_when_sealing(path: str) -> None:
-    sealer = Sealer(["/app"], Objects())
+    sealer = Sealer(["/app"], Pack().write)
 
     with pytest.raises(ProtectError, match=r"absolute|normalized"):
         sealer.add_directory(path, mode=0o755, uid=0, gid=0, mtime=0)
 
 
 def test_duplicate_path_is_rejected() -> None:
-    sealer = Sealer(["/app"], Objects())
+    sealer = Sealer(["/app"], Pack().write)
     sealer.add_directory("/app", mode=0o755, uid=0, gid=0, mtime=0)
 
     with pytest.raises(ProtectError, match="'/app' was added twice"):
@@ -200,14 +209,14 @@ def test_duplicate_path_is_rejected() -> None:
 
 
 def test_stream_shorter_than_size_is_rejected() -> None:
-    sealer = Sealer(["/app"], Objects())
+    sealer = Sealer(["/app"], Pack().write)
 
     with pytest.raises(ProtectError, match="'/app/f' ended after 3 bytes, expected 100000"):
         sealer.add_file("/app/f", io.BytesIO(b"abc"), 100000, mode=0o644, uid=0, gid=0, mtime=0)
 
 
 def test_stream_longer_than_size_is_rejected() -> None:
-    sealer = Sealer(["/app"], Objects())
+    sealer = Sealer(["/app"], Pack().write)
 
     with pytest.raises(ProtectError, match="longer than the expected 2 bytes"):
         sealer.add_file("/app/f", io.BytesIO(b"abc"), 2, mode=0o644, uid=0, gid=0, mtime=0)
@@ -226,15 +235,15 @@ def test_short_reads_from_stream_are_completed() -> None:
             piece, self.data = self.data[:step], self.data[step:]
             return piece
 
-    objects = Objects()
-    sealer = Sealer(["/app"], objects)
+    pack = Pack()
+    sealer = Sealer(["/app"], pack.write)
     data = os.urandom(CHUNK_SIZE + 50)
 
     sealer.add_file("/app/f", Trickle(data), len(data), mode=0o644, uid=0, gid=0, mtime=0)  # type: ignore[arg-type]
 
     manifest = open_fspf(*_fspf_key_tag(sealer))
     entry = manifest.entries[0]
-    assert objects.data[entry.object] == seal_object(entry.key, entry.file_id, data)
+    assert pack.object_at(entry.offset, entry.size) == seal_object(entry.key, entry.file_id, data)
 
 
 def _fspf_key_tag(sealer: Sealer) -> tuple[bytes, bytes, bytes]:
@@ -242,15 +251,49 @@ def _fspf_key_tag(sealer: Sealer) -> tuple[bytes, bytes, bytes]:
     return volume.fspf, volume.key, volume.tag
 
 
-def test_writer_that_stops_early_is_rejected() -> None:
-    def lazy_writer(name: str, size: int, chunks: Iterable[bytes]) -> None:
-        next(iter(chunks))
-
-    sealer = Sealer(["/app"], lazy_writer)
+def test_object_not_read_to_its_end_blocks_the_sealer() -> None:
+    sealer = Sealer(["/app"])
     data = os.urandom(3 * CHUNK_SIZE)
+    chunks = sealer.seal_file(
+        "/app/f", io.BytesIO(data), len(data), mode=0o644, uid=0, gid=0, mtime=0
+    )
+    next(chunks)
 
-    with pytest.raises(ProtectError, match="did not consume the whole object of '/app/f'"):
-        sealer.add_file("/app/f", io.BytesIO(data), len(data), mode=0o644, uid=0, gid=0, mtime=0)
+    # The next object's offset would be wrong, and the fspf would lack the file.
+    with pytest.raises(RuntimeError, match="object of '/app/f' was not read to its end"):
+        sealer.add_directory("/app/d", mode=0o755, uid=0, gid=0, mtime=0)
+    with pytest.raises(RuntimeError, match="not read to its end"):
+        sealer.finish()
+
+
+def test_pulled_objects_make_the_same_pack_as_pushed_ones() -> None:
+    data = os.urandom(2 * CHUNK_SIZE + 5)
+    pushed_pack = Pack()
+    pushed = Sealer(["/app"], pushed_pack.write, randbytes=Counter())
+    pulled = Sealer(["/app"], randbytes=Counter())
+
+    for name in ("a", "b"):
+        pushed.add_file(
+            f"/app/{name}", io.BytesIO(data), len(data), mode=0o644, uid=0, gid=0, mtime=0
+        )
+    pulled_pack = b"".join(
+        chunk
+        for name in ("a", "b")
+        for chunk in pulled.seal_file(
+            f"/app/{name}", io.BytesIO(data), len(data), mode=0o644, uid=0, gid=0, mtime=0
+        )
+    )
+
+    assert bytes(pushed_pack.data) == pulled_pack
+    assert pushed.finish() == pulled.finish()
+    assert pulled.pack_size == len(pulled_pack) == 2 * sealed_size(len(data))
+
+
+def test_add_file_needs_a_pack_writer() -> None:
+    with pytest.raises(RuntimeError, match="no pack writer"):
+        Sealer(["/app"]).add_file(
+            "/app/f", io.BytesIO(b"x"), 1, mode=0o644, uid=0, gid=0, mtime=0
+        )
 
 
 @pytest.mark.parametrize(
@@ -265,7 +308,7 @@ def test_writer_that_stops_early_is_rejected() -> None:
 def test_unrestorable_metadata_is_rejected_when_sealing(
     metadata: dict[str, float], message: str
 ) -> None:
-    sealer = Sealer(["/app"], Objects())
+    sealer = Sealer(["/app"], Pack().write)
     arguments = {"mode": 0o644, "uid": 0, "gid": 0, "mtime": 0.0, **metadata}
 
     with pytest.raises(ProtectError, match=message):
@@ -275,7 +318,7 @@ def test_unrestorable_metadata_is_rejected_when_sealing(
 
 
 def test_hardlink_to_unknown_file_is_rejected() -> None:
-    sealer = Sealer(["/app"], Objects())
+    sealer = Sealer(["/app"], Pack().write)
     sealer.add_directory("/app/d", mode=0o755, uid=0, gid=0, mtime=0)
 
     with pytest.raises(ProtectError, match="hardlink '/app/h' points to '/usr/bin/x'"):
@@ -285,7 +328,7 @@ def test_hardlink_to_unknown_file_is_rejected() -> None:
 
 
 def test_adding_after_finish_is_an_error() -> None:
-    sealer = Sealer(["/app"], Objects())
+    sealer = Sealer(["/app"], Pack().write)
     sealer.finish()
 
     with pytest.raises(RuntimeError, match="finish"):

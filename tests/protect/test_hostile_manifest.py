@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from enclavify.errors import ProtectError
-from enclavify.protect import CHUNK_SIZE, open_fspf, unseal_tree
+from enclavify.errors import IntegrityError, ProtectError
+from enclavify.protect import CHUNK_SIZE, FORMAT_VERSION, open_fspf, unseal_tree
 from enclavify.protect.format import TAG_SIZE
 from tests.protect.trees import seal_manifest, seal_object
 
@@ -41,16 +41,14 @@ class Volume:
 
     def __init__(self, root: Path) -> None:
         self.sealed = root / "sealed"
-        (self.sealed / "objects").mkdir(parents=True)
-        self.counter = 0
+        self.sealed.mkdir(parents=True)
+        # Sealed objects by file key: the pack holds them in the order of the file entries.
+        self.objects: dict[str, bytes] = {}
 
-    def file(self, path: str, content: bytes, object_name: str | None = None) -> dict[str, Any]:
-        self.counter += 1
+    def file(self, path: str, content: bytes) -> dict[str, Any]:
         key = os.urandom(32)
         file_id = os.urandom(16)
-        name = object_name or f"{self.counter:032x}"
-        if "/" not in name:
-            (self.sealed / "objects" / name).write_bytes(seal_object(key, file_id, content))
+        self.objects[key.hex()] = seal_object(key, file_id, content)
         return {
             "type": "file",
             "path": path,
@@ -59,20 +57,25 @@ class Volume:
             "gid": 0,
             "mtime": 1.0,
             "size": len(content),
-            "object": name,
             "key": key.hex(),
             "file_id": file_id.hex(),
         }
 
     def seal(self, entries: list[dict[str, Any]], regions: list[str] | None = None) -> bytes:
         document = {
-            "format": 1,
+            "format": FORMAT_VERSION,
             "chunk_size": CHUNK_SIZE,
             "regions": regions or ["/app"],
             "entries": entries,
         }
         fspf = seal_manifest(document, KEY)
         (self.sealed / "fspf").write_bytes(fspf)
+        pack = b"".join(
+            self.objects[entry["key"]]
+            for entry in entries
+            if entry.get("type") == "file" and entry.get("key") in self.objects
+        )
+        (self.sealed / "pack").write_bytes(pack)
         return fspf[-TAG_SIZE:]
 
 
@@ -192,12 +195,16 @@ def test_entry_outside_regions_is_rejected(tmp_path: Path, target: Path) -> None
     assert list(target.iterdir()) == []
 
 
-def test_object_name_with_path_is_rejected(tmp_path: Path, target: Path) -> None:
+def test_size_past_the_end_of_the_pack_is_rejected(tmp_path: Path, target: Path) -> None:
+    # The manifest claims more than the pack holds; nothing may be read beyond its end.
     volume = Volume(tmp_path)
-    tag = volume.seal([volume.file("/app/f", b"", object_name="../fspf")])
+    entry = volume.file("/app/f", b"abc")
+    entry["size"] = 10 * CHUNK_SIZE
+    tag = volume.seal([volume.file("/app/e", b"e"), entry])
 
-    with pytest.raises(ProtectError, match="invalid object name"):
+    with pytest.raises(IntegrityError, match="protected file '/app/f' failed verification"):
         unseal_tree(volume.sealed, KEY, tag, target)
+    assert list(target.iterdir()) == []
 
 
 @pytest.mark.parametrize("link_target", ["/etc/shadow", "/app/l", "/app/d"])

@@ -1,7 +1,8 @@
 """An attacker who controls the image's sealed files gets every change rejected.
 
-Each case asserts the IntegrityError names the file (or the fspf), and that no plaintext of
-the rejected file, not even a temporary one, is left in the target.
+Each case asserts the IntegrityError names the file (or the fspf, or the pack when the change
+is to the pack as a whole), and that no plaintext of the rejected file, not even a temporary
+one, is left in the target.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from enclavify.errors import IntegrityError
 from enclavify.protect import CHUNK_SIZE, SealedVolume, open_fspf, seal_tree, unseal, unseal_tree
-from enclavify.protect.format import TAG_SIZE, Entry
+from enclavify.protect.format import TAG_SIZE, Entry, sealed_size
 from tests.protect.trees import seal_manifest
 
 BIG = "/app/big.bin"
@@ -36,14 +37,32 @@ class Sealed:
     volume: SealedVolume
     target: Path
 
-    def object_of(self, path: str) -> Path:
+    def entry_of(self, path: str) -> Entry:
         manifest = open_fspf(self.fspf.read_bytes(), self.volume.key, self.volume.tag)
-        entry = next(entry for entry in manifest.entries if entry.path == path)
-        return self.sealed / "objects" / entry.object
+        return next(entry for entry in manifest.entries if entry.path == path)
+
+    def offset_of(self, path: str) -> int:
+        """Return where the object of ``path`` starts in the pack."""
+        return self.entry_of(path).offset
+
+    def read_object(self, path: str) -> bytes:
+        entry = self.entry_of(path)
+        return self.pack.read_bytes()[entry.offset : entry.offset + sealed_size(entry.size)]
+
+    def replace_object(self, path: str, data: bytes) -> None:
+        """Put ``data`` where the object of ``path`` is; what follows it moves if sizes differ."""
+        entry = self.entry_of(path)
+        pack = bytearray(self.pack.read_bytes())
+        pack[entry.offset : entry.offset + sealed_size(entry.size)] = data
+        self.pack.write_bytes(bytes(pack))
 
     @property
     def fspf(self) -> Path:
         return self.sealed / "fspf"
+
+    @property
+    def pack(self) -> Path:
+        return self.sealed / "pack"
 
     def unseal(self, key: bytes | None = None, tag: bytes | None = None) -> None:
         unseal_tree(
@@ -76,8 +95,17 @@ def assert_rejected(sealed: Sealed, path: str) -> None:
     assert repr(path) in message
     assert sealed.volume.key.hex() not in message
     assert not (sealed.target / path.lstrip("/")).exists()
-    leftovers = [item.name for item in (sealed.target / "app").iterdir() if ".tmp" in item.name]
+    # A pack of the wrong size is rejected before even /app is made.
+    leftovers = [item.name for item in sealed.target.rglob("*") if ".tmp" in item.name]
     assert leftovers == []
+
+
+def assert_pack_rejected(sealed: Sealed) -> None:
+    """Unsealing raises an IntegrityError naming the pack and restores nothing."""
+    with pytest.raises(IntegrityError) as excinfo:
+        sealed.unseal()
+    assert repr(str(sealed.pack)) in str(excinfo.value)
+    assert list(sealed.target.iterdir()) == []
 
 
 def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
@@ -100,43 +128,42 @@ def test_untampered_volume_unseals(sealed: Sealed) -> None:
 @pytest.mark.parametrize("where", ["first byte", "middle", "tag"])
 def test_flipped_bit_in_any_chunk_is_rejected(sealed: Sealed, chunk: int, where: str) -> None:
     start = chunk * SEALED_CHUNK
-    size = min(SEALED_CHUNK, sealed.object_of(BIG).stat().st_size - start)
+    size = min(SEALED_CHUNK, len(sealed.read_object(BIG)) - start)
     offset = {"first byte": start, "middle": start + size // 2, "tag": start + size - 1}[where]
-    flip_bit(sealed.object_of(BIG), offset, bit=chunk % 8)
+    flip_bit(sealed.pack, sealed.offset_of(BIG) + offset, bit=chunk % 8)
 
     assert_rejected(sealed, BIG)
 
 
 def test_flipped_bit_in_small_file_is_rejected(sealed: Sealed) -> None:
-    flip_bit(sealed.object_of(SMALL), 3)
+    flip_bit(sealed.pack, sealed.offset_of(SMALL) + 3)
 
     assert_rejected(sealed, SMALL)
 
 
 def test_swapped_chunks_are_rejected(sealed: Sealed) -> None:
-    data = bytearray(sealed.object_of(BIG).read_bytes())
+    data = bytearray(sealed.read_object(BIG))
     first = data[:SEALED_CHUNK]
     data[:SEALED_CHUNK] = data[SEALED_CHUNK : 2 * SEALED_CHUNK]
     data[SEALED_CHUNK : 2 * SEALED_CHUNK] = first
-    sealed.object_of(BIG).write_bytes(bytes(data))
+    sealed.replace_object(BIG, bytes(data))
 
     assert_rejected(sealed, BIG)
 
 
 def test_repeated_chunk_is_rejected(sealed: Sealed) -> None:
-    data = bytearray(sealed.object_of(BIG).read_bytes())
+    data = bytearray(sealed.read_object(BIG))
     data[SEALED_CHUNK : 2 * SEALED_CHUNK] = data[:SEALED_CHUNK]
-    sealed.object_of(BIG).write_bytes(bytes(data))
+    sealed.replace_object(BIG, bytes(data))
 
     assert_rejected(sealed, BIG)
 
 
 def test_swapped_objects_of_two_files_are_rejected(sealed: Sealed) -> None:
     # Same size, so only the per-file key and file id can tell them apart.
-    a, b = sealed.object_of(TWIN_A), sealed.object_of(TWIN_B)
-    a_data, b_data = a.read_bytes(), b.read_bytes()
-    a.write_bytes(b_data)
-    b.write_bytes(a_data)
+    a_data, b_data = sealed.read_object(TWIN_A), sealed.read_object(TWIN_B)
+    sealed.replace_object(TWIN_A, b_data)
+    sealed.replace_object(TWIN_B, a_data)
 
     assert_rejected(sealed, TWIN_A)
     assert not (sealed.target / "app" / "twin-b.bin").exists()
@@ -144,40 +171,50 @@ def test_swapped_objects_of_two_files_are_rejected(sealed: Sealed) -> None:
 
 @pytest.mark.parametrize("cut", [1, TAG_SIZE, 1000])
 def test_truncated_object_is_rejected(sealed: Sealed, cut: int) -> None:
-    data = sealed.object_of(BIG).read_bytes()
-    sealed.object_of(BIG).write_bytes(data[:-cut])
+    # BIG's object is the first in the pack, so every object after it moves too; the error
+    # names the first file that no longer verifies, and nothing at all is restored.
+    data = sealed.read_object(BIG)
+    sealed.replace_object(BIG, data[:-cut])
 
     assert_rejected(sealed, BIG)
+    assert list(sealed.target.iterdir()) == []
+
+
+def test_truncated_pack_is_rejected(sealed: Sealed) -> None:
+    # SMALL's object is the last in the pack.
+    data = sealed.pack.read_bytes()
+    sealed.pack.write_bytes(data[:-1])
+
+    assert_rejected(sealed, SMALL)
 
 
 def test_dropped_last_chunk_is_rejected(sealed: Sealed) -> None:
-    data = sealed.object_of(TWIN_A).read_bytes()
-    sealed.object_of(TWIN_A).write_bytes(data[:SEALED_CHUNK])
+    data = sealed.read_object(TWIN_A)
+    sealed.replace_object(TWIN_A, data[:SEALED_CHUNK])
 
     assert_rejected(sealed, TWIN_A)
 
 
 def test_appended_data_is_rejected(sealed: Sealed) -> None:
-    with open(sealed.object_of(SMALL), "ab") as stream:
+    with open(sealed.pack, "ab") as stream:
         stream.write(b"\x00" * TAG_SIZE)
 
-    assert_rejected(sealed, SMALL)
+    assert_pack_rejected(sealed)
 
 
-def test_missing_object_is_rejected(sealed: Sealed) -> None:
-    sealed.object_of(SMALL).unlink()
+def test_missing_pack_is_rejected(sealed: Sealed) -> None:
+    sealed.pack.unlink()
 
-    assert_rejected(sealed, SMALL)
+    assert_pack_rejected(sealed)
 
 
-def test_object_replaced_by_symlink_is_rejected(sealed: Sealed) -> None:
-    # A symlink to the genuine object: the unsealer must not follow links in objects/.
-    victim = sealed.object_of(SMALL)
-    moved = victim.with_name("elsewhere")
-    victim.rename(moved)
-    victim.symlink_to(moved.name)
+def test_pack_replaced_by_symlink_is_rejected(sealed: Sealed) -> None:
+    # A symlink to the genuine pack: the unsealer must not follow it.
+    moved = sealed.pack.with_name("elsewhere")
+    sealed.pack.rename(moved)
+    sealed.pack.symlink_to(moved.name)
 
-    assert_rejected(sealed, SMALL)
+    assert_pack_rejected(sealed)
 
 
 def assert_fspf_rejected(
@@ -252,7 +289,7 @@ def test_any_flipped_bit_is_rejected(
     shutil.copytree(pristine.sealed, root / "sealed")
     (root / "target").mkdir()
     sealed = Sealed(pristine.source, root / "sealed", pristine.volume, root / "target")
-    flip_bit(sealed.object_of(BIG), position // 8, position % 8)
+    flip_bit(sealed.pack, sealed.offset_of(BIG) + position // 8, position % 8)
 
     assert_rejected(sealed, BIG)
 
@@ -275,7 +312,7 @@ def many_sealed(tmp_path: Path) -> Sealed:
 @pytest.mark.parametrize("index", [0, 119], ids=["restored-here", "restored-in-child"])
 def test_rejection_of_a_file_among_many_names_it(many_sealed: Sealed, index: int) -> None:
     path = f"/app/d{index // 10:02d}/f{index:03d}"
-    flip_bit(many_sealed.object_of(path), 5)
+    flip_bit(many_sealed.pack, many_sealed.offset_of(path) + 5)
 
     with pytest.raises(IntegrityError) as excinfo:
         many_sealed.unseal()
@@ -320,13 +357,12 @@ def test_many_files_unseal_alike_in_both_processes(
 
 
 @pytest.mark.timeout(10)
-def test_object_replaced_by_fifo_is_rejected_without_blocking(sealed: Sealed) -> None:
+def test_pack_replaced_by_fifo_is_rejected_without_blocking(sealed: Sealed) -> None:
     # Opening a FIFO for reading blocks until a writer appears; the unsealer must not wait.
-    victim = sealed.object_of(SMALL)
-    victim.unlink()
-    os.mkfifo(victim)
+    sealed.pack.unlink()
+    os.mkfifo(sealed.pack)
 
-    assert_rejected(sealed, SMALL)
+    assert_pack_rejected(sealed)
 
 
 @pytest.mark.parametrize("processes", [3, 4])
@@ -356,7 +392,7 @@ def test_rejection_among_many_processes_names_the_file(
     # Equal thirds: the tree is far smaller than a child's estimated extra cost.
     monkeypatch.setattr(unseal, "_CHILD_COST", 0)
     path = f"/app/d{index // 10:02d}/f{index:03d}"
-    flip_bit(many_sealed.object_of(path), 5)
+    flip_bit(many_sealed.pack, many_sealed.offset_of(path) + 5)
     parts: list[list[str]] = []
     children: list[int] = []
     real_fork_restoring = unseal._Restorer._fork_restoring

@@ -131,13 +131,13 @@ def confidential(
 
     # The same image with one flipped ciphertext byte in /app/data.txt's object.
     manifest = open_fspf((context / "enclavify" / "fspf").read_bytes(), volume.key, volume.tag)
-    data_object = next(e.object for e in manifest.entries if e.path == "/app/data.txt")
+    data_offset = next(e.offset for e in manifest.entries if e.path == "/app/data.txt")
     tampered_context = work / "tampered"
     shutil.copytree(context, tampered_context, symlinks=True)
-    object_path = tampered_context / "enclavify" / "objects" / data_object
-    content = bytearray(object_path.read_bytes())
-    content[3] ^= 0x01
-    object_path.write_bytes(bytes(content))
+    pack_path = tampered_context / "enclavify" / "pack"
+    content = bytearray(pack_path.read_bytes())
+    content[data_offset + 3] ^= 0x01
+    pack_path.write_bytes(bytes(content))
     tampered = f"localhost/enclavify-test/launcher-tampered:{tag}"
     build = _podman(podman, "build", "-q", "-t", tampered, str(tampered_context))
     assert build.returncode == 0, build.stderr

@@ -15,7 +15,7 @@ from typing import Any
 
 from enclavify import convert
 from enclavify.errors import UsageError
-from enclavify.progress import for_stream
+from enclavify.progress import for_stream, format_bytes
 from enclavify.runtime.cache import default_cache_dir
 
 # The runtime cache is keyed by everything a runtime build reads, so bypassing it is for
@@ -175,7 +175,8 @@ def format_inspection(inspection: Any) -> list[str]:
     lines = [f"{inspection.image}: confidential image ({inspection.platform})"]
     lines.append("  protected directories (encrypted):")
     lines.extend(f"    {region}" for region in inspection.regions or ["(none)"])
-    lines.append(f"  encrypted files: {inspection.protected_objects}")
+    # Only the total shows: how many files there are and their sizes are in the encrypted fspf.
+    lines.append(f"  encrypted data: {format_bytes(inspection.protected_bytes)}")
     if inspection.plain:
         lines.append("  left in the clear on request (--plain):")
         lines.extend(f"    {directory}" for directory in inspection.plain)

@@ -22,7 +22,7 @@ from enclavify.errors import Error, ImageError
 from enclavify.image import MergedFilesystem, open_image
 
 from .imageconfig import LABEL_MEASUREMENT, LABEL_PLAIN, LABEL_REGIONS, LABEL_VERSION
-from .options import FSPF_PATH, OBJECTS_DIR, RUNTIME_DIR
+from .options import FSPF_PATH, PACK_PATH, RUNTIME_DIR
 from .runtimelayer import SETTINGS_NAME
 
 
@@ -39,7 +39,7 @@ class Inspection:
     platform: str
     regions: list[str] = field(default_factory=list)
     plain: list[str] = field(default_factory=list)
-    protected_objects: int = 0
+    protected_bytes: int = 0
     runtime_version: str | None = None
     interpreter: dict[str, Any] = field(default_factory=dict)
     measurement: str | None = None
@@ -62,7 +62,7 @@ class Inspection:
             "platform": self.platform,
             "protected": self.regions,
             "plain": self.plain,
-            "protected_objects": self.protected_objects,
+            "protected_bytes": self.protected_bytes,
             "runtime": {"version": self.runtime_version, "interpreter": self.interpreter},
             "measurement": self.measurement,
             "measurement_recomputed": self.measurement_recomputed,
@@ -146,9 +146,9 @@ def _inspect_confidential(
         problems.append(
             f"label {LABEL_REGIONS} ({label_regions}) differs from {settings_path} ({regions})"
         )
-    objects = 0
-    if files.entry(OBJECTS_DIR) is not None:
-        objects = sum(1 for entry in files.walk(OBJECTS_DIR) if entry.type == "file")
+    pack = files.entry(PACK_PATH)
+    if pack is None:
+        problems.append(f"{PACK_PATH} is missing")
 
     recomputed = None
     if settings and files.entry(FSPF_PATH) is not None:
@@ -170,7 +170,7 @@ def _inspect_confidential(
         platform=platform,
         regions=regions,
         plain=[str(item) for item in json.loads(labels.get(LABEL_PLAIN, "[]"))],
-        protected_objects=objects,
+        protected_bytes=pack.size if pack is not None else 0,
         runtime_version=settings.get("runtime_version") or labels.get(LABEL_VERSION),
         interpreter=interpreter if isinstance(interpreter, dict) else {},
         measurement=label_measurement,

@@ -41,7 +41,7 @@ DEFAULT_DLOPEN = DLOPEN_DEFAULT
 ENCLAVIFY_DATA_DIR = "/.enclavify"
 RUNTIME_DIR = "/opt/enclavify"
 FSPF_PATH = ENCLAVIFY_DATA_DIR + "/fspf"
-OBJECTS_DIR = ENCLAVIFY_DATA_DIR + "/objects"
+PACK_PATH = ENCLAVIFY_DATA_DIR + "/pack"
 RESERVED_DIRS = (ENCLAVIFY_DATA_DIR, RUNTIME_DIR)
 # The container engine mounts kernel file systems here; their image content is never seen.
 KERNEL_DIRS = ("/proc", "/sys", "/dev")

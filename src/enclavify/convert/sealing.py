@@ -1,8 +1,8 @@
-"""The ciphertext layer: every protected entry sealed, objects streamed straight into the layer.
+"""The ciphertext layer: every protected entry sealed, the pack streamed straight into the layer.
 
 No plaintext touches the disk here: file content is read from the source image's layers,
-sealed chunk by chunk by :class:`enclavify.protect.Sealer`, and each object's chunks are
-written into the new layer as they are produced.
+sealed chunk by chunk by :class:`enclavify.protect.Sealer`, and the chunks are written into
+the new layer's pack as they are produced.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from enclavify.image import FileEntry, LayerWriter, MergedFilesystem
 from enclavify.progress import Task
 from enclavify.protect import CHUNK_SIZE, SealedVolume, Sealer, sealed_size
 
-from .options import ENCLAVIFY_DATA_DIR, FSPF_PATH, OBJECTS_DIR, is_within
+from .options import ENCLAVIFY_DATA_DIR, FSPF_PATH, PACK_PATH, is_within
 from .regions import Inventory
 
 # Added files carry a fixed time: the real one would only tell when the conversion ran.
 ADDED_MTIME = 0.0
 
 
-class ChunkStream(io.RawIOBase):
-    """A readable stream over an iterator of byte chunks, counting bytes into a progress task."""
+class _PackStream(io.RawIOBase):
+    """The pack as a readable stream over the sealer's chunks, counting bytes into a task."""
 
     def __init__(self, chunks: Iterable[bytes], task: Task | None = None) -> None:
         super().__init__()
@@ -48,6 +48,12 @@ class ChunkStream(io.RawIOBase):
         target[:count] = self._pending[:count]
         self._pending = self._pending[count:]
         return count
+
+    def at_end(self) -> bool:
+        """Return whether every chunk was read, running the iterator on to its end."""
+        if self._pending:
+            return False
+        return next(self._chunks, None) is None
 
 
 def sealed_total(
@@ -80,30 +86,12 @@ def write_sealed_layer(
 ) -> SealedVolume:
     """Seal the inventory into ``writer`` under ``/.enclavify`` and return the volume key and tag.
 
-    Files are sealed in a random order (``shuffle``, :class:`random.SystemRandom` by default) so
-    that the order of objects in the layer does not follow the sorted paths. Their sizes are
-    still visible (see docs/image-format.md).
+    The pack is one layer entry, streamed from the sealer as the layer writer reads it. Files
+    are sealed in a random order (``shuffle``, :class:`random.SystemRandom` by default); the
+    layer shows only the pack's total size, not those of the files in it.
     """
-
-    def write_object(name: str, size: int, chunks: Iterable[bytes]) -> None:
-        iterator = iter(chunks)
-        writer.add_file(
-            f"{OBJECTS_DIR}/{name}",
-            io.BufferedReader(ChunkStream(iterator, task), buffer_size=1 << 16),
-            size,
-            mode=0o444,
-            uid=0,
-            gid=0,
-            mtime=ADDED_MTIME,
-        )
-        # The layer took exactly `size` bytes. Running the iterator to its end lets the
-        # sealer check that the source file contained no more than it declared.
-        if next(iterator, None) is not None:
-            raise ProtectError(f"sealed object {name} is longer than its declared {size} bytes")
-
     writer.add_directory(ENCLAVIFY_DATA_DIR, mode=0o755, uid=0, gid=0, mtime=ADDED_MTIME)
-    writer.add_directory(OBJECTS_DIR, mode=0o755, uid=0, gid=0, mtime=ADDED_MTIME)
-    sealer = Sealer(list(regions), write_object)
+    sealer = Sealer(list(regions))
 
     files: list[FileEntry] = []
     links: list[FileEntry] = []
@@ -120,11 +108,42 @@ def write_sealed_layer(
             )
         else:
             links.append(entry)
-
     (shuffle or random.SystemRandom().shuffle)(files)
+
+    pack_size = sealed_total(filesystem, inventory, regions)
+    pack = _PackStream(_pack_chunks(sealer, filesystem, files, links, regions), task)
+    writer.add_file(
+        PACK_PATH,
+        io.BufferedReader(pack, buffer_size=1 << 16),
+        pack_size,
+        mode=0o444,
+        uid=0,
+        gid=0,
+        mtime=ADDED_MTIME,
+    )
+    # The layer took exactly `pack_size` bytes. Running the chunks to their end lets the
+    # sealer check that the last source file contained no more than it declared.
+    if not pack.at_end() or sealer.pack_size != pack_size:
+        raise ProtectError(
+            f"the sealed pack does not have the {pack_size} bytes its files declared"
+        )
+
+    volume = sealer.finish()
+    writer.add_bytes(FSPF_PATH, volume.fspf, mode=0o444, uid=0, gid=0, mtime=ADDED_MTIME)
+    return volume
+
+
+def _pack_chunks(
+    sealer: Sealer,
+    filesystem: MergedFilesystem,
+    files: list[FileEntry],
+    links: list[FileEntry],
+    regions: Sequence[str],
+) -> Iterator[bytes]:
+    """Seal ``files``, then ``links``, and yield the pack's chunks as they are made."""
     for entry in files:
         with filesystem.open(entry.path) as stream:
-            sealer.add_file(
+            yield from sealer.seal_file(
                 entry.path,
                 stream,
                 entry.size,
@@ -152,7 +171,7 @@ def write_sealed_layer(
         if target_entry is None or target_entry.type != "file":
             raise _dangling_hardlink(entry)
         with filesystem.open(target) as stream:
-            sealer.add_file(
+            yield from sealer.seal_file(
                 entry.path,
                 stream,
                 target_entry.size,
@@ -161,10 +180,6 @@ def write_sealed_layer(
                 gid=target_entry.gid,
                 mtime=target_entry.mtime,
             )
-
-    volume = sealer.finish()
-    writer.add_bytes(FSPF_PATH, volume.fspf, mode=0o444, uid=0, gid=0, mtime=ADDED_MTIME)
-    return volume
 
 
 def _dangling_hardlink(entry: FileEntry) -> Exception:

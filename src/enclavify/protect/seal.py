@@ -1,9 +1,9 @@
-"""Sealing: turn files into ciphertext objects and an fspf (format in :mod:`.format`).
+"""Sealing: turn files into a pack of ciphertext objects and an fspf (format in :mod:`.format`).
 
 :class:`Sealer` takes entries one at a time from any source, such as a directory tree or the
-merged view of an image. It hands each file's object to a caller-supplied writer as an
-iterator of sealed chunks, so no file is ever held in memory whole. :func:`seal_tree` seals
-parts of a directory tree into ``output/fspf`` and ``output/objects/``.
+merged view of an image. Each file's object is the next part of the pack, produced one sealed
+chunk at a time, so no file is ever held in memory whole. :func:`seal_tree` seals parts of a
+directory tree into ``output/fspf`` and ``output/pack``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -24,11 +24,12 @@ from enclavify.protect.format import (
     CHUNK_SIZE,
     FILE_ID_SIZE,
     FSPF_HEADER,
+    FSPF_NAME,
     KEY_SIZE,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     NONCE_SIZE,
-    OBJECT_NAME_SIZE,
+    PACK_NAME,
     TAG_SIZE,
     Entry,
     Manifest,
@@ -44,9 +45,9 @@ from enclavify.protect.format import (
 
 log = logging.getLogger(__name__)
 
-WriteObject = Callable[[str, int, Iterable[bytes]], None]
+WritePack = Callable[[bytes], object]
 
-# Buffer size for writing objects in seal_tree: large writes keep syscalls off the profile.
+# Buffer size for writing the pack in seal_tree: large writes keep syscalls off the profile.
 _WRITE_BUFFER = 1 << 20
 
 
@@ -63,14 +64,14 @@ class SealedVolume:
 
 
 class Sealer:
-    """Seal entries of the protected ``regions`` into objects and, at :meth:`finish`, an fspf.
+    """Seal entries of the protected ``regions`` into a pack and, at :meth:`finish`, an fspf.
 
-    ``write_object(name, size, chunks)`` is called once per regular file with the object's
-    random hex name, its exact size in bytes and an iterator over its sealed chunks. It must
-    consume the iterator to the end. ``randbytes`` supplies every key, id, nonce and object
-    name, so tests can make sealing deterministic.
+    Each regular file's object is the next part of the pack. :meth:`add_file` passes its
+    sealed chunks to ``write`` as they are made; :meth:`seal_file` returns them as an iterator
+    instead, for a caller that reads the pack as a stream. ``randbytes`` supplies every key,
+    id and nonce, so tests can make sealing deterministic.
 
-    Raises (from every ``add_*``):
+    Raises (from every ``add_*`` and :meth:`seal_file`):
         ProtectError: the path is not absolute and normalized, lies outside every region,
             was added before, or the file's stream does not hold exactly ``size`` bytes.
     """
@@ -78,7 +79,7 @@ class Sealer:
     def __init__(
         self,
         regions: Sequence[str],
-        write_object: WriteObject,
+        write: WritePack | None = None,
         *,
         chunk_size: int = CHUNK_SIZE,
         randbytes: Callable[[int], bytes] = os.urandom,
@@ -90,17 +91,29 @@ class Sealer:
         self._regions = tuple(check_path(region, "region") for region in regions)
         if not self._regions:
             raise ProtectError("no protected region given")
-        self._write_object = write_object
+        self._write = write
         self._chunk_size = chunk_size
         self._randbytes = randbytes
         self._entries: list[Entry] = []
         self._kinds: dict[str, str] = {}
-        self._objects: set[str] = set()
+        self._pack_size = 0
+        # The path of a file whose chunks seal_file() is still producing, if any.
+        self._sealing: str | None = None
         self._finished = False
 
-    def _admit(self, path: str) -> str:
+    @property
+    def pack_size(self) -> int:
+        """The bytes of the objects sealed so far."""
+        return self._pack_size
+
+    def _check_open(self) -> None:
         if self._finished:
             raise RuntimeError("Sealer.finish() was already called")
+        if self._sealing is not None:
+            raise RuntimeError(f"the object of {self._sealing!r} was not read to its end")
+
+    def _admit(self, path: str) -> str:
+        self._check_open()
         check_path(path)
         if region_of(path, self._regions) is None:
             raise ProtectError(
@@ -163,52 +176,51 @@ class Sealer:
     ) -> None:
         """Seal a regular file of ``size`` bytes read from ``stream`` and record it.
 
-        Calls ``write_object`` once while reading ``stream`` one chunk at a time.
+        Passes the object to the ``write`` given at construction, one sealed chunk at a time.
+        """
+        if self._write is None:
+            raise RuntimeError("this Sealer has no pack writer; use seal_file()")
+        for chunk in self.seal_file(path, stream, size, mode=mode, uid=uid, gid=gid, mtime=mtime):
+            self._write(chunk)
+
+    def seal_file(
+        self,
+        path: str,
+        stream: BinaryIO,
+        size: int,
+        *,
+        mode: int,
+        uid: int,
+        gid: int,
+        mtime: float,
+    ) -> Iterator[bytes]:
+        """Return the sealed chunks of a regular file of ``size`` bytes read from ``stream``.
+
+        They are the next object of the pack. The file is recorded when the iterator ends,
+        and it must be run to its end before anything else is added.
         """
         self._admit(path)
         if size < 0:
             raise ProtectError(f"file {path!r} has a negative size {size}")
         check_metadata(repr(path), mode=stat.S_IMODE(mode), uid=uid, gid=gid, mtime=mtime)
-        key = self._random(KEY_SIZE)
-        file_id = self._random(FILE_ID_SIZE)
-        name = self._random(OBJECT_NAME_SIZE).hex()
-        if name in self._objects:
-            raise RuntimeError("randbytes repeated an object name")
-        state = {"done": False}
-        chunks = self._seal_chunks(
-            path, stream=stream, size=size, key=key, file_id=file_id, state=state
+        entry = Entry(
+            type="file",
+            path=path,
+            mode=stat.S_IMODE(mode),
+            uid=uid,
+            gid=gid,
+            mtime=mtime,
+            size=size,
+            offset=self._pack_size,
+            key=self._random(KEY_SIZE),
+            file_id=self._random(FILE_ID_SIZE),
         )
-        self._write_object(name, sealed_size(size, self._chunk_size), chunks)
-        if not state["done"]:
-            raise ProtectError(f"the object writer did not consume the whole object of {path!r}")
-        self._objects.add(name)
-        self._record(
-            Entry(
-                type="file",
-                path=path,
-                mode=stat.S_IMODE(mode),
-                uid=uid,
-                gid=gid,
-                mtime=mtime,
-                size=size,
-                object=name,
-                key=key,
-                file_id=file_id,
-            )
-        )
-        log.debug("sealed %s (%d bytes) as object %s", path, size, name)
+        self._sealing = path
+        return self._seal_chunks(entry, stream)
 
-    def _seal_chunks(
-        self,
-        path: str,
-        *,
-        stream: BinaryIO,
-        size: int,
-        key: bytes,
-        file_id: bytes,
-        state: dict[str, bool],
-    ) -> Iterator[bytes]:
-        cipher = crypto.AesGcm(key)
+    def _seal_chunks(self, entry: Entry, stream: BinaryIO) -> Iterator[bytes]:
+        cipher = crypto.AesGcm(entry.key)
+        size = entry.size
         count = chunk_count(size, self._chunk_size)
         remaining = size
         for index in range(count):
@@ -216,20 +228,24 @@ class Sealer:
             plaintext = read_exactly(stream.read, want)
             if len(plaintext) != want:
                 raise ProtectError(
-                    f"file {path!r} ended after {size - remaining + len(plaintext)} bytes, "
-                    f"expected {size}"
+                    f"file {entry.path!r} ended after {size - remaining + len(plaintext)} "
+                    f"bytes, expected {size}"
                 )
             remaining -= want
             last = index == count - 1
-            yield cipher.encrypt(chunk_nonce(index), plaintext, chunk_aad(file_id, index, last))
+            yield cipher.encrypt(
+                chunk_nonce(index), plaintext, chunk_aad(entry.file_id, index, last)
+            )
         if stream.read(1):
-            raise ProtectError(f"file {path!r} is longer than the expected {size} bytes")
-        state["done"] = True
+            raise ProtectError(f"file {entry.path!r} is longer than the expected {size} bytes")
+        self._sealing = None
+        self._pack_size += sealed_size(size, self._chunk_size)
+        self._record(entry)
+        log.debug("sealed %s (%d bytes) at offset %d of the pack", entry.path, size, entry.offset)
 
     def finish(self) -> SealedVolume:
         """Encrypt the manifest under a fresh volume key and return the fspf with key and tag."""
-        if self._finished:
-            raise RuntimeError("Sealer.finish() was already called")
+        self._check_open()
         self._finished = True
         manifest = Manifest(
             regions=self._regions, entries=tuple(self._entries), chunk_size=self._chunk_size
@@ -286,7 +302,7 @@ class _TreeWalker:
 
 
 def seal_tree(root: Path, regions: Sequence[str], output: Path) -> SealedVolume:
-    """Seal ``root/<region>`` for every region into ``output/fspf`` and ``output/objects/``.
+    """Seal ``root/<region>`` for every region into ``output/fspf`` and ``output/pack``.
 
     Paths in the fspf are absolute below ``root`` (``root/app/x`` is ``/app/x``). ``output``
     must not exist; it is built next to itself and renamed into place when complete, so a
@@ -316,25 +332,13 @@ def seal_tree(root: Path, regions: Sequence[str], output: Path) -> SealedVolume:
         # mkdtemp makes the directory private; the output holds only ciphertext and is meant
         # to be copied into an image layer.
         staging.chmod(0o755)
-        objects = staging / "objects"
-        objects.mkdir()
-
-        def write_object(name: str, size: int, chunks: Iterable[bytes]) -> None:
-            written = 0
-            destination = objects / name
-            with open(destination, "xb", buffering=_WRITE_BUFFER) as sink:
-                for chunk in chunks:
-                    sink.write(chunk)
-                    written += len(chunk)
-            if written != size:
-                raise ProtectError(f"object {name} has {written} bytes, expected {size}")
-
-        sealer = Sealer(checked, write_object)
-        walker = _TreeWalker(root, sealer)
-        for region in checked:
-            walker.add(region, str(root / region.lstrip("/")))
+        with open(staging / PACK_NAME, "xb", buffering=_WRITE_BUFFER) as pack:
+            sealer = Sealer(checked, pack.write)
+            walker = _TreeWalker(root, sealer)
+            for region in checked:
+                walker.add(region, str(root / region.lstrip("/")))
         volume = sealer.finish()
-        (staging / "fspf").write_bytes(volume.fspf)
+        (staging / FSPF_NAME).write_bytes(volume.fspf)
         os.rename(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

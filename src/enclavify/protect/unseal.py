@@ -1,17 +1,18 @@
 """Unsealing: verify an fspf and restore the protected files it describes.
 
 :func:`open_fspf` checks the fspf against the volume key and the expected tag before
-anything else is read. :func:`unseal_tree` then restores every entry below a target root.
-A file of up to 1 MiB is decrypted and verified whole in memory before its name is created
-with ``O_EXCL``. A longer one is decrypted into a temporary file next to its destination and
-renamed into place only after every chunk verified. Either way a tampered object leaves no
-plaintext of that file. With many files and more than one CPU, forked children restore
-part of them.
+anything else is read. :func:`unseal_tree` then checks that the pack holds exactly the
+objects the manifest lists, and restores every entry below a target root. A file of up to
+1 MiB is decrypted and verified whole in memory before its name is created with ``O_EXCL``.
+A longer one is decrypted into a temporary file next to its destination and renamed into
+place only after every chunk verified. Either way a tampered object leaves no plaintext of
+that file. With many files and more than one CPU, forked children restore part of them.
 
-This runs at every confidential start, so it keeps system calls few. Files are restored
-grouped by directory. While the umask is 0, a new entry is created with its final permission
-bits, and when the kernel already gives it the right owner it needs no chown or chmod. Below a
-directory with a default ACL or the set-group-ID bit, owner and mode are set explicitly.
+This runs at every confidential start, so it keeps system calls few: one read of the pack for
+each file, and files restored grouped by directory. While the umask is 0, a new entry is
+created with its final permission bits, and when the kernel already gives it the right owner
+it needs no chown or chmod. Below a directory with a default ACL or the set-group-ID bit,
+owner and mode are set explicitly.
 
 The manifest may come from a hostile source that has the key, so writing never follows a
 symlink: every directory is opened relative to its parent with ``O_NOFOLLOW``, and entries are
@@ -36,7 +37,9 @@ from collections.abc import Callable, Iterator
 from enclavify import crypto
 from enclavify.errors import IntegrityError, ProtectError
 from enclavify.protect.format import (
+    FSPF_NAME,
     KEY_SIZE,
+    PACK_NAME,
     TAG_SIZE,
     Entry,
     Manifest,
@@ -56,9 +59,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK so that a FIFO planted in place of an object cannot block the open (tested in
+# O_NONBLOCK so that a FIFO planted in place of the pack cannot block the open (tested in
 # tests/protect/test_tampering.py).
-_OBJECT_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_PACK_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # O_EXCL makes the kernel refuse any existing entry, a symlink included.
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
@@ -118,16 +121,17 @@ def open_fspf(data: bytes, key: bytes, tag: bytes, *, name: str = "fspf") -> Man
 def unseal_tree(sealed: _PathText, key: bytes, tag: bytes, target_root: _PathText) -> Manifest:
     """Verify ``sealed/fspf`` and restore its entries at ``target_root/<path>``.
 
-    ``sealed`` contains ``fspf`` and ``objects/``. Owners are restored only when running as
+    ``sealed`` contains ``fspf`` and ``pack``. Owners are restored only when running as
     root. Modes and mtimes are restored, those of directories after their contents.
 
     Raises:
-        IntegrityError: the fspf or a file's object failed verification; the message names
-            the fspf or the file's path. No plaintext of that file is left behind.
+        IntegrityError: the fspf, the pack or a file's object failed verification; the
+            message names the fspf, the pack or the file's path. No plaintext of that file is
+            left behind, and nothing at all when the fspf or the pack as a whole is rejected.
         ProtectError: the fspf is malformed, or an entry cannot be restored (for example a
             symlink or a non-directory is where a directory is needed).
     """
-    fspf_path = os.path.join(sealed, "fspf")
+    fspf_path = os.path.join(sealed, FSPF_NAME)
     try:
         with open(fspf_path, "rb") as stream:
             data = stream.read()
@@ -135,7 +139,7 @@ def unseal_tree(sealed: _PathText, key: bytes, tag: bytes, target_root: _PathTex
         raise ProtectError(f"cannot read {fspf_path!r}: {exc.strerror}") from exc
     manifest = open_fspf(data, key, tag, name=fspf_path)
     log.debug("fspf %s verified: %d entries", fspf_path, len(manifest.entries))
-    with _Restorer(os.fspath(target_root), os.path.join(sealed, "objects"), manifest) as restorer:
+    with _Restorer(os.fspath(target_root), os.path.join(sealed, PACK_NAME), manifest) as restorer:
         restorer.restore()
     return manifest
 
@@ -158,7 +162,7 @@ class _Directory:
 
 
 class _Restorer:
-    def __init__(self, target_root: str, objects: str, manifest: Manifest) -> None:
+    def __init__(self, target_root: str, pack: str, manifest: Manifest) -> None:
         self._manifest = manifest
         self._chunk_size = manifest.chunk_size
         self._euid = os.geteuid()
@@ -166,7 +170,7 @@ class _Restorer:
         self._as_root = self._euid == 0
         # Open directories below the target root by path; files arrive grouped by directory.
         self._dirs: OrderedDict[str, _Directory] = OrderedDict()
-        self._objects_fd = -1
+        self._pack_fd = -1
         # Files of up to this many chunks are decrypted whole in memory; longer ones in
         # segments of this many chunks.
         self._segment_chunks = max(1, _SEGMENT // manifest.chunk_size)
@@ -189,10 +193,14 @@ class _Restorer:
         self._root = _Directory(root_fd, None, 0)
         try:
             self._root = self._describe(root_fd)
-            self._objects_fd = os.open(objects, _DIR_FLAGS)
         except OSError as exc:
             self.close()
-            raise ProtectError(f"cannot open {objects!r}: {exc.strerror}") from exc
+            raise ProtectError(f"cannot inspect {target_root!r}: {exc.strerror}") from exc
+        try:
+            self._open_pack(pack)
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> _Restorer:
         return self
@@ -204,10 +212,41 @@ class _Restorer:
         for directory in self._dirs.values():
             os.close(directory.fd)
         self._dirs.clear()
-        for fd in (self._root.fd, self._objects_fd):
+        for fd in (self._root.fd, self._pack_fd):
             if fd >= 0:
                 os.close(fd)
-        self._root.fd = self._objects_fd = -1
+        self._root.fd = self._pack_fd = -1
+
+    def _open_pack(self, pack: str) -> None:
+        """Open the pack and check that its size is that of the manifest's objects.
+
+        A pack of the wrong size is rejected before anything is restored, naming the first
+        file whose object does not verify where the manifest puts it.
+        """
+        try:
+            self._pack_fd = os.open(pack, _PACK_FLAGS)
+            status = os.fstat(self._pack_fd)
+        except OSError as exc:
+            raise IntegrityError(f"pack {pack!r} failed verification: {exc.strerror}") from None
+        # Checked before reading, so a device planted as the pack is never read.
+        if not stat.S_ISREG(status.st_mode):
+            raise IntegrityError(f"pack {pack!r} failed verification: not a regular file")
+        expected = self._manifest.pack_size()
+        if status.st_size == expected:
+            return
+        # Something was cut out, inserted or appended: find the first file it broke.
+        self._plain_buffer, self._sealed_buffer = _buffers(
+            self._segment_chunks * self._chunk_size, self._segment_chunks
+        )
+        for entry in self._manifest.entries:
+            if entry.type == "file":
+                cipher = crypto.AesGcm(entry.key, backend=self._backend)
+                for _ in self._segments(cipher, entry, chunk_count(entry.size, self._chunk_size)):
+                    pass
+        raise IntegrityError(
+            f"pack {pack!r} failed verification: it has {status.st_size} bytes, "
+            f"its objects {expected}"
+        )
 
     def _describe(self, fd: int) -> _Directory:
         """Return a :class:`_Directory` for the open directory ``fd``."""
@@ -403,10 +442,10 @@ class _Restorer:
         # Buffers for the largest segment of these files, made once: a buffer is filled with
         # zeros when made, and growing it file by file costs more.
         largest = max((entry.size for _, _, entry in files), default=0)
-        capacity = min(largest, self._segment_chunks * self._chunk_size)
-        chunks = min(self._segment_chunks, chunk_count(largest, self._chunk_size))
-        self._plain_buffer = memoryview(bytearray(capacity))
-        self._sealed_buffer = memoryview(bytearray(capacity + chunks * TAG_SIZE))
+        self._plain_buffer, self._sealed_buffer = _buffers(
+            min(largest, self._segment_chunks * self._chunk_size),
+            min(self._segment_chunks, chunk_count(largest, self._chunk_size)),
+        )
         current = None
         directory = self._root
         for parent, name, entry in files:
@@ -486,32 +525,13 @@ class _Restorer:
     def _restore_file(self, directory: _Directory, name: str, entry: Entry) -> None:
         """Decrypt the object of ``entry`` into ``name`` in ``directory``."""
         count = chunk_count(entry.size, self._chunk_size)
-        try:
-            source = os.open(entry.object, _OBJECT_FLAGS, dir_fd=self._objects_fd)
-        except OSError:
-            raise _failed(entry) from None
-        try:
-            status = os.fstat(source)
-            # Checked before reading, so a device planted as an object is never read.
-            if not stat.S_ISREG(status.st_mode):
-                raise IntegrityError(
-                    f"protected file {entry.path!r} failed verification:"
-                    " its object is not a regular file"
-                )
-            # Exactly the sealed size is read later. Should the object grow meanwhile, the
-            # rest is ignored, because the chunks read verify only if they are the sealed
-            # ones with the last marked as last.
-            if status.st_size != entry.size + count * TAG_SIZE:
-                raise _failed(entry)
-            cipher = crypto.AesGcm(entry.key, backend=self._backend)
-            if count > self._segment_chunks:
-                segments = self._segments(source, cipher, entry, count)
-                self._write_replacing(directory.fd, name, entry, segments)
-                return
-            # The whole file is verified in memory before its name is created.
-            plain = self._decrypt_segment(source, cipher, entry, 0, count)
-        finally:
-            os.close(source)
+        cipher = crypto.AesGcm(entry.key, backend=self._backend)
+        if count > self._segment_chunks:
+            segments = self._segments(cipher, entry, count)
+            self._write_replacing(directory.fd, name, entry, segments)
+            return
+        # The whole file is verified in memory before its name is created.
+        plain = self._decrypt_segment(cipher, entry, 0, count)
         if not self._write_new(directory, name, entry, plain):
             self._write_replacing(directory.fd, name, entry, iter((plain,)))
 
@@ -576,17 +596,15 @@ class _Restorer:
                 os.unlink(temporary, dir_fd=parent)
             raise
 
-    def _segments(
-        self, source: int, cipher: crypto.AesGcm, entry: Entry, count: int
-    ) -> Iterator[memoryview]:
+    def _segments(self, cipher: crypto.AesGcm, entry: Entry, count: int) -> Iterator[memoryview]:
         step = self._segment_chunks
         for first in range(0, count, step):
-            yield self._decrypt_segment(source, cipher, entry, first, min(count, first + step))
+            yield self._decrypt_segment(cipher, entry, first, min(count, first + step))
 
     def _decrypt_segment(
-        self, source: int, cipher: crypto.AesGcm, entry: Entry, first: int, end: int
+        self, cipher: crypto.AesGcm, entry: Entry, first: int, end: int
     ) -> memoryview:
-        """Read, verify and decrypt chunks ``first`` to ``end - 1`` of the object ``source``.
+        """Read, verify and decrypt chunks ``first`` to ``end - 1`` of the object of ``entry``.
 
         Returns a view of this process's plaintext buffer, valid until the next call.
         """
@@ -596,10 +614,12 @@ class _Restorer:
         sealed_size = plain_size + (end - first) * TAG_SIZE
         sealed = self._sealed_buffer
         plain = self._plain_buffer
-        # One call reads a regular file whole; only a short read needs more.
-        got = os.readv(source, [sealed[:sealed_size]])
+        # One call reads the segment from the pack; only a short read needs more. Reading at
+        # an offset leaves the descriptor's position alone, so forked children share it.
+        position = entry.offset + first * (chunk_size + TAG_SIZE)
+        got = os.preadv(self._pack_fd, [sealed[:sealed_size]], position)
         if got < sealed_size:
-            got += _read_into(source, sealed[got:sealed_size])
+            got += _read_at(self._pack_fd, sealed[got:sealed_size], position + got)
         if got != sealed_size:
             raise _failed(entry)
         file_id = entry.file_id
@@ -709,12 +729,20 @@ def _failed(entry: Entry) -> IntegrityError:
     return IntegrityError(f"protected file {entry.path!r} failed verification")
 
 
-def _read_into(fd: int, buffer: memoryview) -> int:
-    """Fill ``buffer`` from ``fd`` until it is full or the file ends; return the bytes read."""
-    filled = os.readv(fd, [buffer])
+def _buffers(plain_size: int, chunks: int) -> tuple[memoryview, memoryview]:
+    """Return a plaintext buffer of ``plain_size`` bytes and one for its ``chunks`` sealed."""
+    return memoryview(bytearray(plain_size)), memoryview(bytearray(plain_size + chunks * TAG_SIZE))
+
+
+def _read_at(fd: int, buffer: memoryview, position: int) -> int:
+    """Fill ``buffer`` from ``fd`` at ``position`` until it is full or the file ends.
+
+    Returns the bytes read.
+    """
+    filled = 0
     total = len(buffer)
     while filled < total:
-        count = os.readv(fd, [buffer[filled:]])
+        count = os.preadv(fd, [buffer[filled:]], position + filled)
         if not count:
             break
         filled += count
