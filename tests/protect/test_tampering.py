@@ -295,8 +295,13 @@ def test_any_flipped_bit_is_rejected(
 
 
 @pytest.fixture
-def many_sealed(tmp_path: Path) -> Sealed:
-    """Enough files that the unsealer shares them with a forked child (the last go there)."""
+def many_sealed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sealed:
+    """Enough files that the unsealer shares them with a forked child (the last go there).
+
+    The tree is about 7 MiB of estimated work, less than a child's estimated extra cost, so
+    that estimate is lowered here to make the unsealer fork for it.
+    """
+    monkeypatch.setattr(unseal, "_CHILD_COST", 1 << 20)
     source = tmp_path / "source"
     for index in range(120):
         directory = source / "app" / f"d{index // 10:02d}"
@@ -344,6 +349,17 @@ def _assert_all_restored(many_sealed: Sealed) -> None:
         relative = f"app/d{index // 10:02d}/f{index:03d}"
         restored = (many_sealed.target / relative).read_bytes()
         assert restored == (many_sealed.source / relative).read_bytes()
+
+
+def test_tree_smaller_than_a_childs_cost_is_unsealed_without_forking(
+    many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unseal, "_CHILD_COST", 12 << 20)
+
+    forks = _unseal_counting_forks(many_sealed, monkeypatch)
+
+    assert forks == []
+    _assert_all_restored(many_sealed)
 
 
 def test_many_files_unseal_alike_in_both_processes(
