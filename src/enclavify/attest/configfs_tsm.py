@@ -11,12 +11,12 @@ This module is carried into confidential images: standard library and Python 3.8
 
 from __future__ import annotations
 
-import logging
 import os
 
+from enclavify import logs
 from enclavify.values import Value
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 REPORT_DIRECTORY = "/sys/kernel/config/tsm/report"
 ATTEMPTS = 5

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import os
 
+from enclavify import logs
 from enclavify.attest import configfs_tsm, devices
 from enclavify.errors import LaunchError
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 REPORT_DATA_SIZE = 64
 

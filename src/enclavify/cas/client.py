@@ -21,7 +21,6 @@ import base64
 import binascii
 import hashlib
 import json
-import logging
 import re
 import select
 import socket
@@ -30,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from enclavify import crypto
+from enclavify import crypto, logs
 from enclavify.attest import report_data as report_data_module
 from enclavify.errors import CasError, CasRejected
 from enclavify.values import Value
@@ -39,7 +38,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs about 2 ms at every container start
     from typing import Any
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 DEFAULT_PORT = 8081
 CONFIG_INFO = b"enclavify-config-v1"

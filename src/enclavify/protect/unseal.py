@@ -28,13 +28,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hmac
-import logging
 import os
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
-from enclavify import crypto
+from enclavify import crypto, logs
 from enclavify.errors import IntegrityError, ProtectError
 from enclavify.protect.format import (
     FSPF_NAME,
@@ -56,7 +55,7 @@ if TYPE_CHECKING:
 
     _PathText = str | PathLike[str]
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK so that a FIFO planted in place of the pack cannot block the open (tested in

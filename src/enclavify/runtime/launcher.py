@@ -25,12 +25,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 import os
 import posixpath
 import stat
 import sys
 
+from enclavify import logs
 from enclavify.errors import Error, LaunchError
 from enclavify.protect.unseal import unseal_tree
 from enclavify.runtime import libcrypto, mounts
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     # Paths are plain strings here: pathlib costs about 3 ms at every container start.
     _PathText = str | PathLike[str]
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 INSECURE_CONFIG_VARIABLE = "ENCLAVIFY_INSECURE_CONFIG_FILE"
 CAS_ADDRESS_VARIABLES = ("ENCLAVIFY_CAS_ADDR", "SCONE_CAS_ADDR")
@@ -522,7 +522,7 @@ def main(
     ``pending`` is a measurement already started for ``run``.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    _configure_logging(os.environ.get("ENCLAVIFY_LOG_LEVEL", "warning"))
+    logs.to_stderr(os.environ.get("ENCLAVIFY_LOG_LEVEL", "warning"))
     command = args[0] if args else "run"
     log.debug("launcher started: %s", command)
     try:
@@ -545,11 +545,3 @@ def main(
     except KeyboardInterrupt:
         return 130
 
-
-def _configure_logging(level_name: str) -> None:
-    level = getattr(logging, level_name.upper(), logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level if isinstance(level, int) else logging.WARNING)

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import os
 import struct
 
+from enclavify import logs
 from enclavify.errors import LaunchError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs about 2 ms at every container start
     from typing import List, Optional, Tuple
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
 _TMPFS_MAGIC = 0x01021994
