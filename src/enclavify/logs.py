@@ -5,8 +5,8 @@ traceback and tokenize modules it pulls in, which the launcher never needs. So t
 modules take their logger from :func:`get_logger`. Outside a confidential image (the
 converter, the CAS, the tests) each call is handed to ``logging.getLogger(name)``, so
 handlers, levels and pytest's ``caplog`` work as usual. The launcher calls :func:`to_stderr`
-first; from then on a record at or above the level goes straight to stderr as
-``LEVEL name: message``, the format of the handler this replaced.
+first. From then on a record at or above the level goes straight to stderr as
+``LEVEL name: message``, the format the launcher's logging handler used before.
 
 This module is carried into confidential images: standard library only, Python 3.8 syntax.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # the point of this module is not to import logging in the launcher
+if TYPE_CHECKING:  # for annotations only: the launcher must not import logging
     import logging
 
 DEBUG = 10
