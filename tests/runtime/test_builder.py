@@ -63,7 +63,10 @@ def test_host_runtime_layout(host_runtime: tuple[Path, RuntimeInfo]) -> None:
         "/opt/enclavify/lib",
         "/opt/enclavify/bin/python3",
     ]
-    assert info.entrypoint[4:] == ["-I", "-S", "-B", "-m", "enclavify.runtime", "run"]
+    assert info.entrypoint[4:] == [
+        "-I", "-S", "-B", f"{info.stdlib}/enclavify/runtime/__main__.py", "run"
+    ]
+    assert (runtime / "lib" / Path(info.stdlib).name / "enclavify/runtime/__main__.py").is_file()
     files = [p for p in runtime.rglob("*") if p.is_file() and not p.is_symlink()]
     assert info.files == len(files)
     assert info.size == sum(p.stat().st_size for p in files)

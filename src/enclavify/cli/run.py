@@ -1,8 +1,8 @@
 """`enclavify run`: the launcher of a confidential image, started from the command line.
 
-Inside an image the entrypoint runs ``python -m enclavify.runtime run`` on the carried
-interpreter; this front end runs the same code from an installed enclavify, which is useful
-for tests and for checking a runtime directory's measurement.
+Inside an image the entrypoint runs the carried ``enclavify/runtime/__main__.py run`` on the
+carried interpreter. This front end runs the same code from an installed enclavify, which is
+useful for tests and for checking a runtime directory's measurement.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""``python -m enclavify.runtime run``: the entrypoint of a confidential image."""
+"""The entrypoint of a confidential image: ``python3 .../enclavify/runtime/__main__.py run``.
+
+The image runs this file by its path rather than with ``-m enclavify.runtime``, which would
+import runpy first. ``python -m enclavify.runtime`` works as well.
+"""
 
 from __future__ import annotations
 

@@ -517,7 +517,7 @@ def launch(
 def main(
     argv: Optional[Sequence[str]] = None, pending: Optional[PendingMeasurement] = None
 ) -> int:
-    """Entry point of ``python -m enclavify.runtime``: ``run`` or ``measure``.
+    """Run the launcher command in ``argv``: ``run`` (the default) or ``measure``.
 
     ``pending`` is a measurement already started for ``run``.
     """
