@@ -113,6 +113,60 @@ def test_decrypt_into_zeroes_output_on_failure(backend: str) -> None:
         cipher.decrypt_into(bytes(12), sealed, b"", bytearray(3))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [0, 1, 4096, 70000])
+def test_decrypt_between_fills_buffer_range(backend: str, size: int) -> None:
+    cipher = crypto.AesGcm(os.urandom(32), backend=backend)
+    plaintext = os.urandom(size)
+    sealed = bytearray(3) + bytearray(cipher.encrypt(bytes(12), plaintext, b"aad")) + bytearray(2)
+    buffers = crypto.Buffers(sealed, bytearray(size + 10), backend=backend)
+
+    cipher.decrypt_between(
+        bytes(12), b"aad", buffers, sealed_offset=3, size=size, plain_offset=5
+    )
+
+    assert bytes(buffers.plain) == bytes(5) + plaintext + bytes(5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decrypt_between_zeroes_output_on_failure(backend: str) -> None:
+    cipher = crypto.AesGcm(os.urandom(32), backend=backend)
+    sealed = bytearray(cipher.encrypt(bytes(12), b"secret text" * 100, b""))
+    sealed[-1] ^= 1
+    size = len(sealed) - 16
+    buffers = crypto.Buffers(sealed, bytearray(size), backend=backend)
+
+    with pytest.raises(crypto.AuthenticationError):
+        cipher.decrypt_between(bytes(12), b"", buffers, sealed_offset=0, size=size, plain_offset=0)
+    assert bytes(buffers.plain) == bytes(size)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("sealed_offset", "size", "plain_offset"),
+    [(1, 100, 0), (0, 101, 0), (0, 100, 1), (-1, 10, 0), (0, 10, -1), (0, -1, 0)],
+)
+def test_decrypt_between_rejects_ranges_outside_buffers(
+    backend: str, sealed_offset: int, size: int, plain_offset: int
+) -> None:
+    # With libcrypto the ranges become raw addresses, so a range past a buffer's end must
+    # never reach the library.
+    cipher = crypto.AesGcm(os.urandom(32), backend=backend)
+    buffers = crypto.Buffers(bytearray(116), bytearray(100), backend=backend)
+
+    with pytest.raises(ValueError, match="do not fit the buffers"):
+        cipher.decrypt_between(
+            bytes(12), b"", buffers, sealed_offset=sealed_offset, size=size,
+            plain_offset=plain_offset,
+        )
+    assert bytes(buffers.plain) == bytes(100)
+
+
+def test_empty_decryption_buffers_are_rejected() -> None:
+    with pytest.raises(ValueError, match="must not be empty"):
+        crypto.Buffers(bytearray(16), bytearray())
+
+
 def test_libcrypto_ciphers_keep_own_keys() -> None:
     first = libcrypto.AesGcm(os.urandom(32))
     second = libcrypto.AesGcm(os.urandom(32))

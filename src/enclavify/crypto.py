@@ -61,6 +61,9 @@ class _CryptographyBackend:
     def aes_gcm(self, key: bytes) -> Any:
         return _BackendAesGcm(self._aesgcm(bytes(key)), self._invalid_tag)
 
+    def pin(self, buffer: bytearray) -> None:
+        return None  # pyca/cryptography takes buffers, not addresses
+
     def x25519_generate(self) -> tuple[bytes, bytes]:
         s = self._serialization
         private = self._x25519.X25519PrivateKey.generate()
@@ -88,6 +91,26 @@ class _BackendAesGcm:
     def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
         try:
             return self._cipher.decrypt(nonce, data, aad)  # type: ignore[no-any-return]
+        except self._tag_failure:
+            raise AuthenticationError() from None
+
+    def decrypt_between(
+        self, nonce: bytes, aad: bytes, buffers: Buffers, *, sealed_offset: int, size: int,
+        plain_offset: int,
+    ) -> None:
+        if buffers.addresses is None:
+            self.decrypt_into(
+                nonce,
+                buffers.sealed[sealed_offset : sealed_offset + size + TAG_SIZE],
+                aad,
+                buffers.plain[plain_offset : plain_offset + size],
+            )
+            return
+        sealed_address, plain_address = buffers.addresses
+        try:
+            self._cipher.decrypt_at(
+                nonce, sealed_address + sealed_offset, size, aad, plain_address + plain_offset
+            )
         except self._tag_failure:
             raise AuthenticationError() from None
 
@@ -120,6 +143,9 @@ class _LibcryptoBackend:
     def aes_gcm(self, key: bytes) -> Any:
         return _BackendAesGcm(self._module.AesGcm(key, self._lib), self._module.TagMismatchError)
 
+    def pin(self, buffer: bytearray) -> tuple[Any, int]:
+        return self._module.pin(buffer)
+
     def x25519_generate(self) -> tuple[bytes, bytes]:
         return self._module.x25519_generate(self._lib)
 
@@ -138,6 +164,10 @@ _selected: dict[str, str | None] = {"name": None}
 
 
 def _instance(name: str) -> Any:
+    # Without the lock when the backend is loaded already: every cipher asks for it.
+    loaded = _instances.get(name)
+    if loaded is not None:
+        return loaded
     with _lock:
         if name in _instances:
             return _instances[name]
@@ -245,6 +275,57 @@ class AesGcm:
         if target.nbytes != source.nbytes - TAG_SIZE:
             raise ValueError(f"the output buffer must hold {source.nbytes - TAG_SIZE} bytes")
         self._cipher.decrypt_into(nonce, data if isinstance(data, bytes) else source, aad, target)
+
+    def decrypt_between(
+        self, nonce: bytes, aad: bytes, buffers: Buffers, *, sealed_offset: int, size: int,
+        plain_offset: int,
+    ) -> None:
+        """Decrypt ``size`` bytes and their tag at ``sealed_offset`` of ``buffers.sealed``.
+
+        The plaintext goes to ``plain_offset`` of ``buffers.plain``. ``buffers`` must come from
+        the same backend as this cipher. After a failed check those bytes contain no plaintext.
+
+        Raises:
+            AuthenticationError: the tag does not verify.
+            ValueError: a range lies outside its buffer.
+        """
+        _check_nonce(nonce)
+        if (
+            size < 0
+            or sealed_offset < 0
+            or plain_offset < 0
+            or sealed_offset + size + TAG_SIZE > buffers.sealed.nbytes
+            or plain_offset + size > buffers.plain.nbytes
+        ):
+            raise ValueError(
+                f"{size} bytes at {sealed_offset} and {plain_offset} do not fit the buffers"
+            )
+        self._cipher.decrypt_between(
+            nonce, aad, buffers, sealed_offset=sealed_offset, size=size, plain_offset=plain_offset
+        )
+
+
+class Buffers:
+    """A ciphertext buffer and a plaintext buffer that many decryptions reuse.
+
+    The libcrypto backend looks up the buffers' addresses once here instead of for every
+    :meth:`AesGcm.decrypt_between` call, a fifth of the cost of decrypting a 16 KiB chunk.
+    The buffers cannot be resized while this object lives.
+    """
+
+    def __init__(self, sealed: bytearray, plain: bytearray, *, backend: str | None = None) -> None:
+        if not sealed or not plain:
+            raise ValueError("decryption buffers must not be empty")
+        self.sealed = memoryview(sealed)
+        self.plain = memoryview(plain)
+        implementation = _backend(backend)
+        sealed_pin = implementation.pin(sealed)
+        plain_pin = implementation.pin(plain)
+        # The pins keep the buffers in place; the addresses are None for pyca/cryptography.
+        self._pins = (sealed_pin, plain_pin)
+        self.addresses: tuple[int, int] | None = None
+        if sealed_pin is not None and plain_pin is not None:
+            self.addresses = (sealed_pin[1], plain_pin[1])
 
 
 def aes_gcm_encrypt(

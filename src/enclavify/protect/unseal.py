@@ -173,7 +173,7 @@ class _Restorer:
         # Files of up to this many chunks are decrypted whole in memory; longer ones in
         # segments of this many chunks.
         self._segment_chunks = max(1, _SEGMENT // manifest.chunk_size)
-        self._sealed_buffer = self._plain_buffer = memoryview(b"")
+        self._buffers: crypto.Buffers | None = None
         # Named once, so that each file's cipher skips the backend choice.
         self._backend = crypto.backend_name()
         # Directories made only to hold restored entries (for example the parents of
@@ -234,9 +234,7 @@ class _Restorer:
         if status.st_size == expected:
             return
         # Something was cut out, inserted or appended: find the first file it broke.
-        self._plain_buffer, self._sealed_buffer = _buffers(
-            self._segment_chunks * self._chunk_size, self._segment_chunks
-        )
+        self._allocate_buffers(self._segment_chunks * self._chunk_size, self._segment_chunks)
         for entry in self._manifest.entries:
             if entry.type == "file":
                 cipher = crypto.AesGcm(entry.key, backend=self._backend)
@@ -441,7 +439,7 @@ class _Restorer:
         # Buffers for the largest segment of these files, made once: a buffer is filled with
         # zeros when made, and growing it file by file costs more.
         largest = max((entry.size for _, _, entry in files), default=0)
-        self._plain_buffer, self._sealed_buffer = _buffers(
+        self._allocate_buffers(
             min(largest, self._segment_chunks * self._chunk_size),
             min(self._segment_chunks, chunk_count(largest, self._chunk_size)),
         )
@@ -455,6 +453,15 @@ class _Restorer:
                 self._restore_file(directory, name, entry)
             except OSError as exc:
                 raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
+
+    def _allocate_buffers(self, plain_size: int, chunks: int) -> None:
+        """Make this process's buffers for ``chunks`` chunks of ``plain_size`` bytes in all."""
+        # At least a byte each: an empty buffer has no address to pin.
+        self._buffers = crypto.Buffers(
+            bytearray(plain_size + chunks * TAG_SIZE),
+            bytearray(max(1, plain_size)),
+            backend=self._backend,
+        )
 
     def _restore_files_in_parallel(self, files: list[_File], processes: int) -> None:
         """Restore ``files`` in ``processes`` processes: forked children and this one.
@@ -611,8 +618,9 @@ class _Restorer:
         count = chunk_count(entry.size, chunk_size)
         plain_size = min(entry.size, end * chunk_size) - first * chunk_size
         sealed_size = plain_size + (end - first) * TAG_SIZE
-        sealed = self._sealed_buffer
-        plain = self._plain_buffer
+        buffers = self._buffers
+        assert buffers is not None
+        sealed = buffers.sealed
         # One call reads the segment from the pack; only a short read needs more. Reading at
         # an offset leaves the descriptor's position alone, so forked children share it.
         position = entry.offset + first * (chunk_size + TAG_SIZE)
@@ -626,17 +634,19 @@ class _Restorer:
         for index in range(first, end):
             size = min(chunk_size, entry.size - index * chunk_size)
             try:
-                cipher.decrypt_into(
+                cipher.decrypt_between(
                     _FIRST_NONCE if index == 0 else chunk_nonce(index),
-                    sealed[offset : offset + size + TAG_SIZE],
                     chunk_aad(file_id, index, index == count - 1),
-                    plain[plain_offset : plain_offset + size],
+                    buffers,
+                    sealed_offset=offset,
+                    size=size,
+                    plain_offset=plain_offset,
                 )
             except crypto.AuthenticationError:
                 raise _failed(entry) from None
             offset += size + TAG_SIZE
             plain_offset += size
-        return plain[:plain_size]
+        return buffers.plain[:plain_size]
 
     @staticmethod
     def _replace_with(parent: int, name: str, create: Callable[[str], None]) -> None:
@@ -726,11 +736,6 @@ def _collect(child: int, reading: int, done: list[int]) -> ProtectError | None:
 
 def _failed(entry: Entry) -> IntegrityError:
     return IntegrityError(f"protected file {entry.path!r} failed verification")
-
-
-def _buffers(plain_size: int, chunks: int) -> tuple[memoryview, memoryview]:
-    """Return a plaintext buffer of ``plain_size`` bytes and one for its ``chunks`` sealed."""
-    return memoryview(bytearray(plain_size)), memoryview(bytearray(plain_size + chunks * TAG_SIZE))
 
 
 def _read_at(fd: int, buffer: memoryview, position: int) -> int:

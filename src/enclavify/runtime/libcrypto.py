@@ -297,13 +297,23 @@ class AesGcm:
             source_address = ctypes.addressof(source_pin)
         # GCM writes nothing for an empty plaintext, but libcrypto still wants a pointer.
         target_pin: Any = ctypes.c_char.from_buffer(target) if size else ctypes.c_char()
-        target_address = ctypes.addressof(target_pin)
-        try:
-            self._decrypt(nonce, source_address, size, _as_bytes(aad), target_address)
-        except TagMismatchError:
-            ctypes.memset(target_address, 0, size)
-            raise
+        self.decrypt_at(nonce, source_address, size, _as_bytes(aad), ctypes.addressof(target_pin))
         del source_pin, target_pin
+
+    def decrypt_at(self, nonce: bytes, source: int, size: int, aad: bytes, out: int) -> None:
+        """Decrypt ``size`` bytes at address ``source``, followed by their tag, to ``out``.
+
+        The caller keeps both memory areas alive and large enough (see :func:`pin`). On a tag
+        mismatch the ``size`` bytes at ``out`` are zeroed, so no unverified plaintext stays.
+
+        Raises:
+            TagMismatchError: the tag does not match (wrong key, nonce, data or aad).
+        """
+        try:
+            self._decrypt(nonce, source, size, aad, out)
+        except TagMismatchError:
+            ctypes.memset(out, 0, size)
+            raise
 
     def _decrypt(self, nonce: bytes, source: int, size: int, aad: bytes, out: int) -> None:
         """Decrypt ``size`` bytes at ``source``, followed by their tag, into ``out``."""
@@ -321,6 +331,15 @@ class AesGcm:
             raise TagMismatchError
         if written + context.length.value != size:
             raise LibcryptoError(f"{lib.name} produced a plaintext of unexpected length")
+
+
+def pin(buffer: Any) -> tuple[Any, int]:
+    """Return an object that holds the writable, non-empty ``buffer`` in place, and its address.
+
+    The buffer cannot be resized while the returned object lives.
+    """
+    holder = ctypes.c_char.from_buffer(buffer)
+    return holder, ctypes.addressof(holder)
 
 
 def _address(data: bytes) -> int:
