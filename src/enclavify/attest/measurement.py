@@ -21,14 +21,17 @@ import os
 import posixpath
 import re
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
+from enclavify.attest.treehash import sha256_stream, tree_entries
 from enclavify.errors import UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs about 2 ms at every container start
     from os import PathLike
     from typing import IO, Any
+
+    from enclavify.attest.treehash import TreeEntry
 
     _PathText = str | PathLike[str]
 
@@ -46,8 +49,6 @@ DLOPEN_DEFAULT = 2
 _SIZE = re.compile(r"([0-9]+)([kKmMgG]?)")
 _UNITS = {"": 1, "k": KIB, "m": MIB, "g": GIB}
 _MAX_SYMLINKS = 40
-# Files are hashed in blocks of this size.
-_BLOCK = 256 * KIB
 
 
 def parse_size(text: str, *, name: str = "size") -> int:
@@ -121,62 +122,20 @@ def runtime_digest(root: _PathText) -> str:
     and times do not count, because they change when an image is rebuilt or unpacked.
     Raises OSError when the tree cannot be read.
     """
-    root = os.fspath(root)
-    lines = []
-    buffer = bytearray(_BLOCK)
-    for relative in _sorted_tree(root):
-        full = os.path.join(root, relative)
-        info = os.lstat(full)
-        mode = stat.S_IMODE(info.st_mode)
-        if stat.S_ISLNK(info.st_mode):
-            lines.append(["symlink", relative, 0, os.readlink(full)])
-        elif stat.S_ISDIR(info.st_mode):
-            lines.append(["dir", relative, mode, ""])
-        elif stat.S_ISREG(info.st_mode):
-            with open(full, "rb", buffering=0) as stream:
-                lines.append(["file", relative, mode, _sha256_stream(stream, buffer)])
-        else:
-            lines.append(["other", relative, mode, ""])
-    encoded = json.dumps(lines, separators=(",", ":")).encode()
+    return entries_digest(tree_entries(root))
+
+
+def entries_digest(entries: list[TreeEntry]) -> str:
+    """Return the runtime digest of the entries :func:`treehash.tree_entries` listed."""
+    encoded = json.dumps(entries, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()
-
-
-def _sorted_tree(root: str) -> Iterable[str]:
-    relatives = []
-    for directory, dirnames, filenames in os.walk(root):
-        base = os.path.relpath(directory, root)
-        for name in dirnames + filenames:
-            relatives.append(name if base == "." else posixpath.join(base, name))
-    return sorted(relatives)
-
-
-def _sha256_stream(stream: IO[bytes], buffer: bytearray | None = None) -> str:
-    """Return the SHA-256 of what is left in ``stream``, read in blocks into ``buffer``.
-
-    A reused buffer, because a fresh block per read costs page faults on every block.
-    """
-    digest = hashlib.sha256()
-    block = buffer if buffer is not None else bytearray(_BLOCK)
-    view = memoryview(block)
-    readinto = getattr(stream, "readinto", None)
-    while True:
-        if readinto is not None:
-            count = readinto(block)
-        else:
-            data = stream.read(len(block))
-            count = len(data)
-            view[:count] = data
-        if not count:
-            break
-        digest.update(view[:count])
-    return digest.hexdigest()
 
 
 def fspf_digest(path: _PathText) -> str | None:
     """Return the SHA-256 of the sealed fspf file at ``path``, or None when there is none."""
     try:
         with open(path, "rb") as stream:
-            return _sha256_stream(stream)
+            return sha256_stream(stream)
     except FileNotFoundError:
         return None
 
@@ -210,7 +169,7 @@ def binary_digest(files: Any, binary: str, regions: Sequence[str]) -> str:
     if entry.type not in ("file", "hardlink"):
         raise UsageError(f"binary {binary!r} is not a regular file")
     with files.open(resolved) as stream:
-        return _sha256_stream(stream)
+        return sha256_stream(stream)
 
 
 def resolve_path(files: Any, path: str, regions: Sequence[str] = ()) -> str | None:

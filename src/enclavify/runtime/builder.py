@@ -81,6 +81,7 @@ CARRIED_MODULES = (
     "enclavify.protect.format",
     "enclavify.protect.unseal",
     "enclavify.attest.measurement",
+    "enclavify.attest.treehash",
     "enclavify.attest.report_data",
     "enclavify.attest.producers",
     "enclavify.attest.configfs_tsm",
