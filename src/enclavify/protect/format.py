@@ -1,6 +1,6 @@
 """The protected file system format, version 2: constants, sizes, chunk layout and the manifest.
 
-A sealed volume is two files: the fspf and the pack, which holds the ciphertext object of
+A sealed volume is two files: the fspf and the pack, which contains the ciphertext object of
 every regular file.
 
 * Plaintext is cut into chunks of :data:`CHUNK_SIZE` bytes. Each file has a random 32-byte

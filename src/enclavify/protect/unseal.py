@@ -1,7 +1,7 @@
 """Unsealing: verify an fspf and restore the protected files it describes.
 
 :func:`open_fspf` checks the fspf against the volume key and the expected tag before
-anything else is read. :func:`unseal_tree` then checks that the pack holds exactly the
+anything else is read. :func:`unseal_tree` then checks that the pack contains exactly the
 objects the manifest lists, and restores every entry below a target root. A file of up to
 1 MiB is decrypted and verified whole in memory before its name is created with ``O_EXCL``.
 A longer one is decrypted into a temporary file next to its destination and renamed into
