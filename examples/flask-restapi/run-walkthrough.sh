@@ -10,10 +10,11 @@
 #      exports from the session (curl --cacert, not -k),
 #   6. stop everything and remove what it made.
 #
-# Usage: examples/flask-restapi/run-walkthrough.sh [--pause | --keep]
+# Usage: examples/flask-restapi/run-walkthrough.sh [--pause | --keep | --help]
 #   --pause  once the requests have succeeded, wait for a line on stdin (Enter) before
 #            cleaning up, to try the running service by hand
 #   --keep   leave the container, the CAS, the images and the scratch directory in place
+#   --help   print this text
 #
 # Environment: NATIVE_IMAGE and IMAGE name the native and the confidential image (default
 # native_flask_restapi_image and flask_restapi_image); CAS_PORT is the CAS's port (8081);
@@ -35,8 +36,9 @@ pause=false
 case ${1:-} in
     --keep) keep=true ;;
     --pause) pause=true ;;
+    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
     "") ;;
-    *) echo "usage: $0 [--pause | --keep]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--pause | --keep | --help]" >&2; exit 2 ;;
 esac
 native_image=${NATIVE_IMAGE:-native_flask_restapi_image}
 image=${IMAGE:-flask_restapi_image}
@@ -75,8 +77,9 @@ cleanup() {
         cat >&2 <<TEXT
 run-walkthrough: kept everything running. The scratch directory is $work.
   talk to the CAS:  ENCLAVIFY_CAS_DATA=$work/cas XDG_CONFIG_HOME=$work/config \\
-                      enclavify session show ${SESSION:-SESSION} --cas localhost:$cas_port
+                      $top/.venv/bin/enclavify session show ${SESSION:-SESSION} --cas localhost:$cas_port
   call the API:     curl --cacert $work/api-ca.crt --resolve api:4996:127.0.0.1 https://api:4996/patient/patient_3
+                    (the server certificate names api only, hence --resolve rather than 127.0.0.1)
   clean up:         (cd $work && ${compose[*]} down); kill ${cas_pid:-CAS_PID}; \\
                       $engine rmi $image $native_image; rm -rf $work
 TEXT

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -189,6 +190,18 @@ def test_inspect_cli_json_of_confidential_image(
     assert document["confidential"] is True
     assert document["measurement_matches"] is True
     assert document["protected"] == list(REGIONS)
+
+
+def test_inspect_cli_text_of_confidential_image(
+    converted: Converted, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["image", "inspect", converted.reference]) == 0
+    text = capsys.readouterr().out
+
+    assert "confidential image" in text
+    # Only the pack's total shows; the file count and sizes are inside the encrypted fspf.
+    assert re.search(r"encrypted data: [0-9.]+ MiB", text)
+    assert "heap 1.0 GiB (1073741824 bytes), stack 4.0 MiB (4194304 bytes)" in text
 
 
 def podman_run(

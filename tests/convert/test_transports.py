@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import socket
 import ssl
@@ -15,6 +16,7 @@ import pytest
 
 from enclavify.convert import ConvertOptions, convert_image
 from enclavify.image import open_image
+from enclavify.progress import for_stream
 
 from .conftest import run
 from .test_convert import podman_run
@@ -103,6 +105,29 @@ def test_engine_names(podman: str, app_archive: Path, tmp_path: Path, name: str)
     inspected = json.loads(run(podman, "image", "inspect", name).stdout)
     assert inspected[0]["Config"]["Labels"]["org.enclavify.measurement"] == measurement
     run(podman, "rmi", name)
+
+
+def test_engine_destination_reports_the_listed_image_id(
+    podman: str, app_archive: Path, tmp_path: Path
+) -> None:
+    # The engine stores a manifest of its own, so the OCI manifest digest would match nothing
+    # that podman lists; the last progress line names the image ID instead.
+    name = "localhost/enclavify-test/reports-id:v1"
+    lines = io.StringIO()
+    convert_image(
+        ConvertOptions(
+            source=f"oci-archive:{app_archive}:app",
+            destination=name,
+            binary="/usr/bin/python3",
+            protected=("/app",),
+            result_path=tmp_path / "result.json",
+        ),
+        progress=for_stream(lines, bars=False),
+    )
+    image_id = json.loads(run(podman, "image", "inspect", name).stdout)[0]["Id"]
+    run(podman, "rmi", name)
+
+    assert f"Wrote {name} (image ID sha256:{image_id})" in lines.getvalue()
 
 
 def wait_for_https(port: int, context: ssl.SSLContext, deadline: float) -> None:

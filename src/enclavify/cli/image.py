@@ -1,7 +1,9 @@
 """``enclavify image convert|inspect``: command-line front end of :mod:`enclavify.convert`.
 
-``convert`` prints the new image's manifest digest on stdout and reports progress on
-stderr; the fspf key goes only into the result file (mode 0600), never to either stream.
+``convert`` prints the new image's OCI manifest digest on stdout and reports progress on
+stderr, where the last line of a ``docker-archive:`` or engine destination gives the image ID
+that engines list instead. The fspf key goes only into the result file (mode 0600), never to
+either stream.
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ def format_inspection(inspection: Any) -> list[str]:
         )
     lines.append(f"  binary: {inspection.binary}")
     lines.append(
-        f"  heap {inspection.heap} bytes, stack {inspection.stack} bytes, "
+        f"  heap {_size(inspection.heap)}, stack {_size(inspection.stack)}, "
         f"dlopen {inspection.dlopen}"
     )
     lines.append(f"  measurement: {inspection.measurement}")
@@ -206,3 +208,8 @@ def format_inspection(inspection: Any) -> list[str]:
     for problem in inspection.problems:
         lines.append(f"  PROBLEM: {problem}")
     return lines
+
+
+def _size(count: int | None) -> str:
+    """Return a byte count as ``1.0 GiB (1073741824 bytes)``."""
+    return "(unknown)" if count is None else f"{format_bytes(count)} ({count} bytes)"

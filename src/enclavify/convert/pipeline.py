@@ -35,6 +35,7 @@ from enclavify.image import (
     open_image,
     parse_reference,
 )
+from enclavify.image.reference import DOCKER_ARCHIVE, ENGINE
 from enclavify.progress import Progress, format_bytes
 from enclavify.protect import SealedVolume
 
@@ -271,7 +272,11 @@ def _convert_opened(
         pending.discard()
         raise
     pending.publish()
-    progress.step(f"Wrote {options.destination} ({digest})")
+    if parse_reference(options.destination).transport in (DOCKER_ARCHIVE, ENGINE):
+        # Engines store a manifest of their own, so the ID they list is the one to show.
+        progress.step(f"Wrote {options.destination} (image ID {builder.config_digest})")
+    else:
+        progress.step(f"Wrote {options.destination} ({digest})")
     return ConversionResult(
         image=options.destination,
         digest=digest,
