@@ -295,13 +295,8 @@ def test_any_flipped_bit_is_rejected(
 
 
 @pytest.fixture
-def many_sealed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sealed:
-    """Enough files that the unsealer shares them with a forked child (the last go there).
-
-    The tree is about 7 MiB of estimated work, less than a child's estimated extra cost, so
-    that estimate is lowered here to make the unsealer fork for it.
-    """
-    monkeypatch.setattr(unseal, "_CHILD_COST", 1 << 20)
+def many_sealed(tmp_path: Path) -> Sealed:
+    """Enough files that the unsealer shares them with forked children."""
     source = tmp_path / "source"
     for index in range(120):
         directory = source / "app" / f"d{index // 10:02d}"
@@ -314,8 +309,29 @@ def many_sealed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sealed:
     return Sealed(source, tmp_path / "sealed", volume, target)
 
 
-@pytest.mark.parametrize("index", [0, 119], ids=["restored-here", "restored-in-child"])
-def test_rejection_of_a_file_among_many_names_it(many_sealed: Sealed, index: int) -> None:
+def take_batches_only(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Let only this process ("here") or only the forked children ("child") take batches."""
+    this_process = os.getpid()
+    real_restore_queued = unseal._Restorer._restore_queued
+
+    def restore_queued(
+        self: unseal._Restorer, queue: int, batches: list[list[tuple[str, str, Entry]]]
+    ) -> None:
+        if (os.getpid() == this_process) == (where == "here"):
+            real_restore_queued(self, queue, batches)
+
+    monkeypatch.setattr(unseal._Restorer, "_restore_queued", restore_queued)
+
+
+@pytest.mark.parametrize("where", ["here", "child"])
+@pytest.mark.parametrize("index", [0, 119])
+def test_rejection_of_a_file_among_many_names_it(
+    many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch, index: int, where: str
+) -> None:
+    # One file a batch, all restored in this process or all in the one child.
+    monkeypatch.setattr(unseal, "_CPUS", 2)
+    monkeypatch.setattr(unseal, "_BATCH_WORK", 1)
+    take_batches_only(monkeypatch, where)
     path = f"/app/d{index // 10:02d}/f{index:03d}"
     flip_bit(many_sealed.pack, many_sealed.offset_of(path) + 5)
 
@@ -328,8 +344,8 @@ def test_rejection_of_a_file_among_many_names_it(many_sealed: Sealed, index: int
     assert leftovers == []
 
 
-def _unseal_counting_forks(many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Unseal ``many_sealed`` and return the pids of the children it forked."""
+def _count_forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Return the list to which the pids of the children forked from now on are added."""
     forks = []
     real_fork = os.fork
 
@@ -340,8 +356,13 @@ def _unseal_counting_forks(many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch)
         return pid
 
     monkeypatch.setattr(os, "fork", counting_fork)
-    many_sealed.unseal()
     return forks
+
+
+def _assert_reaped(children: list[int]) -> None:
+    for child in children:
+        with pytest.raises(ChildProcessError):  # already reaped
+            os.waitpid(child, os.WNOHANG)
 
 
 def _assert_all_restored(many_sealed: Sealed) -> None:
@@ -351,21 +372,11 @@ def _assert_all_restored(many_sealed: Sealed) -> None:
         assert restored == (many_sealed.source / relative).read_bytes()
 
 
-def test_tree_smaller_than_a_childs_cost_is_unsealed_without_forking(
-    many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(unseal, "_CHILD_COST", 12 << 20)
-
-    forks = _unseal_counting_forks(many_sealed, monkeypatch)
-
-    assert forks == []
-    _assert_all_restored(many_sealed)
-
-
 def test_many_files_unseal_alike_in_both_processes(
     many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    forks = _unseal_counting_forks(many_sealed, monkeypatch)
+    forks = _count_forks(monkeypatch)
+    many_sealed.unseal()
 
     cpus = len(os.sched_getaffinity(0))
     assert len(forks) == min(cpus, unseal._MAX_PROCESSES) - 1
@@ -388,49 +399,62 @@ def test_many_files_unseal_alike_in_more_processes(
     monkeypatch.setattr(unseal, "_CPUS", processes)
     # 120 files are enough for 4 processes with at least 16 files each.
     monkeypatch.setattr(unseal, "_FORK_FILES", 32)
-    # The tree is far smaller than a child's estimated extra cost, so that estimate is left out.
-    monkeypatch.setattr(unseal, "_CHILD_COST", 0)
+    monkeypatch.setattr(unseal, "_BATCH_WORK", 1)
 
-    forks = _unseal_counting_forks(many_sealed, monkeypatch)
+    forks = _count_forks(monkeypatch)
+    many_sealed.unseal()
 
     assert len(forks) == processes - 1
-    for child in forks:
-        with pytest.raises(ChildProcessError):  # already reaped
-            os.waitpid(child, os.WNOHANG)
+    _assert_reaped(forks)
     _assert_all_restored(many_sealed)
 
 
-@pytest.mark.parametrize("index", [0, 60, 119], ids=["here", "middle-child", "last-child"])
+@pytest.mark.parametrize("index", [0, 60, 119])
 def test_rejection_among_many_processes_names_the_file(
     many_sealed: Sealed, monkeypatch: pytest.MonkeyPatch, index: int
 ) -> None:
+    # Two children share the batches, one file each; this process takes none.
     monkeypatch.setattr(unseal, "_CPUS", 3)
-    # Equal thirds: the tree is far smaller than a child's estimated extra cost.
-    monkeypatch.setattr(unseal, "_CHILD_COST", 0)
+    monkeypatch.setattr(unseal, "_BATCH_WORK", 1)
+    take_batches_only(monkeypatch, "child")
     path = f"/app/d{index // 10:02d}/f{index:03d}"
     flip_bit(many_sealed.pack, many_sealed.offset_of(path) + 5)
-    parts: list[list[str]] = []
-    children: list[int] = []
-    real_fork_restoring = unseal._Restorer._fork_restoring
 
-    def recording(self: unseal._Restorer, files: list[tuple[str, str, Entry]]) -> tuple[int, int]:
-        parts.append([entry.path for _, _, entry in files])
-        child, reading = real_fork_restoring(self, files)
-        children.append(child)
-        return child, reading
-
-    monkeypatch.setattr(unseal._Restorer, "_fork_restoring", recording)
+    forks = _count_forks(monkeypatch)
 
     with pytest.raises(IntegrityError) as excinfo:
         many_sealed.unseal()
 
     assert repr(path) in str(excinfo.value)
-    for child in children:
-        with pytest.raises(ChildProcessError):  # already reaped
-            os.waitpid(child, os.WNOHANG)
-    assert [path in part for part in parts] == {
-        0: [False, False],
-        60: [True, False],
-        119: [False, True],
-    }[index]
+    assert len(forks) == 2
+    _assert_reaped(forks)
     assert not (many_sealed.target / path.lstrip("/")).exists()
+
+
+def _files(sizes: list[int]) -> list[tuple[str, str, Entry]]:
+    return [("/app", f"f{index}", Entry(type="file", path=f"/app/f{index}", size=size))
+            for index, size in enumerate(sizes)]
+
+
+def test_batches_keep_the_order_and_a_minimum_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(unseal, "_FILE_COST", 10)
+    monkeypatch.setattr(unseal, "_BATCH_WORK", 100)
+    files = _files([50, 50, 5, 300, 0, 0, 0, 90])
+
+    batches = unseal._batches(files)
+
+    assert [item for batch in batches for item in batch] == files
+    # A batch closes once it holds at least 100 of work: 60 + 60, 15 + 310, then 10 + 10 +
+    # 10 + 100.
+    assert [len(batch) for batch in batches] == [2, 2, 4]
+
+
+def test_batches_are_capped_so_the_queue_fits_a_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(unseal, "_FILE_COST", 1)
+    monkeypatch.setattr(unseal, "_BATCH_WORK", 1)
+    monkeypatch.setattr(unseal, "_MAX_BATCHES", 8)
+
+    batches = unseal._batches(_files([0] * 100))
+
+    assert len(batches) <= 8
+    assert sum(len(batch) for batch in batches) == 100

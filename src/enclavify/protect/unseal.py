@@ -74,12 +74,16 @@ _SEGMENT = 1 << 20
 _FORK_FILES = 64
 _MAX_PROCESSES = 4
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-# Cost of restoring a file besides its bytes, in bytes of decryption, and the extra cost of
-# a forked child (copy-on-write faults, a cold cache). Both are estimates measured for the
-# Flask walk-through on 2 CPUs, inside its container: with 12 MiB the two processes of 1590
-# files finished within about 2 ms of each other, with 4 MiB the child about 5 ms later.
+# With several processes, files are handed out in batches from one queue that every process
+# reads, so that one that falls behind (a child's copy-on-write faults, another job on its
+# CPU) takes fewer batches. A batch is about _BATCH_WORK of work, where a file costs its size
+# and _FILE_COST more; both are estimates for small files on 2 CPUs. The queue is a pipe of
+# 4-byte batch numbers, at most _MAX_BATCHES of them, so it fits in the 64 KiB a Linux pipe
+# buffers before anyone reads.
 _FILE_COST = 32768
-_CHILD_COST = 12 << 20
+_BATCH_WORK = 512 << 10
+_MAX_BATCHES = 4096
+_BATCH_RECORD = 4
 # Directories kept open while restoring; files are restored grouped by directory.
 _DIR_CACHE_SIZE = 128
 
@@ -436,6 +440,10 @@ class _Restorer:
         os.utime(fd, times=(entry.mtime, entry.mtime))
 
     def _restore_files(self, files: list[_File]) -> None:
+        self._allocate_buffers_for(files)
+        self._restore_batch(files)
+
+    def _allocate_buffers_for(self, files: list[_File]) -> None:
         # Buffers for the largest segment of these files, made once: a buffer is filled with
         # zeros when made, and growing it file by file costs more.
         largest = max((entry.size for _, _, entry in files), default=0)
@@ -443,6 +451,8 @@ class _Restorer:
             min(largest, self._segment_chunks * self._chunk_size),
             min(self._segment_chunks, chunk_count(largest, self._chunk_size)),
         )
+
+    def _restore_batch(self, files: list[_File]) -> None:
         current = None
         directory = self._root
         for parent, name, entry in files:
@@ -467,43 +477,58 @@ class _Restorer:
         """Restore ``files`` in ``processes`` processes: forked children and this one.
 
         Threads gain nothing, because the Python work per file holds the GIL; another process
-        has its own. All only create files, in directories that already exist. A child reports
-        success or a failure through its pipe. This waits for every report in every case, so
-        nothing is written after this returns or raises; restore() reaps the children.
+        has its own. Every process takes batches of files from one queue until it is empty.
+        All only create files, in directories that already exist. A child reports success or a
+        failure through its pipe, and a process that fails empties the queue so that the
+        others stop early. This waits for every report in every case, so nothing is written
+        after this returns or raises; restore() reaps the children.
 
         NOTE: forking is safe only while no other thread of this process holds a lock (inside
         OpenSSL, say); the launcher runs no other threads while it unseals.
         """
-        # Parts of about equal work: a file costs its size and a fixed amount, and a child
-        # _CHILD_COST more in all, so this process takes a little more than the others.
-        total = sum(entry.size + _FILE_COST for _, _, entry in files)
-        share = (total + (processes - 1) * _CHILD_COST) // processes
-        bounds = [0]
-        end = share
-        done = 0
-        for index, (_, _, entry) in enumerate(files):
-            if done >= end:
-                bounds.append(index)
-                if len(bounds) == processes:
-                    break
-                end += share - _CHILD_COST
-            done += entry.size + _FILE_COST
-        bounds.append(len(files))
+        batches = _batches(files)
+        # Every batch number is in the pipe before the first child exists, and no process
+        # keeps its writing end, so a read returns nothing once all batches are taken.
+        queue, writing = os.pipe()
+        try:
+            _write_all(
+                writing,
+                memoryview(b"".join(n.to_bytes(_BATCH_RECORD, "big") for n in range(len(batches)))),
+            )
+        finally:
+            os.close(writing)
+        self._allocate_buffers_for(files)
         children: list[tuple[int, int]] = []
         try:
-            for part in range(1, len(bounds) - 1):
-                children.append(self._fork_restoring(files[bounds[part] : bounds[part + 1]]))
-            self._restore_files(files[: bounds[1]])
+            for _ in range(processes - 1):
+                children.append(self._fork_restoring(queue, batches))
+            self._restore_queued(queue, batches)
         finally:
             failures = [
                 _collect(child, reading, self._reporting_done) for child, reading in children
             ]
+            os.close(queue)
         for failure in failures:
             if failure is not None:
                 raise failure
 
-    def _fork_restoring(self, files: list[_File]) -> tuple[int, int]:
-        """Fork a child that restores ``files``; return its pid and the pipe it reports to."""
+    def _restore_queued(self, queue: int, batches: list[list[_File]]) -> None:
+        """Restore the batches whose numbers this process reads from ``queue``."""
+        try:
+            while True:
+                # A pipe hands each 4-byte record, whole, to exactly one reader.
+                record = os.read(queue, _BATCH_RECORD)
+                if not record:
+                    return
+                self._restore_batch(batches[int.from_bytes(record, "big")])
+        except BaseException:
+            with contextlib.suppress(OSError):
+                while os.read(queue, 65536):
+                    pass
+            raise
+
+    def _fork_restoring(self, queue: int, batches: list[list[_File]]) -> tuple[int, int]:
+        """Fork a child that restores batches from ``queue``; return its pid and report pipe."""
         reading, writing = os.pipe()
         try:
             child = os.fork()
@@ -515,7 +540,7 @@ class _Restorer:
             status = 0
             try:
                 os.close(reading)
-                self._restore_files(files)
+                self._restore_queued(queue, batches)
                 _write_all(writing, memoryview(_DONE))
             except BaseException as exc:
                 status = 1
@@ -694,6 +719,21 @@ class _Restorer:
             self._replace_with(parent, name, create)
         finally:
             os.close(source_parent)
+
+
+def _batches(files: list[_File]) -> list[list[_File]]:
+    """Cut ``files`` (grouped by directory) into consecutive batches of about equal work."""
+    total = sum(entry.size + _FILE_COST for _, _, entry in files)
+    target = max(_BATCH_WORK, -(-total // _MAX_BATCHES))
+    batches: list[list[_File]] = [[]]
+    work = 0
+    for item in files:
+        if work >= target:
+            batches.append([])
+            work = 0
+        batches[-1].append(item)
+        work += item[2].size + _FILE_COST
+    return batches
 
 
 def _has_default_acl(fd: int) -> bool:
