@@ -14,10 +14,10 @@ pyca/cryptography when present) and Python 3.8 syntax.
 
 from __future__ import annotations
 
+import _thread
 import hashlib
 import hmac
 import os
-import threading
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs about 2 ms at every container start
@@ -153,7 +153,8 @@ class _LibcryptoBackend:
         return self._module.x25519_exchange(private, peer_public, self._lib)
 
 
-_lock = threading.Lock()
+# _thread rather than threading, whose import costs about 1 ms at every container start.
+_lock = _thread.allocate_lock()
 _instances: dict[str, Any] = {}
 # The reason each unavailable backend could not be loaded. Python does not cache a failed
 # import, so retrying it for every cipher searched sys.path again (about 30 µs a file when

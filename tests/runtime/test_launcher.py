@@ -341,8 +341,8 @@ def test_preloaded_library_rejected(tmp_path: Path) -> None:
 
 def test_start_up_imports_stay_lean() -> None:
     # The launcher imports these at every container start; dataclasses (with inspect, ast
-    # and dis), typing, pathlib, http.client (with email) and logging (with traceback and
-    # tokenize) each cost milliseconds there.
+    # and dis), typing, pathlib, http.client (with email), logging (with traceback and
+    # tokenize) and threading each cost a millisecond or more there.
     source = Path(launcher.__file__).resolve().parents[2]
     code = (
         f"import sys; sys.path.insert(0, {str(source)!r})\n"
@@ -357,5 +357,5 @@ def test_start_up_imports_stay_lean() -> None:
 
     assert "enclavify.cas.client" in loaded
     for heavy in ("dataclasses", "inspect", "typing", "http.client", "email", "tempfile",
-                  "pathlib", "logging", "traceback"):
+                  "pathlib", "logging", "traceback", "threading"):
         assert heavy not in loaded, f"{heavy} is imported at start-up"
