@@ -165,7 +165,7 @@ _selected: dict[str, str | None] = {"name": None}
 
 
 def _instance(name: str) -> Any:
-    # Without the lock when the backend is loaded already: every cipher asks for it.
+    # Without the lock when the backend is loaded already: every cipher looks it up.
     loaded = _instances.get(name)
     if loaded is not None:
         return loaded

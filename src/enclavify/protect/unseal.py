@@ -516,7 +516,8 @@ class _Restorer:
         """Restore the batches whose numbers this process reads from ``queue``."""
         try:
             while True:
-                # A pipe hands each 4-byte record, whole, to exactly one reader.
+                # A pipe serves one read at a time, the queue holds whole 4-byte records, and
+                # every read takes 4 bytes (or all that is left), so no number is split.
                 record = os.read(queue, _BATCH_RECORD)
                 if not record:
                     return

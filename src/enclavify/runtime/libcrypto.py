@@ -336,7 +336,7 @@ class AesGcm:
 
 
 def pin(buffer: Any) -> tuple[Any, int]:
-    """Return an object that holds the writable, non-empty ``buffer`` in place, and its address.
+    """Return an object that keeps the writable, non-empty ``buffer`` in place, and its address.
 
     The buffer cannot be resized while the returned object lives.
     """
