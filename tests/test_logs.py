@@ -65,7 +65,7 @@ def test_unknown_level_still_shows_warnings(capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.usefixtures("launcher_logging")
-def test_a_bad_format_does_not_raise(capsys: pytest.CaptureFixture[str]) -> None:
+def test_logger_survives_bad_format(capsys: pytest.CaptureFixture[str]) -> None:
     logs.to_stderr("warning")
 
     logs.get_logger("x").warning("%d files", "many")

@@ -111,7 +111,7 @@ def test_engine_destination_reports_the_listed_image_id(
     podman: str, app_archive: Path, tmp_path: Path
 ) -> None:
     # The engine stores a manifest of its own, so the OCI manifest digest would match nothing
-    # that podman lists; the last progress line names the image ID instead.
+    # that podman lists. The last progress line names the image ID instead.
     name = "localhost/enclavify-test/reports-id:v1"
     lines = io.StringIO()
     convert_image(

@@ -251,7 +251,7 @@ def _fspf_key_tag(sealer: Sealer) -> tuple[bytes, bytes, bytes]:
     return volume.fspf, volume.key, volume.tag
 
 
-def test_object_not_read_to_its_end_blocks_the_sealer() -> None:
+def test_unfinished_object_blocks_sealer() -> None:
     sealer = Sealer(["/app"])
     data = os.urandom(3 * CHUNK_SIZE)
     chunks = sealer.seal_file(
@@ -266,7 +266,7 @@ def test_object_not_read_to_its_end_blocks_the_sealer() -> None:
         sealer.finish()
 
 
-def test_pulled_objects_make_the_same_pack_as_pushed_ones() -> None:
+def test_pulled_and_pushed_packs_match() -> None:
     data = os.urandom(2 * CHUNK_SIZE + 5)
     pushed_pack = Pack()
     pushed = Sealer(["/app"], pushed_pack.write, randbytes=Counter())

@@ -42,7 +42,7 @@ class Volume:
     def __init__(self, root: Path) -> None:
         self.sealed = root / "sealed"
         self.sealed.mkdir(parents=True)
-        # Sealed objects by file key: the pack holds them in the order of the file entries.
+        # Sealed objects by file key: the pack contains them in the order of the file entries.
         self.objects: dict[str, bytes] = {}
 
     def file(self, path: str, content: bytes) -> dict[str, Any]:
@@ -195,7 +195,7 @@ def test_entry_outside_regions_is_rejected(tmp_path: Path, target: Path) -> None
     assert list(target.iterdir()) == []
 
 
-def test_size_past_the_end_of_the_pack_is_rejected(tmp_path: Path, target: Path) -> None:
+def test_size_past_pack_end_is_rejected(tmp_path: Path, target: Path) -> None:
     # The manifest claims more than the pack holds; nothing may be read beyond its end.
     volume = Volume(tmp_path)
     entry = volume.file("/app/f", b"abc")

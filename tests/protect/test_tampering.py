@@ -171,7 +171,7 @@ def test_swapped_objects_of_two_files_are_rejected(sealed: Sealed) -> None:
 
 @pytest.mark.parametrize("cut", [1, TAG_SIZE, 1000])
 def test_truncated_object_is_rejected(sealed: Sealed, cut: int) -> None:
-    # BIG's object is the first in the pack, so every object after it moves too; the error
+    # BIG's object is the first in the pack, so every object after it moves too. The error
     # names the first file that no longer verifies, and nothing at all is restored.
     data = sealed.read_object(BIG)
     sealed.replace_object(BIG, data[:-cut])
@@ -436,7 +436,7 @@ def _files(sizes: list[int]) -> list[tuple[str, str, Entry]]:
             for index, size in enumerate(sizes)]
 
 
-def test_batches_keep_the_order_and_a_minimum_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batches_keep_order_and_work(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(unseal, "_FILE_COST", 10)
     monkeypatch.setattr(unseal, "_BATCH_WORK", 100)
     files = _files([50, 50, 5, 300, 0, 0, 0, 90])
@@ -444,12 +444,13 @@ def test_batches_keep_the_order_and_a_minimum_of_work(monkeypatch: pytest.Monkey
     batches = unseal._batches(files)
 
     assert [item for batch in batches for item in batch] == files
-    # A batch closes once it holds at least 100 of work: 60 + 60, 15 + 310, then 10 + 10 +
+    # A batch closes once it contains at least 100 of work: 60 + 60, 15 + 310, then 10 + 10 +
     # 10 + 100.
     assert [len(batch) for batch in batches] == [2, 2, 4]
 
 
-def test_batches_are_capped_so_the_queue_fits_a_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batch_count_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cap keeps the queue of batch numbers within what a pipe buffers.
     monkeypatch.setattr(unseal, "_FILE_COST", 1)
     monkeypatch.setattr(unseal, "_BATCH_WORK", 1)
     monkeypatch.setattr(unseal, "_MAX_BATCHES", 8)

@@ -516,7 +516,7 @@ class _Restorer:
         """Restore the batches whose numbers this process reads from ``queue``."""
         try:
             while True:
-                # A pipe serves one read at a time, the queue holds whole 4-byte records, and
+                # A pipe serves one read at a time. The queue contains whole 4-byte records and
                 # every read takes 4 bytes (or all that is left), so no number is split.
                 record = os.read(queue, _BATCH_RECORD)
                 if not record:
@@ -563,7 +563,7 @@ class _Restorer:
             self._write_replacing(directory.fd, name, entry, segments)
             return
         # The whole file is verified in memory before its name is created.
-        plain = self._decrypt_segment(cipher, entry, 0, count)
+        plain = self._decrypt_segment(cipher, entry, 0, count, count)
         if not self._write_new(directory, name, entry, plain):
             self._write_replacing(directory.fd, name, entry, iter((plain,)))
 
@@ -631,17 +631,17 @@ class _Restorer:
     def _segments(self, cipher: crypto.AesGcm, entry: Entry, count: int) -> Iterator[memoryview]:
         step = self._segment_chunks
         for first in range(0, count, step):
-            yield self._decrypt_segment(cipher, entry, first, min(count, first + step))
+            yield self._decrypt_segment(cipher, entry, first, min(count, first + step), count)
 
     def _decrypt_segment(
-        self, cipher: crypto.AesGcm, entry: Entry, first: int, end: int
+        self, cipher: crypto.AesGcm, entry: Entry, first: int, end: int, count: int
     ) -> memoryview:
         """Read, verify and decrypt chunks ``first`` to ``end - 1`` of the object of ``entry``.
 
-        Returns a view of this process's plaintext buffer, valid until the next call.
+        ``count`` is the object's number of chunks. Returns a view of this process's plaintext
+        buffer, valid until the next call.
         """
         chunk_size = self._chunk_size
-        count = chunk_count(entry.size, chunk_size)
         plain_size = min(entry.size, end * chunk_size) - first * chunk_size
         sealed_size = plain_size + (end - first) * TAG_SIZE
         buffers = self._buffers
