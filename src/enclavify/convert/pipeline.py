@@ -308,12 +308,7 @@ def _add_sealed_layer(
                 write_sealed_layer(writer, filesystem, inventory, checked.protected, task=task)
             )
 
-    # Ciphertext does not compress, so the layer is stored in gzip without compression, which
-    # saves the compressor's time on every protected byte.
-    level = builder.compression_level
-    builder.compression_level = 0
-    try:
-        builder.add_layer(fill, created_by="enclavify: protected file system")
-    finally:
-        builder.compression_level = level
+    # Ciphertext does not compress, so the layer is the plain tar: no compressor's time on
+    # any protected byte, and one hash instead of one for the blob and one for its content.
+    builder.add_layer(fill, created_by="enclavify: protected file system", compressed=False)
     return sealed[0]

@@ -264,16 +264,23 @@ class ImageBuilder:
             return False
         log.debug("rewriting layer %d (%s) without %s", layer.index, layer.digest, prefixes)
         blob = self._new_blob_path(f"rewrite-{layer.index}")
-        with _GzipTarOutput(blob, self.compression_level) as output:
+        with _TarOutput(blob, self.compression_level) as output:
             _rewrite_tar(layer, prefixes, output.stream, self.progress)
         self.layers.append(output.layer(history=self._history_for(layer, rewritten=True)))
         return True
 
-    def add_layer(self, fill: Callable[[LayerWriter], None], *, created_by: str) -> None:
-        """Append a new layer whose entries ``fill`` writes (gzip-compressed, streamed)."""
+    def add_layer(
+        self, fill: Callable[[LayerWriter], None], *, created_by: str, compressed: bool = True
+    ) -> None:
+        """Append a new layer whose entries ``fill`` writes, streamed to its blob.
+
+        The blob is gzip-compressed, or the tar itself with ``compressed`` false: for content
+        that does not compress, such as ciphertext, which gzip would only frame and checksum.
+        """
         blob = self._new_blob_path("new")
+        level = self.compression_level if compressed else None
         with (
-            _GzipTarOutput(blob, self.compression_level) as output,
+            _TarOutput(blob, level) as output,
             tarfile.open(fileobj=output.stream, mode="w|", format=tarfile.PAX_FORMAT) as tar,
         ):
             fill(LayerWriter(tar))
@@ -287,7 +294,7 @@ class ImageBuilder:
     def _new_blob_path(self, kind: str) -> Path:
         # Every blob gets its own file: earlier output layers keep pointing at theirs.
         self._blob_count += 1
-        return self._work / f"{kind}-{self._blob_count}.tar.gz"
+        return self._work / f"{kind}-{self._blob_count}.blob"
 
     def _history_for(self, layer: Layer, *, rewritten: bool) -> list[dict[str, Any]]:
         group = [dict(entry) for entry in self._history_groups[layer.index]]
@@ -539,29 +546,38 @@ def _gzip_writer(out: IO[bytes] | blobs.HashingWriter, level: int) -> IO[bytes]:
     return cast(IO[bytes], stream)
 
 
-class _GzipTarOutput:
-    """A gzip blob being written, with the digests of both the blob and its content.
+class _TarOutput:
+    """A layer blob being written, with the digests of both the blob and its content.
 
-    The content is hashed in the calling thread; compression, the blob's hash and the
-    writes to disk happen in a :class:`blobs.BackgroundWriter`.
+    With a gzip ``level`` the content is hashed in the calling thread; compression, the
+    blob's hash and the writes to disk happen in a :class:`blobs.BackgroundWriter`. With
+    ``level`` None the blob is the uncompressed tar: one hash, taken in the background
+    writer, is both the blob digest and the diff_id.
     """
 
-    def __init__(self, path: Path, level: int) -> None:
+    def __init__(self, path: Path, level: int | None) -> None:
         self.path = path
         self._file = open(path, "wb")  # noqa: SIM115 (closed in __exit__)
-        self._compressed = blobs.HashingWriter(self._file)
-        self._gzip = _gzip_writer(self._compressed, level)
-        self._background = blobs.BackgroundWriter(self._gzip)
-        self._content = blobs.HashingWriter(self._background)
-        self.stream = cast(IO[bytes], self._content)
+        self._blob = blobs.HashingWriter(self._file)
+        self._gzip: IO[bytes] | None = None
+        if level is None:
+            self._background = blobs.BackgroundWriter(cast(IO[bytes], self._blob))
+            self._content = self._blob
+            self.stream = cast(IO[bytes], self._background)
+        else:
+            self._gzip = _gzip_writer(self._blob, level)
+            self._background = blobs.BackgroundWriter(self._gzip)
+            self._content = blobs.HashingWriter(self._background)
+            self.stream = cast(IO[bytes], self._content)
 
-    def __enter__(self) -> _GzipTarOutput:
+    def __enter__(self) -> _TarOutput:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
             self._background.finish()
-            self._gzip.close()
+            if self._gzip is not None:
+                self._gzip.close()
         except BaseException:
             self.path.unlink(missing_ok=True)
             raise
@@ -572,14 +588,28 @@ class _GzipTarOutput:
 
     def layer(self, history: list[dict[str, Any]]) -> OutputLayer:
         path = self.path
+        if self._gzip is None:
+            opener = functools.partial(_open_binary, path)
+            return OutputLayer(
+                media_type=OCI_LAYER,
+                digest=self._blob.digest,
+                size=self._blob.count,
+                diff_id=self._blob.digest,
+                uncompressed_size=self._blob.count,
+                compression=blobs.UNCOMPRESSED,
+                open_blob=opener,
+                open_uncompressed=opener,
+                history=history,
+                path=path,
+            )
 
         def uncompressed() -> IO[bytes]:
             return cast(IO[bytes], igzip.open(path, "rb"))  # type: ignore[no-untyped-call]
 
         return OutputLayer(
             media_type=OCI_LAYER_GZIP,
-            digest=self._compressed.digest,
-            size=self._compressed.count,
+            digest=self._blob.digest,
+            size=self._blob.count,
             diff_id=self._content.digest,
             uncompressed_size=self._content.count,
             compression=blobs.GZIP,
