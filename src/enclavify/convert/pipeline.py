@@ -7,7 +7,8 @@ Steps, in order:
    Nothing is written before all of this has passed.
 2. Rewrite every native layer without the protected directories (their plaintext is absent
    from the output's blobs, not merely whited out).
-3. Seal the protected entries into one added layer under ``/.enclavify``.
+3. Seal the protected entries into one added layer under ``/.enclavify``, in this thread
+   while a worker thread does step 2.
 4. Build the launcher's runtime into a second added layer under ``/opt/enclavify`` and compute
    the measurement over it, the binary, the fspf and the heap, stack and dlopen settings.
 5. Write the result file to a temporary name, commit the image atomically, then publish the
@@ -21,6 +22,7 @@ import hashlib
 import logging
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from enclavify.image import (
     ImageBuilder,
     LayerWriter,
     MergedFilesystem,
+    OutputLayer,
     SourceImage,
     open_image,
     parse_reference,
@@ -203,21 +206,23 @@ def _convert_opened(
 
     builder = ImageBuilder(source)
 
-    # --- step 2: native layers without the protected directories
-    layer_count = len(source.layers)
-    for index, layer in enumerate(source.layers, start=1):
-        rewritten = builder.copy_layer_without(layer, list(checked.protected))
+    # --- steps 2 and 3, side by side: a worker thread rewrites the native layers without the
+    # protected directories while this one seals the protected files into the ciphertext
+    # layer. Compression and encryption release the GIL, so each gets a core of its own.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="enclavify-rewrite") as pool:
+        rewriting = pool.submit(_rewrite_native_layers, builder, checked.protected)
+        sealed_layer, volume = _make_sealed_layer(builder, filesystem, checked, inventory, progress)
+        rewritten = rewriting.result()
+    for index, was_rewritten in enumerate(rewritten, start=1):
         progress.step(
-            f"Layer {index}/{layer_count}: "
-            + ("rewritten without the protected directories" if rewritten else "kept as it is")
+            f"Layer {index}/{len(rewritten)}: "
+            + ("rewritten without the protected directories" if was_rewritten else "kept as it is")
         )
     # The native history can spell out build commands and ENV values; none of it is kept.
-    neutral = imageconfig.neutral_history(source.history, layer_count)
+    neutral = imageconfig.neutral_history(source.history, len(rewritten))
     for output_layer, entry in zip(builder.layers, neutral, strict=True):
         output_layer.history = [entry]
-
-    # --- step 3: the ciphertext layer
-    volume = _add_sealed_layer(builder, filesystem, checked, inventory, progress)
+    builder.append(sealed_layer)
 
     # --- step 4: the measurement and the runtime layer
     fspf_digest = hashlib.sha256(volume.fspf).hexdigest()
@@ -292,13 +297,21 @@ def _convert_opened(
     )
 
 
-def _add_sealed_layer(
+def _rewrite_native_layers(builder: ImageBuilder, protected: Sequence[str]) -> list[bool]:
+    """Add every source layer to ``builder`` without ``protected``; say which were rewritten."""
+    return [
+        builder.copy_layer_without(layer, list(protected)) for layer in builder.source.layers
+    ]
+
+
+def _make_sealed_layer(
     builder: ImageBuilder,
     filesystem: MergedFilesystem,
     checked: CheckedOptions,
     inventory: regions.Inventory,
     progress: Progress,
-) -> SealedVolume:
+) -> tuple[OutputLayer, SealedVolume]:
+    """Write the ciphertext layer (not yet added to ``builder``) and return it with its volume."""
     sealed: list[SealedVolume] = []
     total = sealed_total(filesystem, inventory, checked.protected)
 
@@ -310,5 +323,7 @@ def _add_sealed_layer(
 
     # Ciphertext does not compress, so the layer is the plain tar: no compressor's time on
     # any protected byte, and one hash instead of one for the blob and one for its content.
-    builder.add_layer(fill, created_by="enclavify: protected file system", compressed=False)
-    return sealed[0]
+    layer = builder.make_layer(
+        fill, created_by="enclavify: protected file system", compressed=False
+    )
+    return layer, sealed[0]
