@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 
 from enclavify.errors import ImageError
 from enclavify.image import ImageBuilder, LayerWriter, SourceImage, open_image
-from enclavify.image.builder import REWRITTEN_CREATED_BY
+from enclavify.image.builder import REWRITTEN_CREATED_BY, RewriteStopped
 
 from .conftest import OpenLayers
 from .helpers import (
@@ -113,6 +114,33 @@ def test_hardlink_to_removed_target_is_materialized(source: SourceImage) -> None
         assert extracted.read() == SECRET + b"-linked"
         assert "app/python-copy" not in tar.getnames()
         assert tar.getmember("usr-bin-python3").isreg()
+
+
+def test_stopped_rewrite_leaves_no_blob(source: SourceImage) -> None:
+    builder = ImageBuilder(source)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RewriteStopped, match="rewriting layer 0 was stopped"):
+        builder.copy_layer_without(source.layers[0], ["/app"], stop=stop)
+    assert builder.layers == []
+    assert list(builder._work.iterdir()) == []
+
+
+def test_made_layer_is_added_where_appended(source: SourceImage) -> None:
+    builder = ImageBuilder(source)
+    made = builder.make_layer(
+        lambda writer: writer.add_bytes("/made", b"x", mode=0o644, uid=0, gid=0, mtime=0.0),
+        created_by="made first",
+        compressed=False,
+    )
+    builder.copy_layer_without(source.layers[0], ["/app"])
+    builder.append(made)
+    built = builder.build()
+    assert [layer.history[-1]["created_by"] for layer in built.layers][-1] == "made first"
+    # An uncompressed layer's blob is its content: one digest for both.
+    assert built.layers[1].media_type == "application/vnd.oci.image.layer.v1.tar"
+    assert built.layers[1].digest == built.layers[1].diff_id
+    assert "made" in _members(io.BytesIO(_built_layer_bytes(builder, 1)))
 
 
 def test_layer_without_excluded_entries_is_copied_verbatim(source: SourceImage) -> None:

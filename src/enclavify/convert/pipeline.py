@@ -6,11 +6,11 @@ Steps, in order:
    ``--plain`` and ``--binary`` against its file system and list what will be protected.
    Nothing is written before all of this has passed.
 2. Rewrite every native layer without the protected directories (their plaintext is absent
-   from the output's blobs, not merely whited out).
-3. Seal the protected entries into one added layer under ``/.enclavify``, in this thread
-   while a worker thread does step 2.
-4. Build the launcher's runtime into a second added layer under ``/opt/enclavify`` and compute
-   the measurement over it, the binary, the fspf and the heap, stack and dlopen settings.
+   from the output's blobs, not merely whited out), in a worker thread while this one
+   builds the launcher's runtime and does steps 3 and 4.
+3. Seal the protected entries into one added layer under ``/.enclavify``.
+4. Add the runtime as a second layer under ``/opt/enclavify`` and compute the measurement
+   over it, the binary, the fspf and the heap, stack and dlopen settings.
 5. Write the result file to a temporary name, commit the image atomically, then publish the
    result file. A failure before the commit leaves neither image nor result file; the scratch
    directory is always removed.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -181,37 +182,61 @@ def _convert_opened(
     runtime_files: MergedFilesystem = base.filesystem() if base is not None else filesystem
     runtime_source = f"base image {options.base}" if base is not None else "the image itself"
 
-    # The runtime is built first: an image without a usable Python (and no --base) fails
-    # here, before any layer is rewritten.
-    progress.step("Building the runtime")
-    built = runtimelayer.build(
-        runtime_files,
-        work / "runtime",
-        source=runtime_source,
-        cache_dir=options.runtime_cache,
-        settings=runtimelayer.RuntimeSettings(
-            binary=checked.binary,
-            heap=options.heap,
-            stack=options.stack,
-            dlopen=options.dlopen,
-            regions=checked.protected,
-            plain=checked.plain,
-            cas_address=options.cas_address,
-            cas_certificate=options.cas_certificate,
-            cas_fingerprint=checked.cas_fingerprint,
-            config_id=options.config_id,
-            user=source.config.user,
-        ),
-    )
-
     builder = ImageBuilder(source)
 
-    # --- steps 2 and 3, side by side: a worker thread rewrites the native layers without the
-    # protected directories while this one seals the protected files into the ciphertext
-    # layer. Compression and encryption release the GIL, so each gets a core of its own.
+    # --- steps 2 to 4, side by side: a worker thread rewrites the native layers without the
+    # protected directories while this one builds the runtime, seals the protected files
+    # into the ciphertext layer and writes the runtime layer. Compression and encryption
+    # release the GIL, so each thread gets a core of its own. Should this thread fail (an
+    # image without a usable Python and no --base, say), the rewrite is stopped first.
+    stop = threading.Event()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="enclavify-rewrite") as pool:
-        rewriting = pool.submit(_rewrite_native_layers, builder, checked.protected)
-        sealed_layer, volume = _make_sealed_layer(builder, filesystem, checked, inventory, progress)
+        rewriting = pool.submit(_rewrite_native_layers, builder, checked.protected, stop)
+        try:
+            progress.step("Building the runtime")
+            built = runtimelayer.build(
+                runtime_files,
+                work / "runtime",
+                source=runtime_source,
+                cache_dir=options.runtime_cache,
+                settings=runtimelayer.RuntimeSettings(
+                    binary=checked.binary,
+                    heap=options.heap,
+                    stack=options.stack,
+                    dlopen=options.dlopen,
+                    regions=checked.protected,
+                    plain=checked.plain,
+                    cas_address=options.cas_address,
+                    cas_certificate=options.cas_certificate,
+                    cas_fingerprint=checked.cas_fingerprint,
+                    config_id=options.config_id,
+                    user=source.config.user,
+                ),
+            )
+            sealed_layer, volume = _make_sealed_layer(
+                builder, filesystem, checked, inventory, progress
+            )
+
+            # --- step 4: the measurement and the runtime layer
+            measured = measurement.compute(
+                runtime_digest=measurement.runtime_digest(built.root),
+                binary=checked.binary,
+                binary_digest=measurement.binary_digest(
+                    filesystem, checked.binary, checked.protected
+                ),
+                fspf_digest=hashlib.sha256(volume.fspf).hexdigest(),
+                heap=options.heap,
+                stack=options.stack,
+                dlopen=options.dlopen,
+            )
+            log.debug("measurement %s", measured)
+            runtime_layer = builder.make_layer(
+                lambda writer: runtimelayer.write_layer(writer, built, filesystem),
+                created_by="enclavify: launcher runtime",
+            )
+        except BaseException:
+            stop.set()
+            raise
         rewritten = rewriting.result()
     for index, was_rewritten in enumerate(rewritten, start=1):
         progress.step(
@@ -223,23 +248,7 @@ def _convert_opened(
     for output_layer, entry in zip(builder.layers, neutral, strict=True):
         output_layer.history = [entry]
     builder.append(sealed_layer)
-
-    # --- step 4: the measurement and the runtime layer
-    fspf_digest = hashlib.sha256(volume.fspf).hexdigest()
-    measured = measurement.compute(
-        runtime_digest=measurement.runtime_digest(built.root),
-        binary=checked.binary,
-        binary_digest=measurement.binary_digest(filesystem, checked.binary, checked.protected),
-        fspf_digest=fspf_digest,
-        heap=options.heap,
-        stack=options.stack,
-        dlopen=options.dlopen,
-    )
-    log.debug("measurement %s", measured)
-    builder.add_layer(
-        lambda writer: runtimelayer.write_layer(writer, built, filesystem),
-        created_by="enclavify: launcher runtime",
-    )
+    builder.append(runtime_layer)
 
     # --- step 5: configuration, history, result file and commit
     builder.config = imageconfig.confidential_config(
@@ -297,10 +306,13 @@ def _convert_opened(
     )
 
 
-def _rewrite_native_layers(builder: ImageBuilder, protected: Sequence[str]) -> list[bool]:
+def _rewrite_native_layers(
+    builder: ImageBuilder, protected: Sequence[str], stop: threading.Event
+) -> list[bool]:
     """Add every source layer to ``builder`` without ``protected``; say which were rewritten."""
     return [
-        builder.copy_layer_without(layer, list(protected)) for layer in builder.source.layers
+        builder.copy_layer_without(layer, list(protected), stop=stop)
+        for layer in builder.source.layers
     ]
 
 

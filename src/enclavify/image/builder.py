@@ -26,6 +26,7 @@ import logging
 import shutil
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -202,6 +203,10 @@ class LayerWriter:
         self._tar.addfile(info)
 
 
+class RewriteStopped(Exception):
+    """A layer rewrite ended early because its caller asked it to stop."""
+
+
 class ImageBuilder:
     """Assembles a new image from a source image (see the module documentation)."""
 
@@ -244,7 +249,9 @@ class ImageBuilder:
             )
         )
 
-    def copy_layer_without(self, layer: Layer, excluded: Sequence[str]) -> bool:
+    def copy_layer_without(
+        self, layer: Layer, excluded: Sequence[str], *, stop: threading.Event | None = None
+    ) -> bool:
         """Append a source layer without any entry below the ``excluded`` directories.
 
         The entries are removed from the blob itself, not hidden by whiteouts, and whiteouts
@@ -259,7 +266,8 @@ class ImageBuilder:
         gives a container nothing the source image did not. Whether a device node can be
         opened is up to the runtime's device rules, not its presence in a layer, and the
         merged view that the conversion reads never contains one.
-        Returns whether the layer was rewritten.
+        Returns whether the layer was rewritten. Setting ``stop`` from another thread ends a
+        rewrite early with :class:`RewriteStopped`.
         """
         self._check_layer(layer)
         prefixes = _normalize_excluded(excluded)
@@ -269,7 +277,7 @@ class ImageBuilder:
         log.debug("rewriting layer %d (%s) without %s", layer.index, layer.digest, prefixes)
         blob = self._new_blob_path(f"rewrite-{layer.index}")
         with _TarOutput(blob, self.compression_level) as output:
-            _rewrite_tar(layer, prefixes, output.stream, self.progress)
+            _rewrite_tar(layer, prefixes, output.stream, self.progress, stop)
         self.layers.append(output.layer(history=self._history_for(layer, rewritten=True)))
         return True
 
@@ -448,7 +456,11 @@ def _dropped(entry: tarindex.TarEntry, prefixes: Sequence[str]) -> bool:
 
 
 def _rewrite_tar(
-    layer: Layer, prefixes: Sequence[str], out: IO[bytes], progress: blobs.Progress | None
+    layer: Layer,
+    prefixes: Sequence[str],
+    out: IO[bytes],
+    progress: blobs.Progress | None,
+    stop: threading.Event | None = None,
 ) -> None:
     """Copy the members of ``layer`` to ``out`` byte for byte, leaving dropped ones out.
 
@@ -469,6 +481,8 @@ def _rewrite_tar(
         for entry in layer.entries:
             if progress is not None:
                 progress(entry.header_offset, total, label)
+            if stop is not None and stop.is_set():
+                raise RewriteStopped(f"rewriting layer {layer.index} was stopped")
             if entry.kind not in (tarindex.WHITEOUT, tarindex.OPAQUE, tarindex.META):
                 latest[entry.path] = entry
             if _dropped(entry, prefixes):
