@@ -359,3 +359,26 @@ def test_start_up_imports_stay_lean() -> None:
     for heavy in ("dataclasses", "inspect", "typing", "http.client", "email", "tempfile",
                   "pathlib", "logging", "traceback", "threading"):
         assert heavy not in loaded, f"{heavy} is imported at start-up"
+
+
+def test_measuring_child_imports_stay_lean() -> None:
+    # The measuring child runs beside the launcher's own imports on a busy CPU; json and re
+    # (with enum and functools) would cost it about 7 ms.
+    source = Path(launcher.__file__).resolve().parents[2]
+    code = (
+        f"import sys; sys.path.insert(0, {str(source)!r})\n"
+        "from enclavify.runtime import measuring\n"
+        "measuring._runtime_entries, measuring.measure\n"
+        "from enclavify.attest.treehash import tree_entries\n"
+        "from enclavify.runtime.config import RuntimeConfig\n"
+        "from enclavify.attest import measurement\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True,
+        timeout=60,
+    ).stdout.split()
+
+    assert "enclavify.attest.measurement" in loaded
+    for heavy in ("json", "re", "enum", "collections", "typing", "logging"):
+        assert heavy not in loaded, f"{heavy} is imported by the measuring child"

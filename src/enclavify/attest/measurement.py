@@ -16,18 +16,17 @@ This module is carried into confidential images: standard library only, Python 3
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import posixpath
-import re
 import stat
-from collections.abc import Sequence
 
+from enclavify import jsontext
 from enclavify.attest.treehash import sha256_stream, tree_entries
 from enclavify.errors import UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs about 2 ms at every container start
+    from collections.abc import Sequence
     from os import PathLike
     from typing import IO, Any
 
@@ -46,7 +45,8 @@ STACK_MIN, STACK_MAX, STACK_DEFAULT = 32 * KIB, 8 * MIB, 4 * MIB
 DLOPEN_VALUES = (0, 1, 2)
 DLOPEN_DEFAULT = 2
 
-_SIZE = re.compile(r"([0-9]+)([kKmMgG]?)")
+# A size such as 512k; see parse_size.
+_SIZE = r"([0-9]+)([kKmMgG]?)"
 _UNITS = {"": 1, "k": KIB, "m": MIB, "g": GIB}
 _MAX_SYMLINKS = 40
 
@@ -56,7 +56,11 @@ def parse_size(text: str, *, name: str = "size") -> int:
 
     Suffixes are binary (k = 1024) and case-insensitive. Raises UsageError on anything else.
     """
-    match = _SIZE.fullmatch(text.strip())
+    # re is imported here: the launcher's measuring child imports this module but never
+    # parses a size, and re with its dependencies costs it several ms.
+    import re  # noqa: PLC0415
+
+    match = re.fullmatch(_SIZE, text.strip())
     if match is None:
         raise UsageError(
             f"invalid {name} {text!r}: expected a number with an optional suffix k, M or G"
@@ -110,7 +114,8 @@ def compute(
         "stack": check_stack(stack),
         "dlopen": check_dlopen(dlopen),
     }
-    encoded = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    # jsontext.dumps gives what json.dumps(sort_keys=True, separators=(",", ":")) gives.
+    encoded = jsontext.dumps(fields).encode()
     return hashlib.sha256(encoded).hexdigest()
 
 
@@ -127,7 +132,7 @@ def runtime_digest(root: _PathText) -> str:
 
 def entries_digest(entries: list[TreeEntry]) -> str:
     """Return the runtime digest of the entries :func:`treehash.tree_entries` listed."""
-    encoded = json.dumps(entries, separators=(",", ":")).encode()
+    encoded = jsontext.dumps(entries).encode()
     return hashlib.sha256(encoded).hexdigest()
 
 

@@ -10,9 +10,9 @@ This module is carried into confidential images: standard library only, Python 3
 
 from __future__ import annotations
 
-import json
 import os
 
+from enclavify import jsontext
 from enclavify.errors import LaunchError
 
 TYPE_CHECKING = False
@@ -119,7 +119,8 @@ class RuntimeConfig:
         """Read the config at ``path``; raises LaunchError when missing or invalid."""
         try:
             with open(path, "rb") as stream:
-                data = json.loads(stream.read().decode("utf-8"))
+                # jsontext, not json: the measuring child reads this file too (see there).
+                data = jsontext.loads(stream.read().decode("utf-8"))
         except FileNotFoundError as error:
             raise LaunchError(f"runtime settings {os.fspath(path)!r} not found") from error
         except (OSError, ValueError) as error:
@@ -130,6 +131,8 @@ class RuntimeConfig:
 
     def write(self, path: _PathText) -> None:
         """Write the config to ``path`` atomically (mode 0644, sorted keys)."""
+        import json  # noqa: PLC0415 - written at conversion, never in an image
+
         text = json.dumps(self.to_json(), sort_keys=True, indent=2) + "\n"
         directory = os.path.dirname(os.fspath(path))
         temporary = os.path.join(directory, f".runtime-{os.urandom(8).hex()}.json")
