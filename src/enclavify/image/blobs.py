@@ -90,6 +90,9 @@ class HashingWriter(io.RawIOBase):
         self.count += len(view)
         return len(view)
 
+    def tell(self) -> int:
+        return self.count
+
     @property
     def digest(self) -> str:
         return "sha256:" + self.hash.hexdigest()
@@ -110,6 +113,7 @@ class BackgroundWriter(io.RawIOBase):
     def __init__(self, inner: IO[bytes]) -> None:
         self._inner = inner
         self._buffer = bytearray()
+        self._count = 0
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self._QUEUED)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="layer-compress", daemon=True)
@@ -122,10 +126,14 @@ class BackgroundWriter(io.RawIOBase):
         if self._error is not None:
             raise self._error
         self._buffer += data
+        self._count += len(data)
         if len(self._buffer) >= CHUNK:
             self._queue.put(bytes(self._buffer))
             self._buffer.clear()
         return len(data)
+
+    def tell(self) -> int:
+        return self._count
 
     def finish(self) -> None:
         """Hand over the rest, wait for the worker, and raise its error if it had one."""
