@@ -155,6 +155,90 @@ class BackgroundWriter(io.RawIOBase):
                     self._error = error
 
 
+class _Announcing:
+    """Writes to ``content``, flushes ``file`` and calls ``written`` with the bytes so far."""
+
+    def __init__(
+        self, content: HashingWriter, file: IO[bytes], written: Callable[[int], None]
+    ) -> None:
+        self._content, self._file, self._written = content, file, written
+
+    def write(self, data: bytes, /) -> int:
+        count = self._content.write(data)
+        self._file.flush()
+        self._written(self._content.count)
+        return count
+
+
+class GrowingFile(io.RawIOBase):
+    """Reads a file that another thread is still writing; a read waits for its bytes.
+
+    The writer calls :meth:`grew` with the file's size whenever more bytes are in it, and
+    :meth:`complete` at the end, successful or not. A read past the end of a complete file
+    returns what there is, as at the end of any file; after a failed write it raises
+    OSError, so that a reader stops without an error of its own.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._file: IO[bytes] | None = None
+        self._position = 0
+        self._size = 0
+        self._complete = False
+        self._failed = False
+        self._changed = threading.Condition()
+
+    def grew(self, size: int) -> None:
+        with self._changed:
+            self._size = size
+            self._changed.notify_all()
+
+    def complete(self, *, failed: bool = False) -> None:
+        with self._changed:
+            self._complete, self._failed = True, failed
+            self._changed.notify_all()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            pos += self._position
+        elif whence == io.SEEK_END:
+            with self._changed:
+                self._changed.wait_for(lambda: self._complete)
+                pos += self._size
+        self._position = max(0, pos)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        end = self._position + len(buffer)
+        if end > self._size:
+            with self._changed:
+                self._changed.wait_for(lambda: self._complete or self._size >= end)
+        if self._failed:
+            raise OSError(f"{self._path}: writing it failed")
+        available = min(end, self._size) - self._position
+        if available <= 0:
+            return 0
+        if self._file is None:
+            self._file = open(self._path, "rb", buffering=0)  # noqa: SIM115 (closed in close)
+        count = os.preadv(self._file.fileno(), [memoryview(buffer)[:available]], self._position)
+        self._position += count
+        return count
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        super().close()
+
+
 class SliceReader(io.RawIOBase):
     """``size`` bytes of a file starting at ``offset``, read with its own file descriptor."""
 
@@ -224,10 +308,13 @@ def decompress_blob(
     expected_size: int | None,
     expected_diff_id: str | None,
     progress: Callable[[int], None] | None = None,
+    written: Callable[[int], None] | None = None,
 ) -> tuple[str, int, str, str, int]:
     """Decompress a layer blob into ``target`` while checking both its digests.
 
     Returns ``(blob digest, blob size, compression, diff_id, uncompressed size)``.
+    ``written`` is called from a worker thread with the number of bytes in ``target`` each
+    time more have reached the file, for a :class:`GrowingFile` that reads it meanwhile.
 
     Raises:
         ImageError: the blob's digest, size or uncompressed digest differ from what the
@@ -241,7 +328,10 @@ def decompress_blob(
             # Hashing and writing the content happen in a worker while this thread reads,
             # hashes and inflates the next chunk.
             content = HashingWriter(out)
-            background = BackgroundWriter(cast(IO[bytes], content))
+            sink: _Writable = content
+            if written is not None:
+                sink = _Announcing(content, out, written)
+            background = BackgroundWriter(cast(IO[bytes], sink))
             try:
                 reader = decompressing_reader(buffered, compression)
                 while chunk := reader.read(CHUNK):

