@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-# What JSON allows between tokens, and what the scanner does not skip before a value.
+# The whitespace JSON allows between tokens, which the scanner does not skip before a value.
 _WHITESPACE = " \t\n\r"
 
 

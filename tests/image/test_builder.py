@@ -128,13 +128,13 @@ def test_stopped_rewrite_leaves_no_blob(source: SourceImage) -> None:
 
 def test_made_layer_is_added_where_appended(source: SourceImage) -> None:
     builder = ImageBuilder(source)
-    made = builder.make_layer(
+    layer = builder.make_layer(
         lambda writer: writer.add_bytes("/made", b"x", mode=0o644, uid=0, gid=0, mtime=0.0),
         created_by="made first",
         compressed=False,
     )
     builder.copy_layer_without(source.layers[0], ["/app"])
-    builder.append(made)
+    builder.append(layer)
     built = builder.build()
     assert [layer.history[-1]["created_by"] for layer in built.layers][-1] == "made first"
     # An uncompressed layer's blob is its content: one digest for both.

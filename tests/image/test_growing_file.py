@@ -29,7 +29,7 @@ def test_reads_wait_for_the_writer(tmp_path: Path) -> None:
     writer = threading.Thread(target=_writer, args=(path, growing, pieces))
     writer.start()
     try:
-        # Each read asks for more than has been written when it starts.
+        # Each read wants more than has been written when it starts.
         assert growing.read(1000) == bytes([0]) * 700 + bytes([1]) * 300
         growing.seek(2800)
         assert growing.read(10_000) == bytes([4]) * 700  # the rest, once the file is complete
@@ -40,7 +40,7 @@ def test_reads_wait_for_the_writer(tmp_path: Path) -> None:
         growing.close()
 
 
-def test_a_failed_write_ends_the_reader(tmp_path: Path) -> None:
+def test_read_after_failed_write_raises(tmp_path: Path) -> None:
     path = tmp_path / "layer.tar"
     path.touch()
     growing = GrowingFile(path)

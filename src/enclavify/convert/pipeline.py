@@ -309,7 +309,10 @@ def _convert_opened(
 def _rewrite_native_layers(
     builder: ImageBuilder, protected: Sequence[str], stop: threading.Event
 ) -> list[bool]:
-    """Add every source layer to ``builder`` without ``protected``; say which were rewritten."""
+    """Add every source layer to ``builder`` without ``protected``.
+
+    Returns, for each layer, whether it was rewritten (or else copied as it is).
+    """
     return [
         builder.copy_layer_without(layer, list(protected), stop=stop)
         for layer in builder.source.layers

@@ -175,8 +175,8 @@ class GrowingFile(io.RawIOBase):
 
     The writer calls :meth:`grew` with the file's size whenever more bytes are in it, and
     :meth:`complete` at the end, successful or not. A read past the end of a complete file
-    returns what there is, as at the end of any file; after a failed write it raises
-    OSError, so that a reader stops without an error of its own.
+    returns what there is, as at the end of any file. After a failed write a read raises
+    OSError, so that the reader stops instead of reporting an error of its own.
     """
 
     def __init__(self, path: Path) -> None:

@@ -558,9 +558,9 @@ def _copy_range(source: IO[bytes], out: IO[bytes], start: int, end: int) -> None
 def _tar_writer(out: IO[bytes]) -> tarfile.TarFile:
     """Return a PAX tar writer over ``out``, which must count its bytes in ``tell()``.
 
-    Not tarfile's stream mode ("w|"): that passes everything on in 10 KiB records, and a
-    file's content is copied in 16 KiB pieces by default, which for a 224 MiB pack took
-    tens of thousands of calls through the hashing and background writers. Plain "w" mode
+    Not tarfile's stream mode ("w|"), which passes everything on in 10 KiB records. With a
+    file's content copied in 16 KiB pieces by default, a 224 MiB pack took tens of thousands
+    of calls through the hashing and background writers. Plain "w" mode
     writes what it is given, and the content goes in :data:`blobs.CHUNK` pieces. The bytes
     are the same: both modes pad the archive to whole records.
     """

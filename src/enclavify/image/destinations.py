@@ -265,9 +265,9 @@ def _add_member(
 def _archive_writer(out: IO[bytes]) -> tarfile.TarFile:
     """Return a PAX tar writer streaming to ``out``, which may be a pipe.
 
-    tarfile's defaults pass a blob on in 16 KiB pieces and 10 KiB records; pieces and
-    records of :data:`blobs.CHUNK` take a few hundred calls for a 250 MiB image instead of
-    tens of thousands. Only the archive's members are few, so the larger record costs
+    tarfile's defaults pass a blob on in 16 KiB pieces and 10 KiB records. Pieces and records
+    of :data:`blobs.CHUNK` take a few hundred calls for a 250 MiB image, not tens of
+    thousands. Only the archive's members are few, so the larger record costs
     nothing when the small headers are added to it. The bytes are the same either way.
     """
     # copybufsize reaches TarFile through open()'s keywords; the type stubs do not list it.
