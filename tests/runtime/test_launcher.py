@@ -339,21 +339,27 @@ def test_preloaded_library_rejected(tmp_path: Path) -> None:
         launcher.check_loaded_libraries(Path("/opt/enclavify"), str(maps))
 
 
+def _modules_loaded_by(*imports: str) -> list[str]:
+    """Return the modules a fresh interpreter holds after running ``imports``."""
+    source = Path(launcher.__file__).resolve().parents[2]
+    code = "\n".join(
+        [f"import sys; sys.path.insert(0, {str(source)!r})", *imports,
+         "print(' '.join(sorted(sys.modules)))"]
+    )
+    return subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True,
+        timeout=60,
+    ).stdout.split()
+
+
 def test_start_up_imports_stay_lean() -> None:
     # The launcher imports these at every container start; dataclasses (with inspect, ast
     # and dis), typing, pathlib, http.client (with email), logging (with traceback and
     # tokenize) and threading each cost a millisecond or more there.
-    source = Path(launcher.__file__).resolve().parents[2]
-    code = (
-        f"import sys; sys.path.insert(0, {str(source)!r})\n"
-        "import enclavify.runtime.measuring, enclavify.runtime.launcher\n"
-        "import enclavify.attest.producers, enclavify.cas.client\n"
-        "print(' '.join(sorted(sys.modules)))"
+    loaded = _modules_loaded_by(
+        "import enclavify.runtime.measuring, enclavify.runtime.launcher",
+        "import enclavify.attest.producers, enclavify.cas.client",
     )
-    loaded = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True,
-        timeout=60,
-    ).stdout.split()
 
     assert "enclavify.cas.client" in loaded
     for heavy in ("dataclasses", "inspect", "typing", "http.client", "email", "tempfile",
@@ -363,21 +369,13 @@ def test_start_up_imports_stay_lean() -> None:
 
 def test_measuring_child_imports_stay_lean() -> None:
     # The measuring child runs beside the launcher's own imports on a busy CPU; json and re
-    # (with enum and functools) would cost it about 7 ms.
-    source = Path(launcher.__file__).resolve().parents[2]
-    code = (
-        f"import sys; sys.path.insert(0, {str(source)!r})\n"
-        "from enclavify.runtime import measuring\n"
-        "measuring._runtime_entries, measuring.measure\n"
-        "from enclavify.attest.treehash import tree_entries\n"
-        "from enclavify.runtime.config import RuntimeConfig\n"
-        "from enclavify.attest import measurement\n"
-        "print(' '.join(sorted(sys.modules)))"
+    # (with enum and functools) would cost it about 7 ms. These are the child's imports.
+    loaded = _modules_loaded_by(
+        "from enclavify.runtime import measuring",
+        "from enclavify.attest.treehash import tree_entries",
+        "from enclavify.runtime.config import RuntimeConfig",
+        "from enclavify.attest import measurement",
     )
-    loaded = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True,
-        timeout=60,
-    ).stdout.split()
 
     assert "enclavify.attest.measurement" in loaded
     for heavy in ("json", "re", "enum", "collections", "typing", "logging"):

@@ -631,32 +631,22 @@ class _TarOutput:
 
     def layer(self, history: list[dict[str, Any]]) -> OutputLayer:
         path = self.path
-        if self._gzip is None:
-            opener = functools.partial(_open_binary, path)
-            return OutputLayer(
-                media_type=OCI_LAYER,
-                digest=self._blob.digest,
-                size=self._blob.count,
-                diff_id=self._blob.digest,
-                uncompressed_size=self._blob.count,
-                compression=blobs.UNCOMPRESSED,
-                open_blob=opener,
-                open_uncompressed=opener,
-                history=history,
-                path=path,
-            )
+        compression = blobs.UNCOMPRESSED if self._gzip is None else blobs.GZIP
+        open_blob = functools.partial(_open_binary, path)
 
         def uncompressed() -> IO[bytes]:
+            if compression == blobs.UNCOMPRESSED:
+                return open_blob()
             return cast(IO[bytes], igzip.open(path, "rb"))  # type: ignore[no-untyped-call]
 
         return OutputLayer(
-            media_type=OCI_LAYER_GZIP,
+            media_type=_MEDIA_TYPES[compression],
             digest=self._blob.digest,
             size=self._blob.count,
             diff_id=self._content.digest,
             uncompressed_size=self._content.count,
-            compression=blobs.GZIP,
-            open_blob=lambda: open(path, "rb"),
+            compression=compression,
+            open_blob=open_blob,
             open_uncompressed=uncompressed,
             history=history,
             path=path,
