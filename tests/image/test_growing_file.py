@@ -1,7 +1,8 @@
-"""Reading a layer tar while another thread still writes it."""
+"""Reading a layer tar while another thread still writes it, and the GIL switch interval."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from enclavify.image.blobs import GrowingFile
+from enclavify.image.source import _SWITCH_INTERVAL, _short_switch_interval
 
 
 def _writer(path: Path, growing: GrowingFile, pieces: list[bytes], *, fail: bool = False) -> None:
@@ -54,3 +56,13 @@ def test_read_after_failed_write_raises(tmp_path: Path) -> None:
     finally:
         writer.join()
         growing.close()
+
+
+def test_switch_interval_restored_by_last_user() -> None:
+    before = sys.getswitchinterval()
+    with _short_switch_interval:
+        assert sys.getswitchinterval() == pytest.approx(_SWITCH_INTERVAL)
+        with _short_switch_interval:  # a second thread unpacking at the same time
+            pass
+        assert sys.getswitchinterval() == pytest.approx(_SWITCH_INTERVAL)
+    assert sys.getswitchinterval() == before

@@ -18,6 +18,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -112,6 +113,35 @@ class _Resolved:
 # Seconds a thread may hold the GIL while another waits for it, while a layer is unpacked
 # and indexed (see _unpack_layer).
 _SWITCH_INTERVAL = 0.0005
+
+
+class _ShortSwitchInterval:
+    """Sets the interpreter's switch interval to :data:`_SWITCH_INTERVAL` while in use.
+
+    The setting is the whole process's, so layers unpacked in several threads at once share
+    one change: the first to enter saves the old interval and the last to leave restores it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = 0.0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(_SWITCH_INTERVAL)
+            self._users += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                sys.setswitchinterval(self._saved)
+
+
+_short_switch_interval = _ShortSwitchInterval()
 
 
 class SourceImage:
@@ -241,10 +271,11 @@ def _unpack_layer(
     """
     growing = blobs.GrowingFile(target)
     reader = io.BufferedReader(growing, buffer_size=blobs.CHUNK)
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(_SWITCH_INTERVAL)
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="enclavify-index") as pool:
+        with (
+            _short_switch_interval,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="enclavify-index") as pool,
+        ):
             indexing = pool.submit(tarindex.index_layer, target, name, reader)
             try:
                 with source.open() as stream:
@@ -265,7 +296,6 @@ def _unpack_layer(
             growing.complete()
             return (*unpacked, indexing.result())
     finally:
-        sys.setswitchinterval(switch_interval)
         reader.close()
 
 
