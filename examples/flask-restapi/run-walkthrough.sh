@@ -79,7 +79,7 @@ run-walkthrough: kept everything running. The scratch directory is $work.
   talk to the CAS:  ENCLAVIFY_CAS_DATA=$work/cas XDG_CONFIG_HOME=$work/config \\
                       $top/.venv/bin/enclavify session show ${SESSION:-SESSION} --cas localhost:$cas_port
   call the API:     curl --cacert $work/api-ca.crt --resolve api:4996:127.0.0.1 https://api:4996/patient/patient_3
-                    (the server certificate names api only, hence --resolve rather than 127.0.0.1)
+                    (the server certificate is valid for the name api only, hence --resolve)
   clean up:         (cd $work && ${compose[*]} down); kill ${cas_pid:-CAS_PID}; \\
                       $engine rmi $image $native_image; rm -rf $work
 TEXT
