@@ -18,6 +18,8 @@ from enclavify import crypto
 from enclavify.attest import report_data
 from enclavify.cas.client import CasClient, Identity
 from enclavify.errors import CasRejected
+from enclavify.runtime.casaccess import start_challenge
+from enclavify.runtime.config import RuntimeConfig
 
 from .conftest import MEASUREMENT, OTHER_MEASUREMENT, CasProcess, app_yaml, start_cas, unique
 
@@ -71,6 +73,49 @@ def _request_body(
         "public_key": public.hex(),
         "evidence": {"type": evidence_type, "data": base64.b64encode(evidence).decode()},
     }
+
+
+def test_nonce_asked_early_serves_first_attempt(
+    release_cas: CasProcess, identities: dict[str, Identity]
+) -> None:
+    _, name = _create(release_cas, identities["alice"])
+    launcher = release_cas.client(None)
+    nonce = launcher.challenge()
+    configuration = launcher.request_configuration(f"{name}/api", simulation(), nonce=nonce)
+    assert configuration["fspf_key"] == FSPF_KEY
+    # The nonce given was the one used: the CAS takes each nonce once.
+    with pytest.raises(CasRejected, match="nonce"):
+        launcher.request_configuration(f"{name}/api", simulation(), nonce=nonce)
+
+
+def test_early_challenge_from_runtime_settings(
+    release_cas: CasProcess, identities: dict[str, Identity], tmp_path: Path
+) -> None:
+    _, name = _create(release_cas, identities["alice"])
+    runtime = tmp_path / "opt" / "enclavify"
+    runtime.mkdir(parents=True)
+    (runtime / "cas-ca.pem").write_bytes(release_cas.ca_pem)
+    RuntimeConfig(
+        binary="/usr/bin/python3", heap=1 << 30, stack=4 << 20, dlopen=2,
+        cas_address=release_cas.address, cas_certificate="/opt/enclavify/cas-ca.pem",
+        config_id=f"{name}/api",
+    ).write(runtime / "runtime.json")
+
+    early = start_challenge({}, runtime)
+    assert early is not None
+    nonce = early.nonce()
+    assert nonce is not None
+    # The thread tried to connect once; the launcher's own requests retry as usual.
+    assert early.client.attempts == release_cas.client(None).attempts > 1
+    configuration = early.client.request_configuration(f"{name}/api", simulation(), nonce=nonce)
+    assert configuration["fspf_key"] == FSPF_KEY
+
+    # No early challenge for the debug configuration file or settings that are wrong.
+    assert start_challenge({"ENCLAVIFY_INSECURE_CONFIG_FILE": "/x.json"}, runtime) is None
+    assert start_challenge({}, tmp_path / "missing") is None
+    unreachable = start_challenge({"ENCLAVIFY_CAS_ADDR": "127.0.0.1:1"}, runtime)
+    assert unreachable is not None
+    assert unreachable.nonce() is None
 
 
 def test_right_measurement_gets_configuration(

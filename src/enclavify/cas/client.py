@@ -217,6 +217,11 @@ class CasClient:
 
     # -- attestation ----------------------------------------------------------------------
 
+    def challenge(self) -> bytes:
+        """Ask the CAS for a nonce to attest with; the connection stays open for the evidence."""
+        answer = self._request("POST", "/v1/attest/challenge", b"{}", idempotent=True)
+        return bytes.fromhex(str(answer["nonce"]))
+
     def request_configuration(
         self,
         config_id: str,
@@ -224,21 +229,21 @@ class CasClient:
         *,
         attempts: int = 5,
         backoff: float = 0.5,
+        nonce: bytes | None = None,
     ) -> dict[str, Any]:
         """Attest to the CAS and return the decrypted configuration of ``config_id``.
 
         ``produce_evidence(report_data)`` returns ``(evidence_type, evidence_bytes)``. The whole
-        exchange (a fresh challenge each time) is retried on connection errors only. The
-        connection to the CAS is closed on return.
+        exchange (a fresh challenge each time) is retried on connection errors only. ``nonce``,
+        from an earlier :meth:`challenge`, serves the first attempt instead of a new
+        challenge. The connection to the CAS is closed on return.
         """
         try:
             delay = backoff
             for attempt in range(1, max(1, attempts) + 1):
                 try:
-                    challenge = self._request(
-                        "POST", "/v1/attest/challenge", b"{}", idempotent=True
-                    )
-                    nonce = bytes.fromhex(str(challenge["nonce"]))
+                    if nonce is None:
+                        nonce = self.challenge()
                     private_key, public_key = crypto.x25519_generate()
                     evidence_type, evidence = produce_evidence(
                         report_data_module.bind(nonce, public_key)
@@ -261,6 +266,7 @@ class CasClient:
                     log.debug("attestation attempt %d failed (%s); retrying", attempt, error)
                     time.sleep(delay)
                     delay *= 2
+                    nonce = None
                     continue
                 return _open_configuration(answer, private_key, nonce)
             raise CasError("attestation failed")  # unreachable: the loop returns or raises

@@ -6,18 +6,30 @@ import runpy first. ``python -m enclavify.runtime`` works as well.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from enclavify.runtime.measuring import PendingMeasurement
 
 
 def _main() -> int:
-    # The measurement starts in a child process before the launcher's other modules are
-    # imported, so that hashing the runtime overlaps importing them.
-    pending = PendingMeasurement() if sys.argv[1:2] in ([], ["run"]) else None
+    if sys.argv[1:2] not in ([], ["run"]):
+        from enclavify.runtime.launcher import main  # noqa: PLC0415
+
+        return main()
+    # The measurement starts in a child process, and the challenge from the CAS in a thread,
+    # before the launcher's other modules are imported, so that hashing the runtime and
+    # waiting for the CAS overlap importing them.
+    pending = PendingMeasurement()
+    from enclavify import logs  # noqa: PLC0415
+    from enclavify.runtime.casaccess import start_challenge  # noqa: PLC0415
+
+    # Set before the thread starts: a record logged before would import logging.
+    logs.to_stderr(os.environ.get("ENCLAVIFY_LOG_LEVEL", "warning"))
+    early = start_challenge(os.environ)
     from enclavify.runtime.launcher import main  # noqa: PLC0415
 
-    return main(pending=pending)
+    return main(pending=pending, early=early)
 
 
 sys.exit(_main())

@@ -34,6 +34,7 @@ from enclavify import logs
 from enclavify.errors import Error, LaunchError
 from enclavify.protect.unseal import unseal_tree
 from enclavify.runtime import libcrypto, mounts
+from enclavify.runtime.casaccess import INSECURE_CONFIG_VARIABLE, EarlyChallenge, cas_settings
 from enclavify.runtime.config import CONFIG_NAME, RUNTIME_DIR, RuntimeConfig
 from enclavify.runtime.measuring import PendingMeasurement, measure
 from enclavify.values import Value
@@ -49,9 +50,6 @@ if TYPE_CHECKING:
 
 log = logs.get_logger(__name__)
 
-INSECURE_CONFIG_VARIABLE = "ENCLAVIFY_INSECURE_CONFIG_FILE"
-CAS_ADDRESS_VARIABLES = ("ENCLAVIFY_CAS_ADDR", "SCONE_CAS_ADDR")
-CONFIG_ID_VARIABLES = ("ENCLAVIFY_CONFIG_ID", "SCONE_CONFIG_ID")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_INJECTION_MODE = 0o600
 
@@ -171,15 +169,17 @@ def obtain_configuration(
     measured: Callable[[], str],
     environ: Mapping[str, str],
     runtime_dir: _PathText,
+    early: Optional[EarlyChallenge] = None,
 ) -> Configuration:
     """Get the configuration from the insecure debug file or, normally, from the CAS.
 
     ``measured()`` returns the measurement; it is called only when the evidence needs it.
+    ``early`` is a challenge the entrypoint started asking for.
     """
     insecure = environ.get(INSECURE_CONFIG_VARIABLE)
     if insecure:
         return _insecure_configuration(insecure, measured())
-    return _cas_configuration(config, measured, environ, runtime_dir)
+    return _cas_configuration(config, measured, environ, runtime_dir, early)
 
 
 def _insecure_configuration(path: str, measured: str) -> Configuration:
@@ -210,35 +210,13 @@ def _cas_configuration(
     measured: Callable[[], str],
     environ: Mapping[str, str],
     runtime_dir: _PathText,
+    early: Optional[EarlyChallenge],
 ) -> Configuration:
-    address = _first(environ, CAS_ADDRESS_VARIABLES) or config.cas_address
-    config_id = _first(environ, CONFIG_ID_VARIABLES) or config.config_id
-    if not address:
-        raise LaunchError("no CAS address: set ENCLAVIFY_CAS_ADDR or convert the image with --cas")
-    if not config_id:
-        raise LaunchError(
-            "no configuration id: set ENCLAVIFY_CONFIG_ID to <namespace/session>/<service>"
-        )
-    ca_pem = None
-    if config.cas_certificate:
-        # Only a certificate inside the runtime tree is covered by the measurement.
-        pinned = posixpath.normpath(config.cas_certificate)
-        if not pinned.startswith(f"{RUNTIME_DIR}/"):
-            raise LaunchError(
-                f"{CONFIG_NAME}: the CAS certificate {pinned!r} must lie in {RUNTIME_DIR}"
-            )
-        certificate = os.path.join(runtime_dir, pinned[len(f"{RUNTIME_DIR}/") :])
-        try:
-            with open(certificate, "rb") as stream:
-                ca_pem = stream.read()
-        except OSError as error:
-            raise LaunchError(f"cannot read the pinned CAS certificate: {error}") from error
-    if ca_pem is None and not config.cas_fingerprint:
-        raise LaunchError("the image pins no CAS certificate; convert it again with --cas")
+    settings = cas_settings(config, environ, runtime_dir)
     try:
         # Imported here so that the insecure debug path works without them.
         from enclavify.attest import producers  # noqa: PLC0415
-        from enclavify.cas.client import CasClient  # noqa: PLC0415
+        from enclavify.cas.client import CasClient  # noqa: F401, PLC0415
     except ImportError as error:
         raise LaunchError(f"this runtime cannot attest: {error}") from error
 
@@ -248,22 +226,24 @@ def _cas_configuration(
         )
         return str(evidence_type), bytes(evidence)
 
+    address, config_id = settings.address, settings.config_id
     log.debug("requesting configuration %s from the CAS at %s", config_id, address)
-    client = CasClient(address, ca_pem=ca_pem, fingerprint=config.cas_fingerprint)
-    data = client.request_configuration(config_id, produce)
+    nonce = None
+    if early is not None and (early.settings.address, early.settings.config_id) == (
+        address,
+        config_id,
+    ):
+        client = early.client
+        nonce = early.nonce()
+    else:
+        client = settings.client()
+    data = client.request_configuration(config_id, produce, nonce=nonce)
     return parse_configuration(data, source=f"CAS {address} configuration {config_id!r}")
 
 
 def _inside(root: _PathText, path: str) -> str:
     """Return where the image path ``path`` lies on the host when the image's root is ``root``."""
     return os.path.join(root, path.lstrip("/"))
-
-
-def _first(environ: Mapping[str, str], names: Sequence[str]) -> Optional[str]:
-    for name in names:
-        if environ.get(name):
-            return environ[name]
-    return None
 
 
 def unseal(config: RuntimeConfig, configuration: Configuration, root: _PathText) -> None:
@@ -476,10 +456,12 @@ def launch(
     runtime_dir: _PathText = RUNTIME_DIR,
     root: _PathText = "/",
     pending: Optional[PendingMeasurement] = None,
+    early: Optional[EarlyChallenge] = None,
 ) -> None:
     """Start the application; returns only by raising.
 
     ``pending`` is the measurement the entrypoint started; without it one starts here.
+    ``early`` is the challenge the entrypoint started asking the CAS for, if it did.
     """
     if pending is None:
         pending = PendingMeasurement(runtime_dir, root)
@@ -488,7 +470,9 @@ def launch(
         if os.fspath(runtime_dir) == RUNTIME_DIR:
             check_loaded_libraries(runtime_dir)
             pin_libcrypto(runtime_dir)
-        configuration = obtain_configuration(config, pending.result, environ, runtime_dir)
+        configuration = obtain_configuration(
+            config, pending.result, environ, runtime_dir, early
+        )
     finally:
         # Reaped in every case, so that the application never inherits the child.
         pending.close()
@@ -515,11 +499,13 @@ def launch(
 
 
 def main(
-    argv: Optional[Sequence[str]] = None, pending: Optional[PendingMeasurement] = None
+    argv: Optional[Sequence[str]] = None,
+    pending: Optional[PendingMeasurement] = None,
+    early: Optional[EarlyChallenge] = None,
 ) -> int:
     """Run the launcher command in ``argv``: ``run`` (the default) or ``measure``.
 
-    ``pending`` is a measurement already started for ``run``.
+    ``pending`` is a measurement and ``early`` a challenge already started for ``run``.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     logs.to_stderr(os.environ.get("ENCLAVIFY_LOG_LEVEL", "warning"))
@@ -527,7 +513,7 @@ def main(
     log.debug("launcher started: %s", command)
     try:
         if command == "run":
-            launch(environ=os.environ, pending=pending)
+            launch(environ=os.environ, pending=pending, early=early)
             return 1
         if command == "measure":
             config = RuntimeConfig.load(os.path.join(RUNTIME_DIR, CONFIG_NAME))
