@@ -35,7 +35,7 @@ CONFIG_ID_VARIABLES = ("ENCLAVIFY_CONFIG_ID", "SCONE_CONFIG_ID")
 
 
 class CasSettings:
-    """Where the CAS is, which configuration to ask it for, and how to recognise it."""
+    """The CAS's address, the configuration to ask it for, and how to recognise the CAS."""
 
     def __init__(
         self, address: str, config_id: str, ca_pem: Optional[bytes], fingerprint: Optional[str]
