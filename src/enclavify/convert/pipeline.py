@@ -331,7 +331,8 @@ def _make_sealed_layer(
     total = sealed_total(filesystem, inventory, checked.protected)
 
     def fill(writer: LayerWriter) -> None:
-        with progress.task("Encrypting protected files", total=total) as task:
+        # The total is the pack's size: the plaintext plus a 16-byte tag per 64 KiB chunk.
+        with progress.task("Encrypting protected files into the pack", total=total) as task:
             sealed.append(
                 write_sealed_layer(writer, filesystem, inventory, checked.protected, task=task)
             )
