@@ -18,6 +18,7 @@ from enclavify import crypto
 from enclavify.attest import report_data
 from enclavify.cas.client import CasClient, Identity
 from enclavify.errors import CasRejected
+from enclavify.runtime import launcher as launcher_module
 from enclavify.runtime.casaccess import start_challenge
 from enclavify.runtime.config import RuntimeConfig
 
@@ -116,6 +117,31 @@ def test_early_challenge_from_runtime_settings(
     unreachable = start_challenge({"ENCLAVIFY_CAS_ADDR": "127.0.0.1:1"}, runtime)
     assert unreachable is not None
     assert unreachable.nonce() is None
+
+
+def test_early_challenge_for_other_settings_is_not_used(
+    release_cas: CasProcess, identities: dict[str, Identity], tmp_path: Path
+) -> None:
+    _, first = _create(release_cas, identities["alice"])
+    _, second = _create(release_cas, identities["alice"])
+    runtime = tmp_path / "opt" / "enclavify"
+    runtime.mkdir(parents=True)
+    (runtime / "cas-ca.pem").write_bytes(release_cas.ca_pem)
+    config = RuntimeConfig(
+        binary="/usr/bin/python3", heap=1 << 30, stack=4 << 20, dlopen=2,
+        cas_address=release_cas.address, cas_certificate="/opt/enclavify/cas-ca.pem",
+        config_id=f"{first}/api",
+    )
+    config.write(runtime / "runtime.json")
+    early = start_challenge({}, runtime)
+    assert early is not None
+
+    # The environment names another service than the early challenge was asked for.
+    configuration = launcher_module.obtain_configuration(
+        config, lambda: MEASUREMENT, {"ENCLAVIFY_CONFIG_ID": f"{second}/api"}, runtime, early
+    )
+    assert configuration.fspf_key == bytes.fromhex(FSPF_KEY)
+    assert not early._done.locked()  # the thread was waited for all the same
 
 
 def test_right_measurement_gets_configuration(

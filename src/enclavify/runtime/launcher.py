@@ -228,14 +228,15 @@ def _cas_configuration(
 
     address, config_id = settings.address, settings.config_id
     log.debug("requesting configuration %s from the CAS at %s", config_id, address)
-    nonce = None
-    if early is not None and (early.settings.address, early.settings.config_id) == (
-        address,
-        config_id,
-    ):
-        client = early.client
-        nonce = early.nonce()
-    else:
+    client, nonce = None, None
+    if early is not None:
+        # Waited for in every case, so that no thread runs when the unsealer forks.
+        early_nonce = early.nonce()
+        if (early.settings.address, early.settings.config_id) == (address, config_id):
+            client, nonce = early.client, early_nonce
+        else:
+            early.client.close()
+    if client is None:
         client = settings.client()
     data = client.request_configuration(config_id, produce, nonce=nonce)
     return parse_configuration(data, source=f"CAS {address} configuration {config_id!r}")
