@@ -49,14 +49,24 @@ class _CryptographyBackend:
     def __init__(self) -> None:
         # Imported here so that an image without pyca/cryptography never touches it.
         from cryptography.exceptions import InvalidTag  # noqa: PLC0415
-        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-        from cryptography.hazmat.primitives.asymmetric import x25519  # noqa: PLC0415
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
 
         self._aesgcm = AESGCM
         self._invalid_tag = InvalidTag
-        self._serialization = serialization
-        self._x25519 = x25519
+
+    @property
+    def _x25519(self) -> Any:
+        # Imported on first use: a conversion seals with AES-GCM only, and the serialization
+        # module X25519 needs takes about 8 ms to import.
+        from cryptography.hazmat.primitives.asymmetric import x25519  # noqa: PLC0415
+
+        return x25519
+
+    @property
+    def _serialization(self) -> Any:
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+        return serialization
 
     def aes_gcm(self, key: bytes) -> Any:
         return _BackendAesGcm(self._aesgcm(bytes(key)), self._invalid_tag)
@@ -75,7 +85,7 @@ class _CryptographyBackend:
     def x25519_exchange(self, private: bytes, peer_public: bytes) -> bytes:
         own = self._x25519.X25519PrivateKey.from_private_bytes(bytes(private))
         peer = self._x25519.X25519PublicKey.from_public_bytes(bytes(peer_public))
-        return own.exchange(peer)
+        return bytes(own.exchange(peer))
 
 
 class _BackendAesGcm:

@@ -33,6 +33,8 @@ def test_image_convert_imports_no_server_modules() -> None:
     # Only a conversion with --cas-cert, or one to or from a registry, needs these.
     assert "cryptography.x509" not in modules
     assert "http.client" not in modules
+    assert "enclavify.cas.client" not in modules
+    assert "ssl" not in modules
 
 
 def test_cas_command_still_loads_its_group() -> None:

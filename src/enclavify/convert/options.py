@@ -26,7 +26,6 @@ from enclavify.attest.measurement import (
     STACK_MAX,
     STACK_MIN,
 )
-from enclavify.cas.client import pem_fingerprint
 from enclavify.errors import CasError, UsageError
 
 HEAP_RANGE = (HEAP_MIN, HEAP_MAX)
@@ -211,9 +210,11 @@ def certificate_fingerprint(pem: bytes) -> str:
     Raises:
         UsageError: ``pem`` is not exactly one parseable X.509 certificate.
     """
-    # Imported here: cryptography's x509 module takes about 20 ms to import, and only a
-    # conversion with --cas-cert needs it.
+    # Imported here: cryptography's x509 module takes about 20 ms to import, the CAS client
+    # (with ssl and socket) about 10 ms, and only a conversion with --cas-cert needs them.
     from cryptography import x509  # noqa: PLC0415
+
+    from enclavify.cas.client import pem_fingerprint  # noqa: PLC0415
 
     try:
         x509.load_pem_x509_certificate(pem)
