@@ -56,8 +56,8 @@ class _CryptographyBackend:
 
     @property
     def _x25519(self) -> Any:
-        # Imported on first use: a conversion seals with AES-GCM only, and the serialization
-        # module X25519 needs takes about 8 ms to import.
+        # Imported on first use, because a conversion seals with AES-GCM only and the
+        # serialization module that X25519 needs takes about 8 ms to import.
         from cryptography.hazmat.primitives.asymmetric import x25519  # noqa: PLC0415
 
         return x25519

@@ -1,13 +1,13 @@
-"""JSON for the launcher's measuring child, without importing :mod:`json`.
+"""JSON parsing and canonical encoding for the launcher's measuring child, without :mod:`json`.
 
-The launcher forks a child at start that measures the image: it hashes the runtime, then
+At start the launcher forks a child that measures the image. The child hashes the runtime,
 reads ``runtime.json`` and encodes the measured values as canonical JSON. Importing
-:mod:`json` there costs about 7 ms of that child's time, because ``json.decoder`` imports
-:mod:`re` (with enum and functools), which nothing else in the child needs. The parts of
-:mod:`json` that do the work are in CPython's ``_json`` extension, which imports nothing,
-so this module calls them directly: :func:`loads` is ``json.loads`` for a ``str`` and
-:func:`dumps` is ``json.dumps`` with ``separators=(",", ":")`` and ``sort_keys=True``, for
-the values a measurement holds. Tests check both against :mod:`json`.
+:mod:`json` there took about 7 ms (measured in a container), because ``json.decoder``
+imports :mod:`re` with enum and functools, and the child needs none of them. The work of
+:mod:`json` is done in CPython's ``_json`` extension, which imports nothing, so this module
+calls it directly. :func:`loads` matches ``json.loads`` for a ``str``. :func:`dumps` matches
+``json.dumps(value, sort_keys=True, separators=(",", ":"))`` for the value types a
+measurement contains. Tests compare both with :mod:`json`.
 
 This module is carried into confidential images: standard library only, Python 3.8 syntax.
 """
@@ -19,17 +19,17 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-# The whitespace JSON allows between tokens, which the scanner does not skip before a value.
+# Whitespace allowed between JSON tokens. The scanner does not skip it before a value.
 _WHITESPACE = " \t\n\r"
 
 
 def _no_constant(name: str) -> Any:
-    # json.loads accepts NaN and Infinity; measured settings never contain them.
-    raise ValueError(f"{name} is not allowed here")
+    # json.loads accepts NaN and Infinity, but measured settings never contain them.
+    raise ValueError(f"invalid JSON value {name}: NaN and Infinity are not allowed")
 
 
 class _Context:
-    """The settings ``_json.make_scanner`` reads from a ``json.JSONDecoder``."""
+    """Decoder settings that ``_json.make_scanner`` reads, as a ``json.JSONDecoder`` has them."""
 
     strict = True
     object_hook = None
@@ -55,22 +55,27 @@ else:
 
 
 def loads(text: str) -> Any:
-    """Parse the JSON document ``text``; raise ValueError when it is not one."""
+    """Parse the JSON document ``text``.
+
+    Raises:
+        ValueError: ``text`` is not exactly one JSON value, with whitespace around it.
+    """
     start = len(text) - len(text.lstrip(_WHITESPACE))
     try:
         value, end = _scan(text, start)
     except StopIteration as stop:
-        raise ValueError(f"expected a JSON value at character {stop.value}") from None
+        raise ValueError(f"invalid JSON: expected a value at character {stop.value}") from None
     if text[end:].strip(_WHITESPACE):
-        raise ValueError(f"extra data after the JSON value at character {end}")
+        raise ValueError(f"invalid JSON: extra data after the value at character {end}")
     return value
 
 
 def dumps(value: Any) -> str:
-    """Return ``value`` as compact JSON with sorted keys, all non-ASCII escaped.
+    """Return ``value`` as compact JSON with sorted keys and all non-ASCII escaped.
 
-    ``value`` is made of dicts with string keys, lists, tuples, strings, integers, booleans
-    and None; anything else raises TypeError.
+    Raises:
+        TypeError: ``value`` contains something other than dicts with string keys, lists,
+            tuples, strings, integers, booleans and None.
     """
     parts: list[str] = []
     _encode(value, parts)
@@ -96,10 +101,11 @@ def _encode(value: Any, parts: list[str]) -> None:
             _encode(item, parts)
         parts.append("]")
     elif isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise TypeError(f"cannot encode a {type(key).__name__} key: keys must be strings")
         parts.append("{")
         for index, key in enumerate(sorted(value)):
-            if not isinstance(key, str):
-                raise TypeError(f"keys must be strings, not {type(key).__name__}")
             if index:
                 parts.append(",")
             parts.append(_quote(key))
@@ -107,4 +113,4 @@ def _encode(value: Any, parts: list[str]) -> None:
             _encode(value[key], parts)
         parts.append("}")
     else:
-        raise TypeError(f"{type(value).__name__} values are not encoded here")
+        raise TypeError(f"cannot encode a {type(value).__name__} value in measurement JSON")

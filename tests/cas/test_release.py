@@ -76,7 +76,7 @@ def _request_body(
     }
 
 
-def test_nonce_asked_early_serves_first_attempt(
+def test_early_nonce_serves_first_attempt(
     release_cas: CasProcess, identities: dict[str, Identity]
 ) -> None:
     _, name = _create(release_cas, identities["alice"])
@@ -84,7 +84,7 @@ def test_nonce_asked_early_serves_first_attempt(
     nonce = launcher.challenge()
     configuration = launcher.request_configuration(f"{name}/api", simulation(), nonce=nonce)
     assert configuration["fspf_key"] == FSPF_KEY
-    # The nonce given was the one used: the CAS takes each nonce once.
+    # The nonce given is the one used, because the CAS accepts each nonce once.
     with pytest.raises(CasRejected, match="nonce"):
         launcher.request_configuration(f"{name}/api", simulation(), nonce=nonce)
 
@@ -106,12 +106,12 @@ def test_early_challenge_from_runtime_settings(
     assert early is not None
     nonce = early.nonce()
     assert nonce is not None
-    # The thread tried to connect once; the launcher's own requests retry as usual.
+    # The thread connected once, and the launcher's own requests retry as usual.
     assert early.client.attempts == release_cas.client(None).attempts > 1
     configuration = early.client.request_configuration(f"{name}/api", simulation(), nonce=nonce)
     assert configuration["fspf_key"] == FSPF_KEY
 
-    # No early challenge for the debug configuration file or settings that are wrong.
+    # No early challenge for the debug configuration file or for invalid settings.
     assert start_challenge({"ENCLAVIFY_INSECURE_CONFIG_FILE": "/x.json"}, runtime) is None
     assert start_challenge({}, tmp_path / "missing") is None
     unreachable = start_challenge({"ENCLAVIFY_CAS_ADDR": "127.0.0.1:1"}, runtime)
@@ -119,7 +119,7 @@ def test_early_challenge_from_runtime_settings(
     assert unreachable.nonce() is None
 
 
-def test_early_challenge_for_other_settings_is_not_used(
+def test_early_challenge_other_settings_unused(
     release_cas: CasProcess, identities: dict[str, Identity], tmp_path: Path
 ) -> None:
     _, first = _create(release_cas, identities["alice"])
@@ -136,12 +136,12 @@ def test_early_challenge_for_other_settings_is_not_used(
     early = start_challenge({}, runtime)
     assert early is not None
 
-    # The environment names another service than the early challenge was asked for.
+    # The environment names another service than the early challenge was requested for.
     configuration = launcher_module.obtain_configuration(
         config, lambda: MEASUREMENT, {"ENCLAVIFY_CONFIG_ID": f"{second}/api"}, runtime, early
     )
     assert configuration.fspf_key == bytes.fromhex(FSPF_KEY)
-    assert not early._done.locked()  # the thread was waited for all the same
+    assert not early._done.locked()  # the thread was waited for anyway
 
 
 def test_right_measurement_gets_configuration(

@@ -126,7 +126,7 @@ def test_stopped_rewrite_leaves_no_blob(source: SourceImage) -> None:
     assert list(builder._work.iterdir()) == []
 
 
-def test_made_layer_is_added_where_appended(source: SourceImage) -> None:
+def test_made_layer_appended_in_order(source: SourceImage) -> None:
     builder = ImageBuilder(source)
     layer = builder.make_layer(
         lambda writer: writer.add_bytes("/made", b"x", mode=0o644, uid=0, gid=0, mtime=0.0),
@@ -137,7 +137,7 @@ def test_made_layer_is_added_where_appended(source: SourceImage) -> None:
     builder.append(layer)
     built = builder.build()
     assert [layer.history[-1]["created_by"] for layer in built.layers][-1] == "made first"
-    # An uncompressed layer's blob is its content: one digest for both.
+    # An uncompressed layer's blob is its content, so one digest serves both.
     assert built.layers[1].media_type == "application/vnd.oci.image.layer.v1.tar"
     assert built.layers[1].digest == built.layers[1].diff_id
     assert "made" in _members(io.BytesIO(_built_layer_bytes(builder, 1)))

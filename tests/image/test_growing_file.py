@@ -31,7 +31,7 @@ def test_reads_wait_for_the_writer(tmp_path: Path) -> None:
     writer = threading.Thread(target=_writer, args=(path, growing, pieces))
     writer.start()
     try:
-        # Each read wants more than has been written when it starts.
+        # Each read requests more than has been written when it starts.
         assert growing.read(1000) == bytes([0]) * 700 + bytes([1]) * 300
         growing.seek(2800)
         assert growing.read(10_000) == bytes([4]) * 700  # the rest, once the file is complete
@@ -51,7 +51,7 @@ def test_read_after_failed_write_raises(tmp_path: Path) -> None:
     )
     writer.start()
     try:
-        with pytest.raises(OSError, match="writing it failed"):
+        with pytest.raises(OSError, match="writing the file failed"):
             growing.read(100)
     finally:
         writer.join()

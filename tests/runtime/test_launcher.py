@@ -340,7 +340,7 @@ def test_preloaded_library_rejected(tmp_path: Path) -> None:
 
 
 def _modules_loaded_by(*imports: str) -> list[str]:
-    """Return the modules a fresh interpreter holds after running ``imports``."""
+    """Return the modules loaded in a fresh interpreter after it runs ``imports``."""
     source = Path(launcher.__file__).resolve().parents[2]
     code = "\n".join(
         [f"import sys; sys.path.insert(0, {str(source)!r})", *imports,
@@ -368,7 +368,7 @@ def test_start_up_imports_stay_lean() -> None:
 
 
 def test_measuring_child_imports_stay_lean() -> None:
-    # The measuring child runs beside the launcher's own imports on a busy CPU; json and re
+    # The measuring child runs beside the launcher's imports on a busy CPU, and json and re
     # (with enum and functools) would cost it about 7 ms. These are the child's imports.
     loaded = _modules_loaded_by(
         "from enclavify.runtime import measuring",

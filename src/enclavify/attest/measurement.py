@@ -45,7 +45,7 @@ STACK_MIN, STACK_MAX, STACK_DEFAULT = 32 * KIB, 8 * MIB, 4 * MIB
 DLOPEN_VALUES = (0, 1, 2)
 DLOPEN_DEFAULT = 2
 
-# A size such as 512k; see parse_size.
+# Pattern of a size such as 512k (see parse_size).
 _SIZE = r"([0-9]+)([kKmMgG]?)"
 _UNITS = {"": 1, "k": KIB, "m": MIB, "g": GIB}
 _MAX_SYMLINKS = 40
@@ -56,8 +56,8 @@ def parse_size(text: str, *, name: str = "size") -> int:
 
     Suffixes are binary (k = 1024) and case-insensitive. Raises UsageError on anything else.
     """
-    # re is imported here: the launcher's measuring child imports this module but never
-    # parses a size, and re with its dependencies costs it several ms.
+    # Imported here because the launcher's measuring child imports this module but never
+    # parses a size, and importing re costs it several ms.
     import re  # noqa: PLC0415
 
     match = re.fullmatch(_SIZE, text.strip())
@@ -114,7 +114,7 @@ def compute(
         "stack": check_stack(stack),
         "dlopen": check_dlopen(dlopen),
     }
-    # jsontext.dumps gives what json.dumps(sort_keys=True, separators=(",", ":")) gives.
+    # jsontext.dumps returns what json.dumps(sort_keys=True, separators=(",", ":")) returns.
     encoded = jsontext.dumps(fields).encode()
     return hashlib.sha256(encoded).hexdigest()
 

@@ -218,7 +218,7 @@ class CasClient:
     # -- attestation ----------------------------------------------------------------------
 
     def challenge(self) -> bytes:
-        """Ask the CAS for a nonce to attest with; the connection stays open for the evidence."""
+        """Request a challenge nonce from the CAS and keep the connection open for the evidence."""
         answer = self._request("POST", "/v1/attest/challenge", b"{}", idempotent=True)
         return bytes.fromhex(str(answer["nonce"]))
 

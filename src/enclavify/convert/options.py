@@ -210,8 +210,8 @@ def certificate_fingerprint(pem: bytes) -> str:
     Raises:
         UsageError: ``pem`` is not exactly one parseable X.509 certificate.
     """
-    # Imported here: cryptography's x509 module takes about 20 ms to import, the CAS client
-    # (with ssl and socket) about 10 ms, and only a conversion with --cas-cert needs them.
+    # Imported here because only a conversion with --cas-cert needs them. cryptography's x509
+    # module takes about 20 ms to import and the CAS client (with ssl and socket) about 10 ms.
     from cryptography import x509  # noqa: PLC0415
 
     from enclavify.cas.client import pem_fingerprint  # noqa: PLC0415

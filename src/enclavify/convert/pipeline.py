@@ -185,10 +185,10 @@ def _convert_opened(
     builder = ImageBuilder(source)
 
     # --- steps 2 to 4, side by side: a worker thread rewrites the native layers without the
-    # protected directories while this one builds the runtime, seals the protected files
-    # into the ciphertext layer and writes the runtime layer. Compression and encryption
-    # release the GIL, so each thread gets a core of its own. Should this thread fail (an
-    # image without a usable Python and no --base, say), the rewrite is stopped first.
+    # protected directories. Meanwhile this thread builds the runtime, seals the protected
+    # files into the ciphertext layer and writes the runtime layer. Compression and
+    # encryption release the GIL, so each thread gets a core. If this thread fails (for
+    # example an image without Python and no --base), it stops the rewrite first.
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="enclavify-rewrite") as pool:
         rewriting = pool.submit(_rewrite_native_layers, builder, checked.protected, stop)
@@ -337,8 +337,8 @@ def _make_sealed_layer(
                 write_sealed_layer(writer, filesystem, inventory, checked.protected, task=task)
             )
 
-    # Ciphertext does not compress, so the layer is the plain tar: no compressor's time on
-    # any protected byte, and one hash instead of one for the blob and one for its content.
+    # Ciphertext does not compress, so the layer is a plain tar. That saves the compressor's
+    # time on every protected byte, and one hash serves as both blob digest and diff_id.
     layer = builder.make_layer(
         fill, created_by="enclavify: protected file system", compressed=False
     )

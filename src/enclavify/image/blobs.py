@@ -156,7 +156,7 @@ class BackgroundWriter(io.RawIOBase):
 
 
 class _Announcing:
-    """Writes to ``content``, flushes ``file`` and calls ``written`` with the bytes so far."""
+    """Writer to ``content`` that flushes ``file`` and reports the byte count to ``written``."""
 
     def __init__(
         self, content: HashingWriter, file: IO[bytes], written: Callable[[int], None]
@@ -171,7 +171,7 @@ class _Announcing:
 
 
 class GrowingFile(io.RawIOBase):
-    """Reads a file that another thread is still writing; a read waits for its bytes.
+    """Reader of a file that another thread is still writing: each read waits for its bytes.
 
     The writer calls :meth:`grew` with the file's size whenever more bytes are in it, and
     :meth:`complete` at the end, successful or not. A read past the end of a complete file
@@ -223,7 +223,7 @@ class GrowingFile(io.RawIOBase):
             with self._changed:
                 self._changed.wait_for(lambda: self._complete or self._size >= end)
         if self._failed:
-            raise OSError(f"{self._path}: writing it failed")
+            raise OSError(f"{self._path}: read stopped because writing the file failed")
         available = min(end, self._size) - self._position
         if available <= 0:
             return 0
@@ -313,8 +313,8 @@ def decompress_blob(
     """Decompress a layer blob into ``target`` while checking both its digests.
 
     Returns ``(blob digest, blob size, compression, diff_id, uncompressed size)``.
-    ``written`` is called from a worker thread with the number of bytes in ``target`` each
-    time more have reached the file, for a :class:`GrowingFile` that reads it meanwhile.
+    ``written`` is called from a worker thread with the size of ``target`` each time more
+    bytes are in the file, so that a :class:`GrowingFile` can read it meanwhile.
 
     Raises:
         ImageError: the blob's digest, size or uncompressed digest differ from what the

@@ -204,7 +204,7 @@ class LayerWriter:
 
 
 class RewriteStopped(Exception):
-    """A layer rewrite ended early because its caller asked it to stop."""
+    """Error raised when a layer rewrite ends early because its caller set the stop event."""
 
 
 class ImageBuilder:
@@ -226,7 +226,7 @@ class ImageBuilder:
         self._created = (created or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
         self._work = Path(tempfile.mkdtemp(prefix="build-", dir=source.work))
         self._history_groups = _history_groups(source)
-        # Blob names are numbered from a counter that two threads may take from at once.
+        # Blob names are numbered from a counter, which two threads may use at once.
         self._blob_numbers = itertools.count(1)
         self.config_digest: str | None = None
 
@@ -290,10 +290,11 @@ class ImageBuilder:
     def make_layer(
         self, fill: Callable[[LayerWriter], None], *, created_by: str, compressed: bool = True
     ) -> OutputLayer:
-        """Write a new layer whose entries ``fill`` writes, streamed to its blob; not added.
+        """Write a new layer whose entries ``fill`` writes, streamed to its blob, without adding it.
 
-        The blob is gzip-compressed, or the tar itself with ``compressed`` false: for content
-        that does not compress, such as ciphertext, which gzip would only frame and checksum.
+        The blob is gzip-compressed. With ``compressed`` false it is the tar itself, for
+        content that does not compress, such as ciphertext, which gzip would only frame and
+        checksum.
         """
         blob = self._new_blob_path("new")
         level = self.compression_level if compressed else None
@@ -303,7 +304,7 @@ class ImageBuilder:
         return output.layer(history=[entry])
 
     def append(self, layer: OutputLayer) -> None:
-        """Add a layer made by :meth:`make_layer` after those added so far."""
+        """Add a layer from :meth:`make_layer` after the layers added so far."""
         self.layers.append(layer)
 
     def _check_layer(self, layer: Layer) -> None:
@@ -472,7 +473,7 @@ def _rewrite_tar(
     label = f"rewriting layer {layer.index}"
     total = layer.uncompressed_size
     latest: dict[str, tarindex.TarEntry] = {}
-    # Everything from `copied` up to the current member is still to be copied.
+    # The bytes from `copied` up to the current member are not yet copied.
     copied = 0
     with open(layer.tar_path, "rb") as source, tarfile.open(layer.tar_path, mode="r:") as tar:
         for entry in layer.entries:
@@ -558,11 +559,11 @@ def _copy_range(source: IO[bytes], out: IO[bytes], start: int, end: int) -> None
 def _tar_writer(out: IO[bytes]) -> tarfile.TarFile:
     """Return a PAX tar writer over ``out``, which must count its bytes in ``tell()``.
 
-    Not tarfile's stream mode ("w|"), which passes everything on in 10 KiB records. With a
-    file's content copied in 16 KiB pieces by default, a 224 MiB pack took tens of thousands
-    of calls through the hashing and background writers. Plain "w" mode
-    writes what it is given, and the content goes in :data:`blobs.CHUNK` pieces. The bytes
-    are the same: both modes pad the archive to whole records.
+    tarfile's stream mode ("w|") passes everything on in 10 KiB records and copies content
+    in 16 KiB pieces by default. For a 224 MiB pack that meant tens of thousands of calls
+    through the hashing and background writers. Plain "w" mode writes what it is given, and
+    content goes in :data:`blobs.CHUNK` pieces. Both modes pad the archive to whole records,
+    so the bytes are the same.
     """
     return tarfile.TarFile(
         fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=blobs.CHUNK
@@ -590,12 +591,12 @@ def _gzip_writer(out: IO[bytes] | blobs.HashingWriter, level: int) -> IO[bytes]:
 
 
 class _TarOutput:
-    """A layer blob being written, with the digests of both the blob and its content.
+    """Layer blob being written, with the digests of both the blob and its content.
 
-    With a gzip ``level`` the content is hashed in the calling thread; compression, the
-    blob's hash and the writes to disk happen in a :class:`blobs.BackgroundWriter`. With
-    ``level`` None the blob is the uncompressed tar: one hash, taken in the background
-    writer, is both the blob digest and the diff_id.
+    With a gzip ``level``, the calling thread hashes the content, and a
+    :class:`blobs.BackgroundWriter` compresses, hashes the blob and writes it to disk. With
+    ``level`` None the blob is the uncompressed tar, so one hash in the background writer is
+    both the blob digest and the diff_id.
     """
 
     def __init__(self, path: Path, level: int | None) -> None:

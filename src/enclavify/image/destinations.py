@@ -270,7 +270,7 @@ def _archive_writer(out: IO[bytes]) -> tarfile.TarFile:
     thousands. Only the archive's members are few, so the larger record costs
     nothing when the small headers are added to it. The bytes are the same either way.
     """
-    # copybufsize reaches TarFile through open()'s keywords; the type stubs do not list it.
+    # copybufsize reaches TarFile through open()'s keywords, which the type stubs do not list.
     options: dict[str, Any] = {"copybufsize": blobs.CHUNK}
     return tarfile.open(
         fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=blobs.CHUNK, **options

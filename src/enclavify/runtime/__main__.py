@@ -17,14 +17,13 @@ def _main() -> int:
         from enclavify.runtime.launcher import main  # noqa: PLC0415
 
         return main()
-    # The measurement starts in a child process, and the challenge from the CAS in a thread,
-    # before the launcher's other modules are imported, so that hashing the runtime and
-    # waiting for the CAS overlap importing them.
+    # The measurement starts in a child process and the CAS challenge in a thread before the
+    # launcher's other modules are imported. Hashing and the CAS round trip then overlap them.
     pending = PendingMeasurement()
     from enclavify import logs  # noqa: PLC0415
     from enclavify.runtime.casaccess import start_challenge  # noqa: PLC0415
 
-    # Set before the thread starts: a record logged before would import logging.
+    # Set before the thread starts, because a record logged earlier would import logging.
     logs.to_stderr(os.environ.get("ENCLAVIFY_LOG_LEVEL", "warning"))
     early = start_challenge(os.environ)
     from enclavify.runtime.launcher import main  # noqa: PLC0415

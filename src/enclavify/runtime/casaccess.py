@@ -1,11 +1,11 @@
-"""The launcher's way to the CAS: its address, its pinned certificate, and an early challenge.
+"""Launcher settings for the CAS connection, and a challenge requested before the imports.
 
-Attesting takes two round trips to the CAS: a challenge (with the TLS handshake before it)
-and then the evidence. The evidence needs the measurement and the launcher's modules, but
-the challenge needs neither. So the entrypoint asks for it in a thread
+Attestation takes two round trips to the CAS: a challenge (after the TLS handshake) and
+then the evidence. The evidence needs the measurement and the launcher's modules; the
+challenge needs neither. So the entrypoint requests the challenge in a thread
 (:class:`EarlyChallenge`) while the launcher imports the rest of its modules, and the
-evidence goes out on the same connection afterwards. The early challenge is only a head
-start: when it fails, the launcher asks again the usual way and reports what goes wrong.
+evidence is sent on the same connection afterwards. If the early request fails, the
+launcher requests a challenge again the usual way and reports the error.
 
 This module is carried into confidential images: standard library only, Python 3.8 syntax.
 """
@@ -16,6 +16,7 @@ import _thread
 import os
 import posixpath
 
+from enclavify import logs
 from enclavify.errors import LaunchError
 from enclavify.runtime.config import CONFIG_NAME, RUNTIME_DIR, RuntimeConfig
 
@@ -29,13 +30,15 @@ if TYPE_CHECKING:
 
     _PathText = str | PathLike[str]
 
+log = logs.get_logger(__name__)
+
 INSECURE_CONFIG_VARIABLE = "ENCLAVIFY_INSECURE_CONFIG_FILE"
 CAS_ADDRESS_VARIABLES = ("ENCLAVIFY_CAS_ADDR", "SCONE_CAS_ADDR")
 CONFIG_ID_VARIABLES = ("ENCLAVIFY_CONFIG_ID", "SCONE_CONFIG_ID")
 
 
 class CasSettings:
-    """The CAS's address, the configuration to ask it for, and how to recognise the CAS."""
+    """CAS address, configuration id and the pinned CA certificate or its fingerprint."""
 
     def __init__(
         self, address: str, config_id: str, ca_pem: Optional[bytes], fingerprint: Optional[str]
@@ -46,9 +49,15 @@ class CasSettings:
         self.fingerprint = fingerprint
 
     def client(self) -> CasClient:
-        """Return a client for the CAS (imports the client and ssl on first use)."""
-        from enclavify.cas.client import CasClient  # noqa: PLC0415
+        """Return a client for the CAS; the first call imports the client module and ssl.
 
+        Raises:
+            LaunchError: the runtime lacks a module the client needs.
+        """
+        try:
+            from enclavify.cas.client import CasClient  # noqa: PLC0415
+        except ImportError as error:
+            raise LaunchError(f"this runtime cannot attest: {error}") from error
         return CasClient(self.address, ca_pem=self.ca_pem, fingerprint=self.fingerprint)
 
 
@@ -96,10 +105,10 @@ def _first(environ: Mapping[str, str], names: Sequence[str]) -> Optional[str]:
 
 
 class EarlyChallenge:
-    """A challenge asked of the CAS in a thread, for the first attestation attempt.
+    """Challenge requested from the CAS in a thread, for the first attestation attempt.
 
-    The thread tries to connect once; the launcher's own request retries, with backoff, only
-    if this one fails. :meth:`nonce` waits for the thread, so no thread is left when the
+    The thread connects only once. The launcher's own request retries with backoff, but only
+    if this one failed. :meth:`nonce` waits for the thread, so no thread is left when the
     launcher later forks its unsealing processes.
     """
 
@@ -111,18 +120,18 @@ class EarlyChallenge:
         client.attempts = 1
         self._done = _thread.allocate_lock()
         self._done.acquire()
-        _thread.start_new_thread(self._ask, ())
+        _thread.start_new_thread(self._request, ())
 
-    def _ask(self) -> None:
+    def _request(self) -> None:
         try:
             self._nonce = self.client.challenge()
-        except BaseException:  # noqa: S110 - the launcher asks again and reports the error
-            pass
+        except Exception as error:  # the launcher requests again and reports the error
+            log.debug("early challenge from the CAS at %s failed: %s", self.settings.address, error)
         finally:
             self._done.release()
 
     def nonce(self) -> Optional[bytes]:
-        """Wait for the thread; return the nonce, or None when the CAS did not give one."""
+        """Wait for the thread and return the nonce, or None if the request failed."""
         with self._done:
             self.client.attempts = self._attempts
             return self._nonce
@@ -131,10 +140,11 @@ class EarlyChallenge:
 def start_challenge(
     environ: Mapping[str, str], runtime_dir: _PathText = RUNTIME_DIR
 ) -> Optional[EarlyChallenge]:
-    """Start asking the CAS for a challenge if the launcher is going to attest, else None.
+    """Start requesting a challenge from the CAS if the launcher will attest; else return None.
 
-    Anything wrong with the settings gives None here: the launcher finds it again and
-    reports it in its usual order.
+    Invalid settings also give None, because the launcher meets them again and reports them
+    in its usual order. The challenge goes out before the launcher checks its loaded
+    libraries; it carries no key and no evidence.
     """
     if environ.get(INSECURE_CONFIG_VARIABLE):
         return None
@@ -142,6 +152,7 @@ def start_challenge(
         config = RuntimeConfig.load(os.path.join(runtime_dir, CONFIG_NAME))
         settings = cas_settings(config, environ, runtime_dir)
         client = settings.client()
-    except Exception:  # the launcher meets it again and reports it
+    except Exception as error:  # the launcher meets it again and reports it
+        log.debug("no early challenge: %s", error)
         return None
     return EarlyChallenge(settings, client)

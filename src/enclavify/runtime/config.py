@@ -119,8 +119,8 @@ class RuntimeConfig:
         """Read the config at ``path``; raises LaunchError when missing or invalid."""
         try:
             with open(path, "rb") as stream:
-                # jsontext, not json: the measuring child reads this file too, and json
-                # would cost it several ms (see enclavify.jsontext).
+                # jsontext rather than json, because the measuring child reads this file too
+                # and importing json costs it several ms (see enclavify.jsontext).
                 data = jsontext.loads(stream.read().decode("utf-8"))
         except FileNotFoundError as error:
             raise LaunchError(f"runtime settings {os.fspath(path)!r} not found") from error

@@ -214,9 +214,8 @@ def _cas_configuration(
 ) -> Configuration:
     settings = cas_settings(config, environ, runtime_dir)
     try:
-        # Imported here so that the insecure debug path works without them.
+        # Imported here so that the insecure debug path works without it.
         from enclavify.attest import producers  # noqa: PLC0415
-        from enclavify.cas.client import CasClient  # noqa: F401, PLC0415
     except ImportError as error:
         raise LaunchError(f"this runtime cannot attest: {error}") from error
 
@@ -230,7 +229,7 @@ def _cas_configuration(
     log.debug("requesting configuration %s from the CAS at %s", config_id, address)
     client, nonce = None, None
     if early is not None:
-        # Waited for in every case, so that no thread runs when the unsealer forks.
+        # Wait in every case, so that no thread runs when the unsealer forks.
         early_nonce = early.nonce()
         if (early.settings.address, early.settings.config_id) == (address, config_id):
             client, nonce = early.client, early_nonce
