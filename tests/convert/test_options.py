@@ -146,6 +146,30 @@ def test_check_options_rejects_garbage_certificate(tmp_path: Path) -> None:
         check_options(options(tmp_path, cas_certificate=b"not a certificate"))
 
 
+@pytest.mark.parametrize(
+    ("destination", "requested", "expected"),
+    [
+        ("docker://registry.example:5000/team/app:v1", None, "gzip"),
+        ("oci:/tmp/out:1", None, "none"),
+        ("oci-archive:/tmp/out.tar:1", None, "none"),
+        ("docker-archive:/tmp/out.tar:app:1", None, "none"),
+        ("native_flask_restapi_image", None, "none"),
+        ("oci:/tmp/out:1", "gzip", "gzip"),
+        ("docker://registry.example:5000/team/app:v1", "none", "none"),
+    ],
+)
+def test_layer_compression_follows_the_destination_unless_asked(
+    tmp_path: Path, destination: str, requested: str | None, expected: str
+) -> None:
+    checked = check_options(options(tmp_path, destination=destination, compression=requested))
+    assert checked.compression == expected
+
+
+def test_check_options_rejects_unknown_compression(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--compression 'zip' is invalid: expected gzip or none"):
+        check_options(options(tmp_path, compression="zip"))
+
+
 def test_default_result_path_is_safe_for_any_reference(tmp_path: Path) -> None:
     name = safe_file_name("registry.example:5000/team/app:v1")
     assert name == "registry.example_5000_team_app_v1"

@@ -143,6 +143,31 @@ def test_made_layer_appended_in_order(source: SourceImage) -> None:
     assert "made" in _members(io.BytesIO(_built_layer_bytes(builder, 1)))
 
 
+def test_uncompressed_builder_writes_plain_tars(source: SourceImage) -> None:
+    gzip_builder = ImageBuilder(source)
+    gzip_builder.copy_layer_without(source.layers[0], ["/app"])
+    builder = ImageBuilder(source, compression="none")
+    builder.copy_layer_without(source.layers[0], ["/app"])
+    builder.add_layer(
+        lambda writer: writer.add_bytes("/made", b"x", mode=0o644, uid=0, gid=0, mtime=0.0),
+        created_by="made",
+    )
+    rewritten, made = builder.build().layers
+    for layer in (rewritten, made):
+        assert layer.media_type == "application/vnd.oci.image.layer.v1.tar"
+        assert layer.digest == layer.diff_id
+        with layer.open_blob() as blob, layer.open_uncompressed() as content:
+            assert blob.read() == content.read()
+    # The content is the same either way; only the blob differs.
+    assert rewritten.diff_id == gzip_builder.build().layers[0].diff_id
+    assert gzip_builder.build().layers[0].media_type.endswith("+gzip")
+
+
+def test_builder_refuses_other_compressions(source: SourceImage) -> None:
+    with pytest.raises(ValueError, match="not 'zstd'"):
+        ImageBuilder(source, compression="zstd")
+
+
 def test_layer_without_excluded_entries_is_copied_verbatim(source: SourceImage) -> None:
     builder = ImageBuilder(source)
     assert builder.copy_layer_without(source.layers[0], ["/srv"]) is False

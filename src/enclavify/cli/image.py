@@ -88,6 +88,12 @@ def _register_convert(commands: Any) -> None:
                              "the runtime cache in $XDG_CACHE_HOME/enclavify/runtime (default "
                              f"~/.cache/enclavify/runtime); setting {NO_CACHE_VARIABLE}=1 does "
                              "the same")
+    parser.add_argument("--compression", choices=("gzip", "none"),
+                        help="compression of the layers the conversion writes, rewritten and "
+                             "runtime (the ciphertext layer is never compressed; kept layers "
+                             "stay as they are); default gzip for a docker:// registry and none "
+                             "elsewhere, as buildah does: engines and docker archives store "
+                             "layers uncompressed")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     parser.set_defaults(handler=handle_convert)
 
@@ -135,6 +141,7 @@ def handle_convert(args: argparse.Namespace) -> int:
         cas_certificate=cas_certificate,
         config_id=args.config_id,
         runtime_cache=_runtime_cache(args),
+        compression=args.compression,
     )
     progress = for_stream(sys.stderr, quiet=args.quiet, bars=not args.no_color)
     result = convert.convert_image(options, progress=progress)

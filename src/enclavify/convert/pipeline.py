@@ -124,9 +124,6 @@ def convert_image(options: ConvertOptions, *, progress: Progress | None = None) 
             "dlopen 2 lets the program load any shared library at run time; it is meant for "
             "debugging (pass --dlopen 0 or 1 for production)"
         )
-    # Parsing the destination now makes a malformed --to fail before any work is done.
-    parse_reference(options.destination)
-
     with ExitStack() as stack:
         scratch = stack.enter_context(
             tempfile.TemporaryDirectory(prefix="enclavify-convert-", dir=options.temp_dir)
@@ -182,7 +179,7 @@ def _convert_opened(
     runtime_files: MergedFilesystem = base.filesystem() if base is not None else filesystem
     runtime_source = f"base image {options.base}" if base is not None else "the image itself"
 
-    builder = ImageBuilder(source)
+    builder = ImageBuilder(source, compression=checked.compression)
 
     # --- steps 2 to 4, side by side: a worker thread rewrites the native layers without the
     # protected directories. Meanwhile this thread builds the runtime, seals the protected

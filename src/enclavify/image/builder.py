@@ -7,6 +7,9 @@ Layers are added in order: call :meth:`ImageBuilder.copy_layer` or
 layer without adding it, so that it can be written in one thread while another copies or
 rewrites the source layers, and added with :meth:`ImageBuilder.append` afterwards.
 
+Compression: the layers a builder writes, rewritten or new, are all gzip or all plain tars,
+as chosen when it is made. Copied layers keep the blob they had.
+
 History: the source's entries are kept for layers copied unchanged, including the
 ``empty_layer`` entries (ENV, CMD, ...) that precede them. A rewritten layer keeps its
 entry's date and author but its ``created_by`` is replaced by a neutral note, because the
@@ -215,11 +218,14 @@ class ImageBuilder:
         source: SourceImage,
         *,
         created: datetime | None = None,
-        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        compression: str = blobs.GZIP,
         progress: blobs.Progress | None = None,
     ) -> None:
+        if compression not in (blobs.GZIP, blobs.UNCOMPRESSED):
+            raise ValueError(f"layers are written as gzip or uncompressed, not {compression!r}")
         self.source = source
-        self.compression_level = compression_level
+        # The gzip level of the layers this builder writes, or None to write plain tars.
+        self._level = DEFAULT_COMPRESSION_LEVEL if compression == blobs.GZIP else None
         self.progress = progress
         self.config: ImageConfig = source.config
         self.layers: list[OutputLayer] = []
@@ -276,7 +282,7 @@ class ImageBuilder:
             return False
         log.debug("rewriting layer %d (%s) without %s", layer.index, layer.digest, prefixes)
         blob = self._new_blob_path(f"rewrite-{layer.index}")
-        with _TarOutput(blob, self.compression_level) as output:
+        with _TarOutput(blob, self._level) as output:
             _rewrite_tar(layer, prefixes, output.stream, self.progress, stop)
         self.layers.append(output.layer(history=self._history_for(layer, rewritten=True)))
         return True
@@ -292,12 +298,12 @@ class ImageBuilder:
     ) -> OutputLayer:
         """Write a new layer whose entries ``fill`` writes, streamed to its blob, without adding it.
 
-        The blob is gzip-compressed. With ``compressed`` false it is the tar itself, for
-        content that does not compress, such as ciphertext, which gzip would only frame and
-        checksum.
+        The blob has the builder's compression. With ``compressed`` false it is the tar
+        itself in any case, for content that does not compress, such as ciphertext, which
+        gzip would only frame and checksum.
         """
         blob = self._new_blob_path("new")
-        level = self.compression_level if compressed else None
+        level = self._level if compressed else None
         with _TarOutput(blob, level) as output, _tar_writer(output.stream) as tar:
             fill(LayerWriter(tar))
         entry = {"created": self._created, "created_by": created_by, "comment": "enclavify"}
