@@ -54,10 +54,15 @@ class HashingReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._inner.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self.hash.update(data)
+        view = memoryview(buffer)
+        readinto = getattr(self._inner, "readinto", None)
+        if readinto is not None:
+            n = readinto(view)
+        else:
+            data = self._inner.read(len(view))
+            n = len(data)
+            view[:n] = data
+        self.hash.update(view[:n])
         self.count += n
         if self._on_read is not None and n:
             self._on_read(n)
@@ -125,8 +130,12 @@ class BackgroundWriter(io.RawIOBase):
     def write(self, data: Any) -> int:
         if self._error is not None:
             raise self._error
-        self._buffer += data
         self._count += len(data)
+        if not self._buffer and len(data) >= CHUNK and isinstance(data, bytes):
+            # A whole chunk that cannot change under us goes to the worker without a copy.
+            self._queue.put(data)
+            return len(data)
+        self._buffer += data
         if len(self._buffer) >= CHUNK:
             self._queue.put(bytes(self._buffer))
             self._buffer.clear()
@@ -266,12 +275,11 @@ class SliceReader(io.RawIOBase):
         want = min(len(buffer), self._size - self._pos)
         if want <= 0:
             return 0
-        data = os.pread(self._fd, want, self._offset + self._pos)
-        if len(data) != want:
+        count = os.preadv(self._fd, [memoryview(buffer)[:want]], self._offset + self._pos)
+        if count != want:
             raise ImageError(f"work file of {self._size} bytes at {self._offset} ended early")
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
+        self._pos += count
+        return count
 
     def close(self) -> None:
         if not self.closed:
