@@ -57,7 +57,7 @@ class HashingReader(io.RawIOBase):
         view = memoryview(buffer)
         readinto = getattr(self._inner, "readinto", None)
         if readinto is not None:
-            n = readinto(view)
+            n: int = readinto(view) or 0
         else:
             data = self._inner.read(len(view))
             n = len(data)
