@@ -152,8 +152,8 @@ def test_uncompressed_builder_writes_plain_tars(source: SourceImage) -> None:
         lambda writer: writer.add_bytes("/made", b"x", mode=0o644, uid=0, gid=0, mtime=0.0),
         created_by="made",
     )
-    rewritten, made = builder.build().layers
-    for layer in (rewritten, made):
+    rewritten, added = builder.build().layers
+    for layer in (rewritten, added):
         assert layer.media_type == "application/vnd.oci.image.layer.v1.tar"
         assert layer.digest == layer.diff_id
         with layer.open_blob() as blob, layer.open_uncompressed() as content:
