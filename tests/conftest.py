@@ -62,15 +62,20 @@ def _remove_test_images() -> Iterator[None]:
     if podman is None:
         return
     for image in _test_images(podman, _image_ids(podman) - before):
-        containers = subprocess.run(
-            [podman, "ps", "-a", "-q", "--filter", f"ancestor={image}",
-             "--filter", "status=exited", "--filter", "status=created"],
-            capture_output=True, text=True, timeout=120, check=False,
-        ).stdout.split()
-        if containers:
-            subprocess.run([podman, "rm", *containers], capture_output=True, timeout=120,
-                           check=False)
-        subprocess.run([podman, "rmi", image], capture_output=True, timeout=300, check=False)
+        _remove_image(podman, image)
+
+
+def _remove_image(podman: str, image: str) -> None:
+    """Remove ``image`` and its stopped containers; an image still in use stays."""
+    containers = subprocess.run(
+        [podman, "ps", "-a", "-q", "--filter", f"ancestor={image}",
+         "--filter", "status=exited", "--filter", "status=created"],
+        capture_output=True, text=True, timeout=120, check=False,
+    ).stdout.split()
+    if containers:
+        subprocess.run([podman, "rm", *containers], capture_output=True, timeout=120,
+                       check=False)
+    subprocess.run([podman, "rmi", image], capture_output=True, timeout=300, check=False)
 
 
 def _image_ids(podman: str) -> set[str]:
@@ -174,7 +179,15 @@ def flask_example_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def native_flask_image(podman: str, python_base_image: str) -> Iterator[str]:
-    """The Flask example's native image, built with podman from the local base image."""
+    """The Flask example's native image, built with podman from the local base image.
+
+    It carries the walk-through's name, outside the test prefix, so it is removed here after
+    the session, unless an image of that name was there before.
+    """
+    existed = subprocess.run(
+        [podman, "image", "exists", NATIVE_FLASK_IMAGE], capture_output=True, timeout=120,
+        check=False,
+    ).returncode == 0
     env = dict(os.environ, ENGINE=podman, BASE=python_base_image)
     build = subprocess.run(
         [str(FLASK_EXAMPLE / "create_native_image.sh")],
@@ -188,6 +201,8 @@ def native_flask_image(podman: str, python_base_image: str) -> Iterator[str]:
     if build.returncode != 0:
         pytest.fail(f"create_native_image.sh failed:\n{_tail(build.stdout + build.stderr, 30)}")
     yield NATIVE_FLASK_IMAGE
+    if not existed:
+        _remove_image(podman, NATIVE_FLASK_IMAGE)
 
 
 @pytest.fixture(scope="session")
