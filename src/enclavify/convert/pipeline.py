@@ -4,10 +4,10 @@ Steps, in order:
 
 1. Check the options (no image needed), open the source image, check every ``--dir``,
    ``--plain`` and ``--binary`` against its file system and list what will be protected.
-   Nothing is written before all of this has passed.
 2. Rewrite every native layer without the protected directories (their plaintext is absent
-   from the output's blobs, not merely whited out), in a worker thread while this one
-   builds the launcher's runtime and does steps 3 and 4.
+   from the output's blobs, not merely whited out), in a worker thread that starts as soon
+   as the image is open, while this one does the checks of step 1, builds the launcher's
+   runtime and does steps 3 and 4. Until step 5 only the scratch directory is written.
 3. Seal the protected entries into one added layer under ``/.enclavify``.
 4. Add the runtime as a second layer under ``/opt/enclavify`` and compute the measurement
    over it, the binary, the fspf and the heap, stack and dlopen settings.
@@ -162,34 +162,22 @@ def _convert_opened(
 ) -> ConversionResult:
     options = checked.options
     filesystem = source.filesystem()
-
-    # --- step 1: everything that can be wrong with the request, before anything is written
-    regions.check_not_confidential(filesystem)
-    for region in checked.protected:
-        regions.check_directory(filesystem, region, option="--dir")
-    for directory in checked.plain:
-        regions.check_directory(filesystem, directory, option="--plain")
-    regions.check_binary(filesystem, checked.binary)
-    inventory = regions.take_inventory(filesystem, checked.protected)
-    count = len(checked.protected)
-    progress.step(
-        f"Protecting {count} {'directory' if count == 1 else 'directories'}: "
-        f"{inventory.file_count} files, {format_bytes(inventory.plain_bytes)}"
-    )
     runtime_files: MergedFilesystem = base.filesystem() if base is not None else filesystem
     runtime_source = f"base image {options.base}" if base is not None else "the image itself"
-
     builder = ImageBuilder(source, compression=checked.compression)
 
-    # --- steps 2 to 4, side by side: a worker thread rewrites the native layers without the
-    # protected directories. Meanwhile this thread builds the runtime, seals the protected
-    # files into the ciphertext layer and writes the runtime layer. Compression and
-    # encryption release the GIL, so each thread gets a core. If this thread fails (for
-    # example an image without Python and no --base), it stops the rewrite first.
+    # --- steps 1 to 4, side by side: a worker thread rewrites the native layers without the
+    # protected directories (step 2) from the start, since it needs only the --dir paths.
+    # Meanwhile this thread checks the request against the image, builds the runtime, seals
+    # the protected files into the ciphertext layer and writes the runtime layer. Hashing
+    # and encryption release the GIL, so each thread gets a core. The rewrite writes only to
+    # the scratch directory, and if this thread fails (a --dir that is not in the image, an
+    # image without Python and no --base), it stops the rewrite before raising.
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="enclavify-rewrite") as pool:
         rewriting = pool.submit(_rewrite_native_layers, builder, checked.protected, stop)
         try:
+            inventory = _check_request(checked, filesystem, progress)
             progress.step("Building the runtime")
             built = runtimelayer.build(
                 runtime_files,
@@ -301,6 +289,30 @@ def _convert_opened(
         exposed_ports=exposed_ports,
         runtime=built.info,
     )
+
+
+def _check_request(
+    checked: CheckedOptions, filesystem: MergedFilesystem, progress: Progress
+) -> regions.Inventory:
+    """Step 1: check the request against the image and list what will be protected.
+
+    Raises:
+        UsageError: the image is confidential already, or a ``--dir``, ``--plain`` or
+            ``--binary`` does not fit it.
+    """
+    regions.check_not_confidential(filesystem)
+    for region in checked.protected:
+        regions.check_directory(filesystem, region, option="--dir")
+    for directory in checked.plain:
+        regions.check_directory(filesystem, directory, option="--plain")
+    regions.check_binary(filesystem, checked.binary)
+    inventory = regions.take_inventory(filesystem, checked.protected)
+    count = len(checked.protected)
+    progress.step(
+        f"Protecting {count} {'directory' if count == 1 else 'directories'}: "
+        f"{inventory.file_count} files, {format_bytes(inventory.plain_bytes)}"
+    )
+    return inventory
 
 
 def _rewrite_native_layers(
