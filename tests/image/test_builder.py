@@ -322,6 +322,39 @@ def test_failed_commit_leaves_nothing(source: SourceImage, tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("transport", ["docker-archive", "oci-archive"])
+def test_archives_hold_the_builders_plain_layers(
+    source: SourceImage, tmp_path: Path, workdir: Path, transport: str
+) -> None:
+    builder = ImageBuilder(source, compression="none")
+    builder.copy_layer_without(source.layers[0], ["/app"])
+    builder.copy_layer(source.layers[1])
+    built = builder.build()
+    archive = tmp_path / "out.tar"
+    builder.commit(f"{transport}:{archive}")
+    # Read back, every digest is checked against the archive's content.
+    with open_image(f"{transport}:{archive}", workdir=workdir) as image:
+        assert [layer.diff_id for layer in image.layers] == [
+            layer.diff_id for layer in built.layers
+        ]
+
+
+def test_archive_refuses_a_plain_layer_of_the_wrong_size(
+    source: SourceImage, tmp_path: Path
+) -> None:
+    builder = ImageBuilder(source, compression="none")
+    builder.copy_layer_without(source.layers[0], ["/app"])
+    own = builder.build().layers[0].path
+    assert own is not None
+    with open(own, "ab") as blob:
+        blob.write(b"\0" * 512)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for target in (f"docker-archive:{tmp_path / 'd.tar'}", f"oci-archive:{tmp_path / 'o.tar'}"):
+        with pytest.raises(ImageError, match=r"in the work directory is \d+ bytes, expected"):
+            builder.commit(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_commit_refuses_to_replace_foreign_directory(source: SourceImage, tmp_path: Path) -> None:
     target = tmp_path / "not-a-layout"
     target.mkdir()

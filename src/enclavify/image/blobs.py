@@ -77,12 +77,11 @@ class _Writable(Protocol):
     def write(self, data: bytes, /) -> int: ...
 
 
-class HashingWriter(io.RawIOBase):
-    """A write-only stream that hashes and counts what passes through to ``inner``."""
+class CountingWriter(io.RawIOBase):
+    """A write-only stream that counts what passes through to ``inner``."""
 
     def __init__(self, inner: _Writable) -> None:
         self._inner = inner
-        self.hash = hashlib.sha256()
         self.count = 0
 
     def writable(self) -> bool:
@@ -91,12 +90,26 @@ class HashingWriter(io.RawIOBase):
     def write(self, data: Any) -> int:
         view = bytes(data)
         self._inner.write(view)
-        self.hash.update(view)
         self.count += len(view)
         return len(view)
 
     def tell(self) -> int:
         return self.count
+
+
+class HashingWriter(CountingWriter):
+    """A write-only stream that hashes and counts what passes through to ``inner``."""
+
+    def __init__(self, inner: _Writable) -> None:
+        super().__init__(inner)
+        self.hash = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        view = bytes(data)
+        self._inner.write(view)
+        self.hash.update(view)
+        self.count += len(view)
+        return len(view)
 
     @property
     def digest(self) -> str:
@@ -168,7 +181,7 @@ class _Announcing:
     """Writer to ``content`` that flushes ``file`` and reports the byte count to ``written``."""
 
     def __init__(
-        self, content: HashingWriter, file: IO[bytes], written: Callable[[int], None]
+        self, content: CountingWriter, file: IO[bytes], written: Callable[[int], None]
     ) -> None:
         self._content, self._file, self._written = content, file, written
 
@@ -334,8 +347,9 @@ def decompress_blob(
     try:
         with open(target, "wb") as out:
             # Hashing and writing the content happen in a worker while this thread reads,
-            # hashes and inflates the next chunk.
-            content = HashingWriter(out)
+            # hashes and inflates the next chunk. An uncompressed blob is its own content,
+            # so the blob's digest is also the diff_id and the content is only counted.
+            content = HashingWriter(out) if compression != UNCOMPRESSED else CountingWriter(out)
             sink: _Writable = content
             if written is not None:
                 sink = _Announcing(content, out, written)
@@ -355,7 +369,8 @@ def decompress_blob(
     except BaseException:
         target.unlink(missing_ok=True)
         raise
-    diff_id, uncompressed_size = content.digest, content.count
+    uncompressed_size = content.count
+    diff_id = content.digest if isinstance(content, HashingWriter) else raw.digest
     problem = None
     if expected_digest is not None and raw.digest != expected_digest:
         problem = f"its content has digest {raw.digest}"

@@ -205,12 +205,16 @@ def _link_own_blob(blob: Blob, destination: Path, progress: Callable[[int], None
     size = destination.stat().st_size
     if size != blob.size:
         destination.unlink()
-        raise ImageError(
-            f"{blob.label} blob {blob.digest} in the work directory is {size} bytes, "
-            f"expected {blob.size}"
-        )
+        raise _wrong_size(blob, size)
     progress(size)
     return True
+
+
+def _wrong_size(blob: Blob, size: int) -> ImageError:
+    return ImageError(
+        f"{blob.label} blob {blob.digest} in the work directory is {size} bytes, "
+        f"expected {blob.size}"
+    )
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:
@@ -294,6 +298,20 @@ def write_oci_archive(
 
 
 def _add_verified(tar: tarfile.TarFile, name: str, blob: Blob, counter: _Progress) -> None:
+    """Add ``blob`` to ``tar`` as ``name``, checking its digest as it is copied.
+
+    A blob that a builder wrote into its private work directory (``blob.path``) was hashed
+    as it was written, so, as for the layout's hard links, only its size is checked: hashing
+    a 200 MiB layer again took about 0.1 s.
+    """
+    if blob.path is not None:
+        size = blob.path.stat().st_size
+        if size != blob.size:
+            raise _wrong_size(blob, size)
+        with open(blob.path, "rb") as own:
+            _add_member(tar, name, blob.size, blobs.FullReader(own))
+        counter(blob.size)
+        return
     with blob.opener() as raw:
         reader = VerifyingReader(raw, blob.digest, blob.size, blob.label, counter)
         _add_member(tar, name, blob.size, blobs.FullReader(reader))
@@ -322,7 +340,11 @@ def write_docker_archive(
                 continue
             written.add(layer_name)
             blob = Blob(
-                layer.diff_id, layer.uncompressed_size, layer.open_uncompressed, f"layer {number}"
+                layer.diff_id,
+                layer.uncompressed_size,
+                layer.open_uncompressed,
+                f"layer {number}",
+                path=layer.uncompressed_path,
             )
             _add_verified(tar, layer_name, blob, counter)
         manifest = json.dumps(
