@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from enclavify.errors import ImageError
-from enclavify.image import Platform, open_image
+from enclavify.image import Platform, blobs, open_image
 
 from .helpers import (
     LayoutWriter,
@@ -207,3 +209,16 @@ def test_missing_layout_is_clear(tmp_path: Path, workdir: Path) -> None:
         open_image(f"oci:{tmp_path / 'nothing'}", workdir=workdir)
     with pytest.raises(ImageError, match="no such file"):
         open_image(f"oci-archive:{tmp_path / 'nothing.tar'}", workdir=workdir)
+
+
+def test_hashing_reader_refuses_a_stream_with_nothing_ready() -> None:
+    class NothingReady(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: Any) -> None:  # type: ignore[override]
+            return None  # what a non-blocking stream returns when no data is ready
+
+    reader = blobs.HashingReader(NothingReady())  # type: ignore[arg-type]
+    with pytest.raises(BlockingIOError, match="returned no data without ending"):
+        reader.readinto(bytearray(16))

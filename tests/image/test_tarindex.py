@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from enclavify.image import tarindex
 from enclavify.image.tarindex import _decode_header, _IndexTarInfo
 
 ENCODING, ERRORS = "utf-8", "surrogateescape"
@@ -125,3 +128,62 @@ def test_common_header_takes_the_fast_path() -> None:
     decoded = _decode_header(_IndexTarInfo, block, ENCODING, ERRORS)
     assert decoded is not None
     assert (decoded.name, decoded.size, decoded.mode) == ("usr/lib/python3.11/os.py", 39504, 0o644)
+
+
+def test_indexing_a_layer_uses_the_fast_decoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whichever method this Python's tarfile calls (frombuf, or _frombuf in its security
+    # releases from mid-2025 on), the index must go through the fast decoder.
+    calls: list[bytes] = []
+    decode = tarindex._decode_header
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1])
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(tarindex, "_decode_header", counting)
+    layer = tmp_path / "layer.tar"
+    with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("etc", "etc/hostname"):
+            info = tarfile.TarInfo(name)
+            if name == "etc":
+                info.type = tarfile.DIRTYPE
+            else:
+                info.size = 5
+            tar.addfile(info, io.BytesIO(b"host\n") if info.isfile() else None)
+    entries = tarindex.index_layer(layer, "test")
+    assert [entry.path for entry in entries] == ["/etc", "/etc/hostname"]
+    assert len(calls) >= 2
+
+
+@pytest.mark.skipif(
+    not hasattr(tarfile.TarInfo, "_frombuf"),
+    reason="this Python's tarfile has no _frombuf (added by its security releases of 2025)",
+)
+@pytest.mark.parametrize("dircheck", [True, False])
+def test_follow_up_headers_decode_as_tarfile_decodes_them(dircheck: bool) -> None:
+    info = tarfile.TarInfo("srv/data/")
+    info.type = tarfile.AREGTYPE
+    block = info.tobuf(tarfile.USTAR_FORMAT, ENCODING, ERRORS)
+    ours = _IndexTarInfo._frombuf(block, ENCODING, ERRORS, dircheck=dircheck)
+    theirs = tarfile.TarInfo._frombuf(  # type: ignore[attr-defined]
+        block, ENCODING, ERRORS, dircheck=dircheck
+    )
+    assert [getattr(ours, field) for field in FIELDS] == [
+        getattr(theirs, field) for field in FIELDS
+    ]
+
+
+def test_dircheck_off_keeps_an_old_style_directory_a_file() -> None:
+    info = tarfile.TarInfo("srv/data/")
+    info.type = tarfile.AREGTYPE
+    block = info.tobuf(tarfile.USTAR_FORMAT, ENCODING, ERRORS)
+    decoded = _decode_header(_IndexTarInfo, block, ENCODING, ERRORS, dircheck=False)
+    assert decoded is not None
+    assert decoded.type == tarfile.AREGTYPE
+
+
+def test_a_header_that_is_not_bytes_is_left_to_tarfile() -> None:
+    block = tarfile.TarInfo("etc/hostname").tobuf(tarfile.GNU_FORMAT, ENCODING, ERRORS)
+    assert _decode_header(_IndexTarInfo, bytearray(block), ENCODING, ERRORS) is None

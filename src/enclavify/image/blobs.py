@@ -56,8 +56,11 @@ class HashingReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer)
         readinto = getattr(self._inner, "readinto", None)
+        n: int | None
         if readinto is not None:
-            n: int = readinto(view) or 0
+            n = readinto(view)
+            if n is None:  # a non-blocking stream with nothing ready; blobs come from files
+                raise BlockingIOError("the blob's stream returned no data without ending")
         else:
             data = self._inner.read(len(view))
             n = len(data)

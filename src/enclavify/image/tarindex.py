@@ -104,16 +104,35 @@ class _IndexTarInfo(tarfile.TarInfo):
             return super().frombuf(buf, encoding, errors)
         return decoded
 
+    @classmethod
+    def _frombuf(
+        cls, buf: bytes | bytearray, encoding: str, errors: str, *, dircheck: bool = True
+    ) -> Self:
+        # Python's security releases from mid-2025 on read headers through this method, not
+        # frombuf. They pass dircheck=False for the header after a GNU long name or PAX
+        # header, whose name must not turn a regular file into a directory. Older releases
+        # have no such method and never call it.
+        decoded = _decode_header(cls, buf, encoding, errors, dircheck=dircheck)
+        if decoded is None:
+            decoder = super()._frombuf  # type: ignore[misc]
+            fallback: Self = decoder(buf, encoding, errors, dircheck=dircheck)
+            return fallback
+        return decoded
+
 
 def _decode_header(
-    cls: type[_Info], buf: bytes | bytearray, encoding: str, errors: str
+    cls: type[_Info], buf: bytes | bytearray, encoding: str, errors: str, *,
+    dircheck: bool = True,
 ) -> _Info | None:
     """Decode ``buf`` as :meth:`tarfile.TarInfo.frombuf` does, or return None to leave it to it.
 
     For every header it decodes, the result equals tarfile's field for field
     (``tests/image/test_tarindex.py`` checks this on generated and altered headers).
+    ``dircheck`` is the argument of the newer tarfile's ``_frombuf``: when False, an
+    old-style directory name does not change the entry's type.
     """
-    if len(buf) != tarfile.BLOCKSIZE:
+    # tarfile reads headers as bytes; anything else keeps its own types in tarfile's hands.
+    if type(buf) is not bytes or len(buf) != tarfile.BLOCKSIZE:
         return None
     (name, mode, uid, gid, size, mtime, checksum, kind, linkname, _magic, uname, gname,
      devmajor, devminor, prefix) = _HEADER.unpack(buf)
@@ -148,7 +167,7 @@ def _decode_header(
     prefix_text = prefix.split(b"\0", 1)[0].decode(encoding, errors)
     # The same three fix-ups as tarfile: an old-style directory is a regular file whose name
     # ends in a slash, directory names lose trailing slashes, and a ustar prefix is joined.
-    if kind == tarfile.AREGTYPE and info.name.endswith("/"):
+    if dircheck and kind == tarfile.AREGTYPE and info.name.endswith("/"):
         info.type = tarfile.DIRTYPE
     if info.type == tarfile.DIRTYPE:
         info.name = info.name.rstrip("/")
