@@ -355,6 +355,20 @@ def test_archive_refuses_a_plain_layer_of_the_wrong_size(
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_docker_archive_names_a_corrupt_gzip_layer(source: SourceImage, tmp_path: Path) -> None:
+    builder = ImageBuilder(source)  # gzip layers, inflated into a docker archive
+    builder.copy_layer_without(source.layers[0], ["/app"])
+    own = builder.build().layers[0].path
+    assert own is not None
+    data = bytearray(own.read_bytes())
+    for position in range(20, len(data) - 8, 7):  # the deflate stream, not the header
+        data[position] ^= 0x5A
+    own.write_bytes(bytes(data))
+    with pytest.raises(ImageError, match="layer 0 blob sha256:[0-9a-f]+ failed verification"):
+        builder.commit(f"docker-archive:{tmp_path / 'd.tar'}")
+    assert not (tmp_path / "d.tar").exists()
+
+
 def test_commit_refuses_to_replace_foreign_directory(source: SourceImage, tmp_path: Path) -> None:
     target = tmp_path / "not-a-layout"
     target.mkdir()

@@ -28,6 +28,9 @@ UNCOMPRESSED = "none"
 # The type stubs declare ISA-L's error as an instance, not the class it is.
 _ISAL_ERROR = cast(type[Exception], igzip_lib.IsalError)
 
+# What reading corrupt compressed data raises, besides OSError (gzip.BadGzipFile).
+DECOMPRESSION_ERRORS = (EOFError, zlib.error, _ISAL_ERROR, zstandard.ZstdError)
+
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -366,7 +369,7 @@ def decompress_blob(
                     pass
             finally:
                 background.finish()
-    except (OSError, EOFError, zlib.error, _ISAL_ERROR, zstandard.ZstdError) as exc:
+    except (OSError, *DECOMPRESSION_ERRORS) as exc:
         target.unlink(missing_ok=True)
         raise ImageError(f"layer blob {blob_name}: corrupt {compression} data: {exc}") from exc
     except BaseException:

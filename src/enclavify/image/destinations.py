@@ -312,9 +312,16 @@ def _add_verified(tar: tarfile.TarFile, name: str, blob: Blob, counter: _Progres
             _add_member(tar, name, blob.size, blobs.FullReader(own))
         counter(blob.size)
         return
-    with blob.opener() as raw:
-        reader = VerifyingReader(raw, blob.digest, blob.size, blob.label, counter)
-        _add_member(tar, name, blob.size, blobs.FullReader(reader))
+    try:
+        with blob.opener() as raw:
+            reader = VerifyingReader(raw, blob.digest, blob.size, blob.label, counter)
+            _add_member(tar, name, blob.size, blobs.FullReader(reader))
+    except blobs.DECOMPRESSION_ERRORS as exc:
+        # A layer stored compressed goes into a docker archive inflated.
+        raise ImageError(
+            f"{blob.label} blob {blob.digest} failed verification while copying: its "
+            f"compressed data is corrupt: {exc}"
+        ) from exc
     if reader.count != blob.size or reader.digest != blob.digest:
         raise ImageError(
             f"{blob.label} blob {blob.digest} failed verification while copying: read "
