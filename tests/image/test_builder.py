@@ -364,7 +364,7 @@ def test_docker_archive_names_a_corrupt_gzip_layer(source: SourceImage, tmp_path
     for position in range(20, len(data) - 8, 7):  # the deflate stream, not the header
         data[position] ^= 0x5A
     own.write_bytes(bytes(data))
-    with pytest.raises(ImageError, match="layer 0 blob sha256:[0-9a-f]+ failed verification"):
+    with pytest.raises(ImageError, match=r"layer 0 blob sha256:[0-9a-f]+ failed verification"):
         builder.commit(f"docker-archive:{tmp_path / 'd.tar'}")
     assert not (tmp_path / "d.tar").exists()
 
