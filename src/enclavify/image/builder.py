@@ -81,9 +81,6 @@ class OutputLayer:
     open_uncompressed: Callable[[], IO[bytes]]
     history: list[dict[str, Any]]
     path: Path | None = None  # the blob's file when this builder wrote it (see blobs.Blob)
-    # The uncompressed tar's file when this builder wrote it as a plain layer (then it is
-    # ``path``). An unpacked source layer has none: an archive checks its digest again.
-    uncompressed_path: Path | None = None
 
     def descriptor(self) -> dict[str, Any]:
         return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
@@ -660,5 +657,4 @@ class _TarOutput:
             open_uncompressed=uncompressed,
             history=history,
             path=path,
-            uncompressed_path=path if compression == blobs.UNCOMPRESSED else None,
         )

@@ -351,7 +351,9 @@ def write_docker_archive(
                 layer.uncompressed_size,
                 layer.open_uncompressed,
                 f"layer {number}",
-                path=layer.uncompressed_path,
+                # A plain layer that the builder wrote is its own uncompressed tar. A copied
+                # source layer has no path, so its unpacked tar is checked again.
+                path=layer.path if layer.compression == blobs.UNCOMPRESSED else None,
             )
             _add_verified(tar, layer_name, blob, counter)
         manifest = json.dumps(
