@@ -66,7 +66,7 @@ def _remove_test_images() -> Iterator[None]:
 
 
 def _remove_image(podman: str, image: str) -> None:
-    """Remove ``image`` and its stopped containers; an image still in use stays."""
+    """Remove ``image`` and its stopped containers. An image that a container still uses stays."""
     containers = subprocess.run(
         [podman, "ps", "-a", "-q", "--filter", f"ancestor={image}",
          "--filter", "status=exited", "--filter", "status=created"],

@@ -158,14 +158,14 @@ def test_check_options_rejects_garbage_certificate(tmp_path: Path) -> None:
         ("docker://registry.example:5000/team/app:v1", "none", "none"),
     ],
 )
-def test_layer_compression_follows_the_destination_unless_asked(
+def test_layer_compression_by_destination(
     tmp_path: Path, destination: str, requested: str | None, expected: str
 ) -> None:
     checked = check_options(options(tmp_path, destination=destination, compression=requested))
     assert checked.compression == expected
 
 
-def test_check_options_rejects_unknown_compression(tmp_path: Path) -> None:
+def test_check_options_rejects_compression(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--compression 'zip' is invalid: expected gzip or none"):
         check_options(options(tmp_path, compression="zip"))
 

@@ -77,7 +77,7 @@ def test_registry_round_trip(registry: str, app_archive: Path, tmp_path: Path) -
     measurement = convert(f"oci-archive:{app_archive}:app", destination, tmp_path)
     labels = labels_of(destination, "--tls-verify=false")
     assert labels["org.enclavify.measurement"] == measurement
-    # For a registry the rewritten layers and the runtime layer are gzip; ciphertext is not.
+    # For a registry the rewritten layers and the runtime layer are gzip. Ciphertext is not.
     raw = run("skopeo", "inspect", "--raw", "--tls-verify=false", destination).stdout
     media_types = [layer["mediaType"] for layer in json.loads(raw)["layers"]]
     gzip_type = "application/vnd.oci.image.layer.v1.tar+gzip"

@@ -52,7 +52,7 @@ kinds = st.sampled_from([tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.LNKTYPE, tar
 @st.composite
 def headers(draw: st.DrawFn) -> list[bytes]:
     """The 512-byte blocks of one member written in ustar, GNU or PAX form."""
-    # A trailing slash marks a directory in old archives, whatever the type says.
+    # In old archives a trailing slash marks a directory, whatever the type field is.
     info = tarfile.TarInfo(draw(st.one_of(names, names.map(lambda name: name + "/"))))
     info.type = draw(kinds)
     info.mode = draw(st.integers(0, 0o7777))
@@ -74,14 +74,14 @@ def headers(draw: st.DrawFn) -> list[bytes]:
 
 @settings(max_examples=400, deadline=None)
 @given(headers())
-def test_written_headers_decode_as_tarfile_decodes_them(blocks: list[bytes]) -> None:
+def test_decoder_matches_tarfile_written_headers(blocks: list[bytes]) -> None:
     for block in blocks:
         assert decoded_by_index(block) == decoded_by_tarfile(block)
 
 
 @settings(max_examples=600, deadline=None)
 @given(headers(), st.data())
-def test_altered_headers_decode_as_tarfile_decodes_them(
+def test_decoder_matches_tarfile_altered_headers(
     blocks: list[bytes], data: st.DataObject
 ) -> None:
     # Bytes changed anywhere, and then the checksum made to match again, so that the fast
@@ -107,12 +107,12 @@ def test_altered_headers_decode_as_tarfile_decodes_them(
          "old GNU sparse entry"),
     ],
 )
-def test_unusual_headers_are_left_to_tarfile(block: bytes, reason: str) -> None:
+def test_decoder_leaves_unusual_headers(block: bytes, reason: str) -> None:
     assert _decode_header(_IndexTarInfo, block, ENCODING, ERRORS) is None, reason
     assert decoded_by_index(block) == decoded_by_tarfile(block)
 
 
-def test_old_style_directory_is_a_directory() -> None:
+def test_decoder_old_style_directory() -> None:
     info = tarfile.TarInfo("srv/data/")
     info.type = tarfile.AREGTYPE
     block = info.tobuf(tarfile.USTAR_FORMAT, ENCODING, ERRORS)
@@ -121,7 +121,7 @@ def test_old_style_directory_is_a_directory() -> None:
     assert (decoded.name, decoded.type) == ("srv/data", tarfile.DIRTYPE)
 
 
-def test_common_header_takes_the_fast_path() -> None:
+def test_decoder_common_header_fast() -> None:
     info = tarfile.TarInfo("usr/lib/python3.11/os.py")
     info.size, info.mode, info.mtime = 39504, 0o644, 1_700_000_000
     block = info.tobuf(tarfile.GNU_FORMAT, ENCODING, ERRORS)
@@ -130,11 +130,11 @@ def test_common_header_takes_the_fast_path() -> None:
     assert (decoded.name, decoded.size, decoded.mode) == ("usr/lib/python3.11/os.py", 39504, 0o644)
 
 
-def test_indexing_a_layer_uses_the_fast_decoder(
+def test_index_layer_uses_fast_decoder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Whichever method this Python's tarfile calls (frombuf, or _frombuf in its security
-    # releases from mid-2025 on), the index must go through the fast decoder.
+    # Whichever method this Python's tarfile calls (frombuf, or _frombuf in newer releases),
+    # indexing must go through the fast decoder.
     calls: list[bytes] = []
     decode = tarindex._decode_header
 
@@ -159,10 +159,10 @@ def test_indexing_a_layer_uses_the_fast_decoder(
 
 @pytest.mark.skipif(
     not hasattr(tarfile.TarInfo, "_frombuf"),
-    reason="this Python's tarfile has no _frombuf (added by its security releases of 2025)",
+    reason="this Python's tarfile has no _frombuf (newer releases added it in a security fix)",
 )
 @pytest.mark.parametrize("dircheck", [True, False])
-def test_follow_up_headers_decode_as_tarfile_decodes_them(dircheck: bool) -> None:
+def test_frombuf_dircheck_matches_tarfile(dircheck: bool) -> None:
     info = tarfile.TarInfo("srv/data/")
     info.type = tarfile.AREGTYPE
     block = info.tobuf(tarfile.USTAR_FORMAT, ENCODING, ERRORS)
@@ -175,7 +175,7 @@ def test_follow_up_headers_decode_as_tarfile_decodes_them(dircheck: bool) -> Non
     ]
 
 
-def test_dircheck_off_keeps_an_old_style_directory_a_file() -> None:
+def test_decoder_without_dircheck_keeps_file() -> None:
     info = tarfile.TarInfo("srv/data/")
     info.type = tarfile.AREGTYPE
     block = info.tobuf(tarfile.USTAR_FORMAT, ENCODING, ERRORS)
@@ -184,6 +184,6 @@ def test_dircheck_off_keeps_an_old_style_directory_a_file() -> None:
     assert decoded.type == tarfile.AREGTYPE
 
 
-def test_a_header_that_is_not_bytes_is_left_to_tarfile() -> None:
+def test_decoder_skips_bytearray_header() -> None:
     block = tarfile.TarInfo("etc/hostname").tobuf(tarfile.GNU_FORMAT, ENCODING, ERRORS)
     assert _decode_header(_IndexTarInfo, bytearray(block), ENCODING, ERRORS) is None

@@ -294,7 +294,7 @@ def _convert_opened(
 def _check_request(
     checked: CheckedOptions, filesystem: MergedFilesystem, progress: Progress
 ) -> regions.Inventory:
-    """Step 1: check the request against the image and list what will be protected.
+    """Check the request against the image and list what will be protected (step 1).
 
     Raises:
         UsageError: the image is confidential already, or a ``--dir``, ``--plain`` or

@@ -28,7 +28,7 @@ UNCOMPRESSED = "none"
 # The type stubs declare ISA-L's error as an instance, not the class it is.
 _ISAL_ERROR = cast(type[Exception], igzip_lib.IsalError)
 
-# What reading corrupt compressed data raises, besides OSError (gzip.BadGzipFile).
+# Exceptions that reading corrupt compressed data raises, besides OSError (gzip.BadGzipFile).
 DECOMPRESSION_ERRORS = (EOFError, zlib.error, _ISAL_ERROR, zstandard.ZstdError)
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -62,8 +62,11 @@ class HashingReader(io.RawIOBase):
         n: int | None
         if readinto is not None:
             n = readinto(view)
-            if n is None:  # a non-blocking stream with nothing ready; blobs come from files
-                raise BlockingIOError("the blob's stream returned no data without ending")
+            if n is None:
+                # Only a non-blocking stream returns None, and blobs are read from files.
+                raise BlockingIOError(
+                    "reading the blob failed: its stream is non-blocking and returned no data"
+                )
         else:
             data = self._inner.read(len(view))
             n = len(data)

@@ -222,7 +222,9 @@ class ImageBuilder:
         progress: blobs.Progress | None = None,
     ) -> None:
         if compression not in (blobs.GZIP, blobs.UNCOMPRESSED):
-            raise ValueError(f"layers are written as gzip or uncompressed, not {compression!r}")
+            raise ValueError(
+                f"invalid layer compression {compression!r}: expected 'gzip' or 'none'"
+            )
         self.source = source
         # The gzip level of the layers this builder writes, or None to write plain tars.
         self._level = DEFAULT_COMPRESSION_LEVEL if compression == blobs.GZIP else None

@@ -108,10 +108,12 @@ class _IndexTarInfo(tarfile.TarInfo):
     def _frombuf(
         cls, buf: bytes | bytearray, encoding: str, errors: str, *, dircheck: bool = True
     ) -> Self:
-        # Python's security releases from mid-2025 on read headers through this method, not
-        # frombuf. They pass dircheck=False for the header after a GNU long name or PAX
+        # Newer Python releases (a security fix of 2025) read headers through this method,
+        # not frombuf. They pass dircheck=False for the header after a GNU long name or PAX
         # header, whose name must not turn a regular file into a directory. Older releases
         # have no such method and never call it.
+        # NOTE: Python 3.11.7, which the tests here run on, has no _frombuf, so this method
+        # and its test comparing it with tarfile's have not run here.
         decoded = _decode_header(cls, buf, encoding, errors, dircheck=dircheck)
         if decoded is None:
             decoder = super()._frombuf  # type: ignore[misc]
@@ -131,7 +133,8 @@ def _decode_header(
     ``dircheck`` is the argument of the newer tarfile's ``_frombuf``: when False, an
     old-style directory name does not change the entry's type.
     """
-    # tarfile reads headers as bytes; anything else keeps its own types in tarfile's hands.
+    # tarfile reads headers as bytes. Any other buffer goes to tarfile, so that the field
+    # types stay tarfile's.
     if type(buf) is not bytes or len(buf) != tarfile.BLOCKSIZE:
         return None
     (name, mode, uid, gid, size, mtime, checksum, kind, linkname, _magic, uname, gname,
@@ -190,7 +193,7 @@ def _octal(field: bytes) -> int | None:
         return None
     try:
         return int(digits, 8)
-    except ValueError:  # an 8 or a 9
+    except ValueError:  # the digit 8 or 9
         return None
 
 
