@@ -62,6 +62,9 @@ def test_measurement_same_with_cache(
         )
     assert (plain.cached, filled.cached, used.cached) == (False, False, True)
     assert _measure(plain) == _measure(filled) == _measure(used)
+    # Built with and without the cache's listing, the digest is that of the tree on disk.
+    for built in (plain, filled, used):
+        assert built.digest == measurement.runtime_digest(built.root)
     assert plain.info == filled.info == used.info
     for name in ("runtime.json", "bin/python3"):
         assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "used" / name).read_bytes()

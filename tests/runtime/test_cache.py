@@ -15,6 +15,7 @@ from typing import IO
 import pytest
 
 from enclavify.attest.measurement import runtime_digest
+from enclavify.attest.treehash import tree_entries
 from enclavify.runtime import builder, cache
 from enclavify.runtime.builder import DirectoryFiles, RuntimeInfo, build_runtime
 from enclavify.runtime.cache import build_runtime_cached, default_cache_dir
@@ -49,9 +50,13 @@ def host_files() -> DirectoryFiles:
 def _build(
     files: DirectoryFiles, output: Path, cache_dir: Path, source: str = "host"
 ) -> tuple[RuntimeInfo, bool]:
-    return build_runtime_cached(
+    built = build_runtime_cached(
         files, output, source=source, cache_dir=cache_dir, python=HOST_PYTHON
     )
+    # The listing stands in for reading the tree again, so it must be what is there.
+    if built.listing is not None:
+        assert built.listing == tree_entries(output)
+    return built.info, built.cached
 
 
 def _entries(cache_dir: Path) -> list[Path]:
@@ -207,11 +212,11 @@ from enclavify.runtime import builder
 from enclavify.runtime.builder import DirectoryFiles
 from enclavify.runtime.cache import build_runtime_cached
 builder.SOURCE_ROOT = Path(sys.argv[3])
-info, cached = build_runtime_cached(
+built = build_runtime_cached(
     DirectoryFiles(Path("/")), Path(sys.argv[1]), source="host", cache_dir=Path(sys.argv[2]),
     python="/usr/bin/python3",
 )
-print(cached)
+print(built.cached)
 """
 
 

@@ -37,22 +37,28 @@ def tree_entries(root: str | PathLike[str]) -> list[TreeEntry]:
     else an empty string. Raises OSError when the tree cannot be read.
     """
     root = os.fspath(root)
-    entries: list[TreeEntry] = []
     buffer = bytearray(BLOCK)
-    for relative in _sorted_tree(root):
-        full = os.path.join(root, relative)
-        info = os.lstat(full)
-        mode = stat.S_IMODE(info.st_mode)
-        if stat.S_ISLNK(info.st_mode):
-            entries.append(["symlink", relative, 0, os.readlink(full)])
-        elif stat.S_ISDIR(info.st_mode):
-            entries.append(["dir", relative, mode, ""])
-        elif stat.S_ISREG(info.st_mode):
-            with open(full, "rb", buffering=0) as stream:
-                entries.append(["file", relative, mode, sha256_stream(stream, buffer)])
-        else:
-            entries.append(["other", relative, mode, ""])
-    return entries
+    return [entry_of(root, relative, buffer) for relative in _sorted_tree(root)]
+
+
+def entry_of(
+    root: str | PathLike[str], relative: str, buffer: bytearray | None = None
+) -> TreeEntry:
+    """Return the :func:`tree_entries` entry of the ``/``-separated path ``relative`` in ``root``.
+
+    Raises OSError when the entry cannot be read.
+    """
+    full = os.path.join(root, relative)
+    info = os.lstat(full)
+    mode = stat.S_IMODE(info.st_mode)
+    if stat.S_ISLNK(info.st_mode):
+        return ["symlink", relative, 0, os.readlink(full)]
+    if stat.S_ISDIR(info.st_mode):
+        return ["dir", relative, mode, ""]
+    if stat.S_ISREG(info.st_mode):
+        with open(full, "rb", buffering=0) as stream:
+            return ["file", relative, mode, sha256_stream(stream, buffer)]
+    return ["other", relative, mode, ""]
 
 
 def _sorted_tree(root: str) -> list[str]:

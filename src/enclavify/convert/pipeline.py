@@ -204,7 +204,7 @@ def _convert_opened(
 
             # --- step 4: the measurement and the runtime layer
             measured = measurement.compute(
-                runtime_digest=measurement.runtime_digest(built.root),
+                runtime_digest=built.digest,
                 binary=checked.binary,
                 binary_digest=measurement.binary_digest(
                     filesystem, checked.binary, checked.protected

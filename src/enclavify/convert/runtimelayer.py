@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from enclavify.attest import measurement
+from enclavify.attest.treehash import entry_of, tree_entries
 from enclavify.image import LayerWriter, MergedFilesystem
 from enclavify.runtime.builder import ImageFiles, build_runtime
 from enclavify.runtime.cache import build_runtime_cached
@@ -51,13 +53,14 @@ class BuiltRuntime:
     """A runtime tree on disk: ``root`` becomes ``/opt/enclavify`` in the image.
 
     ``info`` is the runtime part of the conversion result: version and where the interpreter
-    came from.
+    came from. ``digest`` is the runtime digest of the measurement, over the whole tree.
     """
 
     root: Path
     entrypoint: list[str]
     version: str
     info: dict[str, Any]
+    digest: str
     cached: bool = False
 
 
@@ -118,11 +121,12 @@ def build(
         ImageError: ``files`` has no usable Python (the message suggests ``--base``).
     """
     cached = False
+    listing = None
     if cache_dir is None:
         info = build_runtime(files, output, source=source).to_json()
     else:
-        built, cached = build_runtime_cached(files, output, source=source, cache_dir=cache_dir)
-        info = built.to_json()
+        built = build_runtime_cached(files, output, source=source, cache_dir=cache_dir)
+        info, cached, listing = built.info.to_json(), built.cached, built.listing
     interpreter = {
         "source": info["source"],
         "path": info["interpreter"],
@@ -132,10 +136,20 @@ def build(
         "arch": info["arch"],
     }
     version = str(info["runtime_version"])
+    # The cache hashed every file of the tree while copying it. So the digest needs only that
+    # listing and the settings files, and the tree is read again only without it.
+    if listing is None:
+        listing = tree_entries(output)
     write_settings(
         output,
         settings_document(settings, version=version, interpreter=interpreter),
         settings.cas_certificate,
+    )
+    added = [SETTINGS_NAME]
+    if settings.cas_certificate is not None:
+        added.append(CAS_CERTIFICATE_NAME)
+    entries = sorted(
+        [*listing, *(entry_of(output, name) for name in added)], key=lambda entry: entry[1]
     )
     return BuiltRuntime(
         root=output,
@@ -148,6 +162,7 @@ def build(
             "size": info["size"],
             "files": info["files"],
         },
+        digest=measurement.entries_digest(entries),
         cached=cached,
     )
 

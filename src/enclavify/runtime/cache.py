@@ -45,15 +45,18 @@ import stat
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from enclavify import __version__
 from enclavify.errors import ImageError
 
 from . import builder
 from .builder import ImageFiles, RuntimeInfo, build_runtime
+
+if TYPE_CHECKING:
+    from enclavify.attest.treehash import TreeEntry
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,21 @@ MAX_ENTRIES = 8
 MAX_LOOKUPS = 8
 _ENTRY_FILE = "entry.json"
 _TREE_DIR = "tree"
+
+
+@dataclass(frozen=True)
+class CachedBuild:
+    """The result of :func:`build_runtime_cached`: the runtime's summary and where it came from.
+
+    ``listing`` is the tree as :func:`enclavify.attest.treehash.tree_entries` lists it. It is
+    taken from the files as they were read while copying them to or from the cache, so the
+    runtime digest needs no second read of the tree. It is None when no copy was made, because
+    the cache could not be written or already had the entry.
+    """
+
+    info: RuntimeInfo
+    cached: bool
+    listing: list[TreeEntry] | None = field(default=None, repr=False)
 
 
 def default_cache_dir() -> Path:
@@ -79,13 +97,12 @@ def build_runtime_cached(
     source: str,
     cache_dir: Path,
     python: str | None = None,
-) -> tuple[RuntimeInfo, bool]:
+) -> CachedBuild:
     """Put the runtime for ``files`` into the new directory ``output``, from the cache if it can.
 
     Same contract as :func:`enclavify.runtime.builder.build_runtime`; ``cache_dir`` is the
-    cache's directory (see :func:`default_cache_dir`). Returns the runtime's summary and
-    whether it came from the cache. A cache that cannot be read or written only costs the
-    build; it is never an error.
+    cache's directory (see :func:`default_cache_dir`). A cache that cannot be read or written
+    only costs the build; it is never an error.
     """
     if output.exists():
         raise ImageError(f"runtime output directory {str(output)!r} already exists")
@@ -98,12 +115,12 @@ def build_runtime_cached(
         except (OSError, ValueError, TypeError) as error:
             log.debug("runtime cache: unusable call list %s (%s); skipped", calls_file, error)
             continue
-        info = _take(cache_dir / key, output, source=source)
-        if info is not None:
+        from_cache = _take(cache_dir / key, output, source=source)
+        if from_cache is not None:
             log.debug("runtime cache: using %s", cache_dir / key)
             _touch(calls_file)
             _touch(lookups)
-            return info, True
+            return CachedBuild(from_cache[0], cached=True, listing=from_cache[1])
 
     recorder = _Recorder(files)
     info = build_runtime(recorder, output, python=python, source=source)
@@ -112,15 +129,16 @@ def build_runtime_cached(
     if not _carried_as_read(output, fingerprints):
         # An enclavify module changed while the build read it: the tree may mix both versions.
         log.debug("runtime cache: enclavify's sources changed during the build; not stored")
-        return info, False
+        return CachedBuild(info, cached=False)
     key = _entry_key(host_key, fingerprints)
+    listing = None
     try:
-        _store(cache_dir, key, output, info)
+        listing = _store(cache_dir, key, output, info)
         _write_atomic(lookups, calls)
         _prune(cache_dir, lookups.parent)
     except (OSError, ValueError) as error:
         log.debug("runtime cache: not stored in %s (%s)", cache_dir, error)
-    return info, False
+    return CachedBuild(info, cached=False, listing=listing)
 
 
 # -- the key -------------------------------------------------------------------------------
@@ -313,8 +331,13 @@ class _Recorder:
 # -- entries -------------------------------------------------------------------------------
 
 
-def _take(entry: Path, output: Path, *, source: str) -> RuntimeInfo | None:
-    """Copy the entry's tree to ``output`` if it is whole; otherwise remove it, return None."""
+def _take(
+    entry: Path, output: Path, *, source: str
+) -> tuple[RuntimeInfo, list[TreeEntry]] | None:
+    """Copy the entry's tree to ``output`` if it is whole; otherwise remove it, return None.
+
+    Returns the runtime's summary and the tree's listing (see :class:`CachedBuild`).
+    """
     if not entry.exists():
         return None
     try:
@@ -329,8 +352,8 @@ def _take(entry: Path, output: Path, *, source: str) -> RuntimeInfo | None:
         if document.get("format") != FORMAT_VERSION:
             raise ValueError(f"format {document.get('format')!r}")
         info = RuntimeInfo(**document["info"], source=source)
-        digest = _copy_tree(entry / _TREE_DIR, staging)
-        if digest != document["tree"]:
+        copied = _copy_tree(entry / _TREE_DIR, staging)
+        if _digest(copied) != document["tree"]:
             raise ValueError("the tree does not match its stored digest")
         os.replace(staging, output)
     except (OSError, ValueError, TypeError, KeyError) as error:
@@ -342,20 +365,23 @@ def _take(entry: Path, output: Path, *, source: str) -> RuntimeInfo | None:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _touch(entry)
-    return info
+    return info, _listing(copied)
 
 
-def _store(cache_dir: Path, key: str, tree: Path, info: RuntimeInfo) -> None:
+def _store(
+    cache_dir: Path, key: str, tree: Path, info: RuntimeInfo
+) -> list[TreeEntry] | None:
+    """Store ``tree`` as the entry ``key``; return its listing, or None if it was stored already."""
     target = cache_dir / key
     if target.exists():
-        return
+        return None
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".entry-", dir=cache_dir))
     try:
-        digest = _copy_tree(tree, staging / _TREE_DIR)
+        copied = _copy_tree(tree, staging / _TREE_DIR)
         stored = asdict(info)
         stored.pop("source")
-        document = {"format": FORMAT_VERSION, "info": stored, "tree": digest}
+        document = {"format": FORMAT_VERSION, "info": stored, "tree": _digest(copied)}
         (staging / _ENTRY_FILE).write_text(json.dumps(document, sort_keys=True) + "\n")
         os.chmod(staging, 0o755)  # noqa: S103  (readable like the rest of the cache)
         try:
@@ -365,18 +391,20 @@ def _store(cache_dir: Path, key: str, tree: Path, info: RuntimeInfo) -> None:
                 raise
             log.debug("runtime cache: %s stored meanwhile by another build", target)
             shutil.rmtree(staging, ignore_errors=True)
-            return
+            return _listing(copied)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.debug("runtime cache: stored %s", target)
+    return _listing(copied)
 
 
-def _copy_tree(source: Path, target: Path) -> str:
-    """Copy the tree ``source`` to ``target`` (new or empty); return the digest of what was read.
+def _copy_tree(source: Path, target: Path) -> list[TreeEntry]:
+    """Copy the tree ``source`` to ``target`` (new or empty); return what was read, in walk order.
 
-    The digest covers each entry's relative path, type, permission bits and content (a
-    symlink's target), so a changed, missing or added file changes it. Regular files are
+    Each entry is ``[type, relative path, permission bits, content digest or symlink
+    target]``, as in :func:`enclavify.attest.treehash.tree_entries`. Their :func:`_digest`
+    is the entry's stored digest, so a changed, missing or added file changes it. Regular files are
     hard-linked where the file system allows, which takes about a third of the time of
     copying the 21 MiB runtime. Nothing writes into a built runtime's files afterwards (the
     settings are new files), and a file changed through a link fails the digest check at the
@@ -384,7 +412,7 @@ def _copy_tree(source: Path, target: Path) -> str:
     """
     target.mkdir(exist_ok=True)
     os.chmod(target, stat.S_IMODE(os.lstat(source).st_mode))
-    lines: list[list[Any]] = []
+    lines: list[TreeEntry] = []
     for directory, dirnames, filenames in os.walk(source):
         dirnames.sort()
         relative_dir = os.path.relpath(directory, source)
@@ -406,7 +434,12 @@ def _copy_tree(source: Path, target: Path) -> str:
                 lines.append(["file", relative, mode, _copy_file(full, copy, mode)])
             else:
                 raise ValueError(f"{full!r} is neither a file, a directory nor a symlink")
-    return _digest(lines)
+    return lines
+
+
+def _listing(copied: list[TreeEntry]) -> list[TreeEntry]:
+    """Return :func:`_copy_tree`'s entries sorted by path, as ``tree_entries`` lists them."""
+    return sorted(copied, key=lambda entry: entry[1])
 
 
 def _copy_file(source: str, target: str, mode: int) -> str:
