@@ -53,7 +53,7 @@ def _build(
     built = build_runtime_cached(
         files, output, source=source, cache_dir=cache_dir, python=HOST_PYTHON
     )
-    # The listing stands in for reading the tree again, so it must be what is there.
+    # The digest is taken from the listing instead of the tree, so the two must be equal.
     if built.listing is not None:
         assert built.listing == tree_entries(output)
     return built.info, built.cached
