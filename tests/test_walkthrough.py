@@ -153,7 +153,9 @@ def test_walkthrough_end_to_end(podman: str, python_base_image: str, tmp_path: P
     assert "INSECURE: the session accepts simulation evidence" in log
     assert "Verify return code: 0 (ok)" in log
 
-    # Nothing is left: no work directory, no CAS, no container, neither image.
+    # Nothing is left: no work directory, no CAS, no container, neither image. The script
+    # reports the clean-up on stderr.
+    assert "run-walkthrough: removed the service, the CAS, both example images" in log
     assert not work.exists()
     assert port_is_free(cas_port)
     assert port_is_free(4996)

@@ -94,6 +94,7 @@ TEXT
     fi
     "$engine" rmi -f "$image" "$native_image" >/dev/null 2>&1 || true
     rm -rf "$work"
+    echo "run-walkthrough: removed the service, the CAS, both example images and $work" >&2
     exit $status
 }
 trap cleanup EXIT
