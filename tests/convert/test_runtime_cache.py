@@ -62,7 +62,7 @@ def test_measurement_same_with_cache(
         )
     assert (plain.cached, filled.cached, used.cached) == (False, False, True)
     assert _measure(plain) == _measure(filled) == _measure(used)
-    # Built with and without the cache's listing, the digest is that of the tree on disk.
+    # With or without the cache's listing, the digest must be that of the tree on disk.
     for built in (plain, filled, used):
         assert built.digest == measurement.runtime_digest(built.root)
     assert plain.info == filled.info == used.info

@@ -136,8 +136,8 @@ def build(
         "arch": info["arch"],
     }
     version = str(info["runtime_version"])
-    # The cache hashed every file of the tree while copying it. So the digest needs only that
-    # listing and the settings files, and the tree is read again only without it.
+    # The cache hashed every file of the tree while copying it, so the digest needs only its
+    # listing and the settings files. Without a listing the tree is read again.
     if listing is None:
         listing = tree_entries(output)
     write_settings(

@@ -115,10 +115,8 @@ class HashingWriter(CountingWriter):
 
     def write(self, data: Any) -> int:
         view = bytes(data)
-        self._inner.write(view)
         self.hash.update(view)
-        self.count += len(view)
-        return len(view)
+        return super().write(view)
 
     @property
     def digest(self) -> str:

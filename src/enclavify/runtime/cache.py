@@ -102,7 +102,7 @@ def build_runtime_cached(
 
     Same contract as :func:`enclavify.runtime.builder.build_runtime`; ``cache_dir`` is the
     cache's directory (see :func:`default_cache_dir`). A cache that cannot be read or written
-    only costs the build; it is never an error.
+    only costs the build, and is never an error.
     """
     if output.exists():
         raise ImageError(f"runtime output directory {str(output)!r} already exists")
@@ -334,9 +334,10 @@ class _Recorder:
 def _take(
     entry: Path, output: Path, *, source: str
 ) -> tuple[RuntimeInfo, list[TreeEntry]] | None:
-    """Copy the entry's tree to ``output`` if it is whole; otherwise remove it, return None.
+    """Copy the entry's tree to ``output`` and return the runtime's summary and the listing.
 
-    Returns the runtime's summary and the tree's listing (see :class:`CachedBuild`).
+    The listing is that of :class:`CachedBuild`. An entry that is not whole is removed, and
+    the result is None.
     """
     if not entry.exists():
         return None
@@ -371,7 +372,7 @@ def _take(
 def _store(
     cache_dir: Path, key: str, tree: Path, info: RuntimeInfo
 ) -> list[TreeEntry] | None:
-    """Store ``tree`` as the entry ``key``; return its listing, or None if it was stored already."""
+    """Store ``tree`` as the entry ``key`` and return its listing, or None if the entry exists."""
     target = cache_dir / key
     if target.exists():
         return None
@@ -400,15 +401,15 @@ def _store(
 
 
 def _copy_tree(source: Path, target: Path) -> list[TreeEntry]:
-    """Copy the tree ``source`` to ``target`` (new or empty); return what was read, in walk order.
+    """Copy the tree ``source`` to ``target`` (new or empty) and return its entries in walk order.
 
     Each entry is ``[type, relative path, permission bits, content digest or symlink
     target]``, as in :func:`enclavify.attest.treehash.tree_entries`. Their :func:`_digest`
-    is the entry's stored digest, so a changed, missing or added file changes it. Regular files are
-    hard-linked where the file system allows, which takes about a third of the time of
-    copying the 21 MiB runtime. Nothing writes into a built runtime's files afterwards (the
-    settings are new files), and a file changed through a link fails the digest check at the
-    next use, so sharing them cannot hand out a changed runtime.
+    is the cache entry's stored digest, so a changed, missing or added file changes it.
+    Regular files are hard-linked where the file system allows, which takes about a third of
+    the time of copying the 21 MiB runtime. Nothing writes into a built runtime's files
+    afterwards (the settings are new files), and a file changed through a link fails the
+    digest check at the next use, so sharing them cannot hand out a changed runtime.
     """
     target.mkdir(exist_ok=True)
     os.chmod(target, stat.S_IMODE(os.lstat(source).st_mode))
