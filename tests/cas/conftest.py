@@ -10,12 +10,22 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from enclavify.cas import tls
 from enclavify.cas.client import Identity
 from enclavify.cas.identity import identity_key_hash, load_or_create_identity
 from tests.cas_process import CasProcess, start_cas
 
 MEASUREMENT = "11" * 32
 OTHER_MEASUREMENT = "44" * 32
+
+
+@pytest.fixture(params=["direct", "ssl"])
+def each_tls_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the client's connections on ``_ssl`` directly, then with the ssl module."""
+    direct = request.param == "direct"
+    if direct and not tls.DIRECT:
+        pytest.skip("this Python's _ssl lacks the calls that enclavify.cas.tls makes directly")
+    monkeypatch.setattr(tls, "DIRECT", direct)
 
 
 @pytest.fixture

@@ -25,6 +25,9 @@ from enclavify.errors import CasError, CasRejected
 
 from .conftest import CasProcess
 
+# Every test runs with both ways enclavify.cas.tls makes connections.
+pytestmark = pytest.mark.usefixtures("each_tls_path")
+
 
 @pytest.mark.parametrize(
     ("address", "expected"),

@@ -27,6 +27,8 @@ from enclavify.cas.client import CONFIG_INFO, CasClient, _quote, parse_address
 from enclavify.cas.pki import ServerPki, ensure_server_pki
 from enclavify.errors import CasError, CasRejected
 
+# Every test runs with both ways enclavify.cas.tls makes connections.
+pytestmark = pytest.mark.usefixtures("each_tls_path")
 LIMIT = 16 * 1024 * 1024
 REQUEST_SECRET = "request-secret-4f1c"
 RESPONSE_SECRET = b"response-secret-9a7e"

@@ -22,6 +22,7 @@ PACKAGE = Path(enclavify.__file__).resolve().parent
 CARRIED = [
     "__init__.py",
     "errors.py",
+    "jsontext.py",
     "logs.py",
     "values.py",
     "crypto.py",

@@ -355,15 +355,18 @@ def _modules_loaded_by(*imports: str) -> list[str]:
 def test_start_up_imports_stay_lean() -> None:
     # The launcher imports these at every container start; dataclasses (with inspect, ast
     # and dis), typing, pathlib, http.client (with email), logging (with traceback and
-    # tokenize) and threading each cost a millisecond or more there.
+    # tokenize), threading, ssl and socket (with enum), json and base64 (with re), contextlib
+    # and collections each cost a millisecond or more there.
     loaded = _modules_loaded_by(
         "import enclavify.runtime.measuring, enclavify.runtime.launcher",
         "import enclavify.attest.producers, enclavify.cas.client",
+        "import enclavify.attest.measurement, enclavify.runtime.mounts",
     )
 
     assert "enclavify.cas.client" in loaded
     for heavy in ("dataclasses", "inspect", "typing", "http.client", "email", "tempfile",
-                  "pathlib", "logging", "traceback", "threading"):
+                  "pathlib", "logging", "traceback", "threading", "ssl", "socket", "enum",
+                  "json", "re", "base64", "contextlib", "collections", "functools"):
         assert heavy not in loaded, f"{heavy} is imported at start-up"
 
 

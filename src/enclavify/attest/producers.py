@@ -10,11 +10,9 @@ This module is carried into confidential images: standard library and Python 3.8
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 
-from enclavify import logs
+from enclavify import b64, jsontext, logs
 from enclavify.attest import configfs_tsm, devices
 from enclavify.errors import LaunchError
 
@@ -91,10 +89,10 @@ def from_configfs_tsm(
         raise LaunchError(f"configfs-tsm provider {report.provider!r} is not supported")
     if evidence_type == TDX:
         return TDX, report.outblob
-    document = {"provider": report.provider, "outblob": _base64url(report.outblob)}
+    document = {"provider": report.provider, "outblob": b64.encode_urlsafe_unpadded(report.outblob)}
     if report.auxblob:
-        document["auxblob"] = _base64url(report.auxblob)
-    return SEV_SNP, json.dumps(document, sort_keys=True).encode()
+        document["auxblob"] = b64.encode_urlsafe_unpadded(report.auxblob)
+    return SEV_SNP, jsontext.dumps(document).encode()
 
 
 def from_gramine(report_data: bytes, *, root: str = "/") -> bytes:
@@ -112,8 +110,4 @@ def from_gramine(report_data: bytes, *, root: str = "/") -> bytes:
 def simulation_evidence(report_data: bytes, measurement: str) -> bytes:
     """Return simulation evidence: JSON with the launcher's measurement and report data."""
     document = {"measurement": measurement, "report_data": report_data.hex()}
-    return json.dumps(document, sort_keys=True).encode()
-
-
-def _base64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+    return jsontext.dumps(document).encode()

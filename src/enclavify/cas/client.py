@@ -9,33 +9,30 @@ When only the fingerprint is given, the client fetches the CA certificate from t
 without verification and accepts it only if its fingerprint matches. Every request then
 verifies the server against that CA, host name included.
 
-The launcher imports this module in every confidential start, so its HTTP/1.1 transport
-(at the end of the module) is written on ``socket`` and ``ssl`` rather than ``http.client``,
-which imports the ``email`` package and more. A TLS handshake is slow too, so one client
-keeps its connection open between consecutive requests.
+The launcher imports this module at every confidential start, so it keeps its imports few:
+its HTTP/1.1 transport (at the end of the module) runs on :mod:`enclavify.cas.tls` rather than
+``http.client``, which imports the ``email`` package and more, and JSON and base64 go through
+:mod:`enclavify.jsontext` and :mod:`enclavify.b64`, whose standard counterparts import
+:mod:`re`. A TLS handshake is slow too, so one client keeps its connection open between
+consecutive requests.
 """
 
 from __future__ import annotations
 
 import _thread
-import base64
-import binascii
 import hashlib
-import json
-import re
 import select
-import socket
-import ssl
 import time
-from collections.abc import Callable
 
-from enclavify import crypto, logs
+from enclavify import b64, crypto, jsontext, logs
 from enclavify.attest import report_data as report_data_module
+from enclavify.cas import tls
 from enclavify.errors import CasError, CasRejected
 from enclavify.values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs about 2 ms at every container start
+    from collections.abc import Callable
     from typing import Any
 
 log = logs.get_logger(__name__)
@@ -57,9 +54,8 @@ _RECEIVE_SIZE = 64 * 1024
 # them sooner, and a short limit makes a close that races the next request rare.
 _MAX_IDLE = 5.0
 
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----"
-)
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_PEM_END = b"-----END CERTIFICATE-----"
 
 
 class Identity(Value):
@@ -117,13 +113,16 @@ def pem_fingerprint(pem: bytes) -> str:
             f"not a PEM certificate: expected exactly one PEM block,"
             f" found {pem.count(b'-----BEGIN ')}"
         )
-    match = _PEM_CERTIFICATE.search(pem)
-    if match is None:
+    begin = pem.find(_PEM_BEGIN)
+    end = pem.find(_PEM_END, begin + len(_PEM_BEGIN))
+    if begin < 0 or end < 0:
         raise CasError("not a PEM certificate: no complete BEGIN/END CERTIFICATE block")
     try:
-        der = base64.b64decode(b"".join(match.group(1).split()), validate=True)
-    except (binascii.Error, ValueError) as error:
+        der = b64.decode(b"".join(pem[begin + len(_PEM_BEGIN) : end].split()))
+    except ValueError as error:
         raise CasError(f"not a PEM certificate: invalid base64: {error}") from error
+    if not der:
+        raise CasError("not a PEM certificate: the CERTIFICATE block is empty")
     return hashlib.sha256(der).hexdigest()
 
 
@@ -171,7 +170,7 @@ class CasClient:
                     f" the given certificate has {actual}"
                 )
         self._ca_pem = ca_pem
-        self._context: ssl.SSLContext | None = None
+        self._context: tls.Context | None = None
         # The connection kept open for the next request. Threads may share a client: each
         # takes the idle connection out under the lock, so no two use one connection.
         self._idle: _Connection | None = None
@@ -254,10 +253,12 @@ class CasClient:
                         "public_key": public_key.hex(),
                         "evidence": {
                             "type": evidence_type,
-                            "data": base64.b64encode(evidence).decode("ascii"),
+                            "data": b64.encode(evidence),
                         },
                     }
-                    answer = self._request("POST", "/v1/attest", json.dumps(body).encode("utf-8"))
+                    answer = self._request(
+                        "POST", "/v1/attest", jsontext.dumps(body).encode("utf-8")
+                    )
                 except CasRejected:
                     raise
                 except CasError as error:
@@ -275,27 +276,23 @@ class CasClient:
 
     # -- transport ------------------------------------------------------------------------
 
-    def _ssl_context(self) -> ssl.SSLContext:
+    def _tls_context(self) -> tls.Context:
         if self._context is not None:
             return self._context
         if self._ca_pem is None:
             self._ca_pem = self._fetch_pinned_ca()
-        context = ssl.create_default_context(cadata=self._ca_pem.decode("ascii"))
-        context.check_hostname = True
-        context.verify_mode = ssl.CERT_REQUIRED
+        context = tls.Context(ca_pem=self._ca_pem.decode("ascii"))
         if self.identity is not None:
             try:
-                context.load_cert_chain(self.identity.path)
-            except (OSError, ssl.SSLError) as error:
+                context.load_identity(self.identity.path)
+            except (OSError, tls.TlsError) as error:
                 raise CasError(f"cannot load identity {self.identity.path}: {error}") from error
         self._context = context
         return context
 
     def _fetch_pinned_ca(self) -> bytes:
         """Fetch the CA certificate over unverified TLS and keep it only if it matches the pin."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        context = tls.Context(ca_pem=None)
         # The unverified connection is closed afterwards, never reused for verified requests.
         status, data = self._exchange(
             context, "GET", "/v1/ca-certificate", None, None, idempotent=True, keep=False
@@ -320,11 +317,11 @@ class CasClient:
         idempotent already.
         """
         status, data = self._exchange(
-            self._ssl_context(), method, path, body, content_type,
+            self._tls_context(), method, path, body, content_type,
             idempotent=idempotent or method == "GET",
         )
         try:
-            answer = json.loads(data.decode("utf-8")) if data else {}
+            answer = jsontext.loads(data.decode("utf-8")) if data else {}
         except (ValueError, UnicodeDecodeError) as error:
             raise CasError(f"CAS sent an invalid response to {method} {path} (HTTP {status})") \
                 from error
@@ -338,7 +335,7 @@ class CasClient:
         return answer
 
     def _exchange(
-        self, context: ssl.SSLContext, method: str, path: str,
+        self, context: tls.Context, method: str, path: str,
         body: bytes | None, content_type: str | None,
         *, idempotent: bool = False, keep: bool = True,
     ) -> tuple[int, bytes]:
@@ -385,7 +382,7 @@ class CasClient:
                 connection.close()
             return status, data
 
-    def _connect(self, context: ssl.SSLContext) -> _Connection:
+    def _connect(self, context: tls.Context) -> _Connection:
         """Open a TLS connection, retrying failures to connect with exponential backoff."""
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):
@@ -402,29 +399,23 @@ class CasClient:
                 delay *= 2
         raise CasError("unreachable")
 
-    def _open_socket(self, context: ssl.SSLContext) -> ssl.SSLSocket:
+    def _open_socket(self, context: tls.Context) -> tls.Connection:
         """Connect and complete the TLS handshake.
 
         Raises:
             CasError: the handshake failed, for example on certificate verification.
             OSError: connecting failed or timed out (the caller retries).
         """
-        raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
         try:
-            return context.wrap_socket(raw, server_hostname=self.host)
-        except ssl.SSLCertVerificationError as error:
-            raw.close()
+            return context.connect(self.host, self.port, self.timeout)
+        except tls.CertificateError as error:
             raise CasError(
                 f"CAS at {self.host}:{self.port} failed certificate verification:"
                 f" {error.verify_message}"
             ) from error
-        except ssl.SSLError as error:
-            raw.close()
+        except tls.TlsError as error:
             raise CasError(f"TLS with the CAS at {self.host}:{self.port} failed: {error}") \
                 from error
-        except BaseException:
-            raw.close()
-            raise
 
     def _host_header(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -432,7 +423,7 @@ class CasClient:
             host = host.encode("idna").decode("ascii")
         return host if self.port == 443 else f"{host}:{self.port}"
 
-    def _take_idle(self, context: ssl.SSLContext) -> _Connection | None:
+    def _take_idle(self, context: tls.Context) -> _Connection | None:
         with self._idle_lock:
             connection, self._idle = self._idle, None
         if connection is None:
@@ -479,7 +470,7 @@ def _open_configuration(
     try:
         cas_public = bytes.fromhex(str(answer["cas_public_key"]))
         gcm_nonce = bytes.fromhex(str(answer["nonce"]))
-        ciphertext = base64.b64decode(str(answer["ciphertext"]), validate=True)
+        ciphertext = b64.decode(str(answer["ciphertext"]))
     except (KeyError, ValueError) as error:
         raise CasError(f"CAS sent a malformed configuration: {error}") from error
     try:
@@ -494,7 +485,7 @@ def _open_configuration(
     except crypto.AuthenticationError as error:
         raise CasError("the configuration from the CAS failed authentication") from error
     try:
-        configuration = json.loads(plaintext.decode("utf-8"))
+        configuration = jsontext.loads(plaintext.decode("utf-8"))
     except ValueError:
         # from None: a UnicodeDecodeError keeps the whole plaintext, secrets included, in
         # its ``object`` attribute and quotes a byte of it in its message.
@@ -507,8 +498,7 @@ def _open_configuration(
 # -- HTTP/1.1 over one TLS connection ------------------------------------------------------
 
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
-# Errors of a connection that the peer closed or reset.
-_CLOSED_ERRORS = (ConnectionError, ssl.SSLZeroReturnError, ssl.SSLEOFError)
+_CLOSED_ERRORS = tls.CLOSED_ERRORS
 
 
 class _NoResponse(Exception):
@@ -546,7 +536,7 @@ def _format_request(
 class _Connection:
     """One TLS connection to the CAS and the bytes received from it but not yet parsed."""
 
-    def __init__(self, sock: ssl.SSLSocket, context: ssl.SSLContext) -> None:
+    def __init__(self, sock: tls.Connection, context: tls.Context) -> None:
         self.sock = sock
         self.context = context
         self.idle_since = time.monotonic()
@@ -759,7 +749,7 @@ def _content_length(values: list[bytes]) -> int:
     return int(text)
 
 
-def _is_readable(sock: socket.socket) -> bool:
+def _is_readable(sock: tls.Connection) -> bool:
     """Tell whether reading ``sock`` would not block (data or EOF waiting)."""
     if hasattr(select, "poll"):
         poller = select.poll()

@@ -24,16 +24,16 @@ Python 3.8 syntax.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
-from collections.abc import Callable
 
+from enclavify import jsontext
 from enclavify.errors import ProtectError
 from enclavify.values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs about 2 ms at every container start
+    from collections.abc import Callable
     from typing import Any
 
 FORMAT_VERSION = 2
@@ -194,6 +194,9 @@ class Manifest(Value):
 
     def to_json_bytes(self) -> bytes:
         """Return the manifest as canonical JSON (sorted keys, ASCII only)."""
+        # Imported here: the launcher only parses manifests, and json imports re.
+        import json  # noqa: PLC0415
+
         document = {
             "format": self.format,
             "chunk_size": self.chunk_size,
@@ -470,7 +473,7 @@ def parse_manifest(plaintext: bytes) -> Manifest:
         ProtectError: the manifest is malformed or of an unsupported format version.
     """
     try:
-        document = json.loads(plaintext.decode("utf-8"))
+        document = jsontext.loads(plaintext.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtectError("invalid fspf: manifest is not JSON") from exc
     if not isinstance(document, dict):

@@ -87,6 +87,10 @@ CARRIED_MODULES = (
     "enclavify.attest.configfs_tsm",
     "enclavify.cas.client",
 )
+# Standard library modules carried although the launcher does not import them:
+# enclavify.cas.tls makes its connections with them on a Python whose _ssl lacks the calls it
+# otherwise makes directly. Carrying them keeps that fallback working in any image.
+FALLBACK_MODULES = ("ssl", "socket")
 # The launcher's entry script, below the carried standard library.
 LAUNCHER_SCRIPT = "enclavify/runtime/__main__.py"
 # Runtime package files copied even though importing them has side effects.
@@ -826,7 +830,8 @@ def _launcher_modules() -> dict[str, list[str]]:
     """Import the carried modules on the host's Python and list what they pulled in."""
     src = str(SOURCE_ROOT)
     process = subprocess.run(
-        [sys.executable, "-I", "-S", "-B", "-c", _COLLECT, src, *CARRIED_MODULES],
+        [sys.executable, "-I", "-S", "-B", "-c", _COLLECT, src, *CARRIED_MODULES,
+         *FALLBACK_MODULES],
         capture_output=True,
         text=True,
         check=False,

@@ -22,15 +22,12 @@ This module is carried into confidential images: standard library only, Python 3
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import os
 import posixpath
 import stat
 import sys
 
-from enclavify import logs
+from enclavify import b64, jsontext, logs
 from enclavify.errors import Error, LaunchError
 from enclavify.protect.unseal import unseal_tree
 from enclavify.runtime import libcrypto, mounts
@@ -150,8 +147,8 @@ def _injection_file(raw: Any, where: str) -> InjectionFile:
     if not isinstance(path, str) or not path.startswith("/") or posixpath.normpath(path) != path:
         raise LaunchError(f"{where}: 'path' must be a normalized absolute path")
     try:
-        content = base64.b64decode(raw.get("content", ""), validate=True)
-    except (binascii.Error, TypeError, ValueError) as error:
+        content = b64.decode(raw.get("content", ""))
+    except (TypeError, ValueError) as error:
         raise LaunchError(f"{where} ({path}): 'content' is not valid base64") from error
     mode = raw.get("mode", DEFAULT_INJECTION_MODE)
     if isinstance(mode, str):
@@ -191,7 +188,7 @@ def _insecure_configuration(path: str, measured: str) -> Configuration:
     )
     try:
         with open(path, "rb") as stream:
-            data = json.loads(stream.read().decode("utf-8"))
+            data = jsontext.loads(stream.read().decode("utf-8"))
     except (OSError, ValueError) as error:
         raise LaunchError(
             f"cannot read the insecure configuration file {path!r}: {error}"

@@ -11,7 +11,6 @@ Python 3.8 syntax.
 from __future__ import annotations
 
 import _thread
-import contextlib
 import ctypes
 import itertools
 
@@ -165,10 +164,12 @@ class _Context:
     def __del__(self) -> None:
         # Freeing cleanses the key schedule. At interpreter exit the library may already be
         # unloaded, and then the OS frees it all.
-        with contextlib.suppress(Exception):
+        try:
             if self.handle:
                 self.lib.EVP_CIPHER_CTX_free(self.handle)
                 self.handle = None
+        except Exception:  # noqa: S110 - nothing to report to at interpreter exit
+            pass
 
 
 # Tokens tell apart AesGcm objects for the contexts; unlike id() they are never reused.
