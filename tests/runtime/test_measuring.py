@@ -1,4 +1,4 @@
-"""The launcher's measurement taken by a child process while it gets ready to attest."""
+"""The launcher's measurement, taken by a child process and the launcher while it gets ready."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from enclavify.errors import LaunchError
+from enclavify.runtime import measuring
 from enclavify.runtime.config import RuntimeConfig
 from enclavify.runtime.measuring import PendingMeasurement, measure
 
@@ -34,7 +35,7 @@ def _reaped(pending: PendingMeasurement) -> bool:
     return False
 
 
-def test_child_measures_what_the_launcher_would(tmp_path: Path) -> None:
+def test_pending_measurement_is_what_the_launcher_would_measure(tmp_path: Path) -> None:
     runtime = _image(tmp_path)
     expected = measure(RuntimeConfig.load(runtime / "runtime.json"), runtime, tmp_path)
 
@@ -59,6 +60,22 @@ def test_child_failure_is_raised_with_its_reason(tmp_path: Path) -> None:
     pending = PendingMeasurement(runtime, tmp_path)
 
     with pytest.raises(LaunchError, match=r"cannot measure the binary.*missing"):
+        pending.result()
+    assert _reaped(pending)
+
+
+def test_runtime_failure_in_the_child_is_raised_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreadable(runtime_dir: object) -> list[object]:
+        raise LaunchError("cannot measure the runtime: test failure")
+
+    runtime = _image(tmp_path)
+    monkeypatch.setattr(measuring, "_runtime_entries", unreadable)  # the child inherits it
+
+    pending = PendingMeasurement(runtime, tmp_path)
+
+    with pytest.raises(LaunchError, match="cannot measure the runtime: test failure"):
         pending.result()
     assert _reaped(pending)
 

@@ -1,16 +1,18 @@
-"""The launcher's measurement of its own image, taken by a child process at start.
+"""The launcher's measurement of its own image, taken at start by two processes at once.
 
 Hashing the runtime and the binary (about 27 MB) takes about 20 ms, and the evidence needs the
 measurement only after the launcher has imported its modules, connected to the CAS and
-received a challenge. A forked child hashes meanwhile. A thread would be slower. hashlib
-releases the GIL while it hashes a block, but the thread must take the GIL back after each
-block, and the importing main thread keeps it for up to the 5 ms switch interval each time.
+received a challenge. So the work is split: a forked child hashes the runtime tree while the
+launcher imports, and the launcher hashes the binary and the fspf once it asks for the
+measurement, while it waits for the child anyway (the CAS challenge is in by then). A thread
+would be slower than the child. hashlib releases the GIL while it hashes a block, but the
+thread must take the GIL back after each block, and the importing main thread keeps it for up
+to the 5 ms switch interval each time.
 
 The entrypoint (``enclavify.runtime.__main__``) imports this module first and starts the child
 right away, so that the second CPU starts hashing while the launcher imports its modules. The
-child hashes the runtime tree first, with :mod:`enclavify.attest.treehash`, which needs only
-hashlib, and imports json and the rest of the measurement code only after that. That is why
-this module imports the measurement code only when it measures.
+child needs only :mod:`enclavify.attest.treehash`, which needs only hashlib; this module
+imports the rest of the measurement code only when it measures.
 
 This module is carried into confidential images: standard library only, Python 3.8 syntax.
 """
@@ -23,6 +25,7 @@ from enclavify.errors import Error, LaunchError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs about 2 ms at every container start
+    from collections.abc import Callable
     from os import PathLike
     from typing import Optional
 
@@ -33,7 +36,7 @@ if TYPE_CHECKING:  # typing costs about 2 ms at every container start
 RUNTIME_DIR = "/opt/enclavify"
 
 
-# Prefixes of the child's report on the pipe: before the measurement, or an error message.
+# Prefixes of the child's report on the pipe: before the runtime digest, or an error message.
 _OK = b"ok "
 _ERROR = b"error "
 
@@ -42,18 +45,16 @@ def measure(
     config: RuntimeConfig,
     runtime_dir: str | PathLike[str] = RUNTIME_DIR,
     root: str | PathLike[str] = "/",
-    runtime_entries: Optional[list[TreeEntry]] = None,
+    runtime_digest: Optional[Callable[[], str]] = None,
 ) -> str:
     """Return the measurement of this image as found on disk under ``root``.
 
-    ``runtime_entries`` are those of ``runtime_dir`` when the caller hashed them already.
+    ``runtime_digest`` returns the digest of ``runtime_dir`` when another process computes it.
+    It is called after the binary is hashed, so that both are hashed at once.
     """
     from enclavify.attest import measurement  # noqa: PLC0415 - see the module's docstring
     from enclavify.runtime.config import CONFIG_NAME  # noqa: PLC0415
 
-    if runtime_entries is None:
-        runtime_entries = _runtime_entries(runtime_dir)
-    digest = measurement.entries_digest(runtime_entries)
     files = measurement.RootFiles(root)
     try:
         binary_digest = measurement.binary_digest(files, config.binary, config.regions)
@@ -61,13 +62,17 @@ def measure(
         raise LaunchError(f"cannot measure the binary: {error}") from error
     except Error as error:
         raise LaunchError(f"cannot measure the binary: {error.diagnostics()}") from error
-    fspf = files.host_path(config.fspf_path)
+    fspf_digest = measurement.fspf_digest(files.host_path(config.fspf_path))
+    if runtime_digest is None:
+        digest = measurement.entries_digest(_runtime_entries(runtime_dir))
+    else:
+        digest = runtime_digest()
     try:
         return measurement.compute(
             runtime_digest=digest,
             binary=config.binary,
             binary_digest=binary_digest,
-            fspf_digest=measurement.fspf_digest(fspf),
+            fspf_digest=fspf_digest,
             heap=config.heap,
             stack=config.stack,
             dlopen=config.dlopen,
@@ -77,17 +82,22 @@ def measure(
 
 
 class PendingMeasurement:
-    """The image's measurement, being taken by a forked child process.
+    """The image's measurement, whose runtime digest a forked child process is computing.
 
-    Start it while the process has no other thread. :meth:`result` waits for the child,
-    reaps it and returns the measurement or raises LaunchError with the child's reason.
+    Start it while the process has no other thread. :meth:`result` hashes the rest, waits for
+    the child, reaps it and returns the measurement, or raises LaunchError with the reason.
     """
 
     def __init__(
         self, runtime_dir: str | PathLike[str] = RUNTIME_DIR, root: str | PathLike[str] = "/"
     ) -> None:
+        self._runtime_dir = runtime_dir
+        self._root = root
         self._value: Optional[str] = None
         self._error: Optional[str] = None
+        # What the child reports: the runtime's digest, or why it has none.
+        self._runtime_digest: Optional[str] = None
+        self._child_error = ""
         reading, writing = os.pipe()
         try:
             self._child = os.fork()
@@ -97,18 +107,28 @@ class PendingMeasurement:
             raise
         if self._child == 0:  # pragma: no cover - runs in the child, which ends with os._exit
             os.close(reading)
-            _measure_in_child(writing, runtime_dir, root)
+            _hash_runtime_in_child(writing, runtime_dir)
         os.close(writing)
         self._reading = reading
 
     def result(self) -> str:
-        """Wait for the measurement and return it.
+        """Return the measurement, computing it on the first call.
 
         Raises:
             LaunchError: the measurement failed; the message gives the reason.
         """
         if self._value is None and self._error is None:
-            self._collect()
+            try:
+                from enclavify.runtime.config import CONFIG_NAME, RuntimeConfig  # noqa: PLC0415
+
+                config = RuntimeConfig.load(os.path.join(self._runtime_dir, CONFIG_NAME))
+                self._value = measure(config, self._runtime_dir, self._root, self._digest)
+            except LaunchError as error:
+                self._error = str(error)
+            except OSError as error:  # the fspf exists but cannot be read, for example
+                self._error = f"cannot measure the image: {error}"
+            finally:
+                self.close()
         if self._error is not None:
             raise LaunchError(self._error)
         assert self._value is not None
@@ -116,8 +136,15 @@ class PendingMeasurement:
 
     def close(self) -> None:
         """Wait for the child and reap it, whether or not the result is wanted."""
-        if self._value is None and self._error is None:
+        if self._reading >= 0:
             self._collect()
+
+    def _digest(self) -> str:
+        """Return the child's runtime digest, waiting for it if need be."""
+        self.close()
+        if self._runtime_digest is None:
+            raise LaunchError(self._child_error)
+        return self._runtime_digest
 
     def _collect(self) -> None:
         report = b""
@@ -129,31 +156,31 @@ class PendingMeasurement:
                 report += data
         finally:
             os.close(self._reading)
+            self._reading = -1
             _, status = os.waitpid(self._child, 0)
         if report.startswith(_OK):
-            self._value = report[len(_OK) :].decode("ascii")
+            self._runtime_digest = report[len(_OK) :].decode("ascii")
         elif report.startswith(_ERROR):
-            self._error = report[len(_ERROR) :].decode("utf-8", errors="replace")
+            self._child_error = report[len(_ERROR) :].decode("utf-8", errors="replace")
         else:
-            self._error = f"measuring the image failed in a child process (status {status})"
+            self._child_error = f"hashing the runtime failed in a child process (status {status})"
 
 
-def _measure_in_child(  # pragma: no cover
-    writing: int, runtime_dir: str | PathLike[str], root: str | PathLike[str]
+def _hash_runtime_in_child(  # pragma: no cover
+    writing: int, runtime_dir: str | PathLike[str]
 ) -> None:
-    """Measure, write the outcome to ``writing`` and end the child; never returns."""
+    """Hash the runtime tree, write its digest to ``writing`` and end the child; never returns."""
     status = 0
     try:
         try:
             entries = _runtime_entries(runtime_dir)
-            from enclavify.runtime.config import CONFIG_NAME, RuntimeConfig  # noqa: PLC0415
+            from enclavify.attest.measurement import entries_digest  # noqa: PLC0415
 
-            config = RuntimeConfig.load(os.path.join(runtime_dir, CONFIG_NAME))
-            report = _OK + measure(config, runtime_dir, root, entries).encode("ascii")
+            report = _OK + entries_digest(entries).encode("ascii")
         except Error as error:
             report = _ERROR + error.diagnostics().encode("utf-8", errors="replace")
         except Exception as error:  # any failure must reach the parent as a message
-            report = _ERROR + f"cannot measure the image: {error}".encode(errors="replace")
+            report = _ERROR + f"cannot measure the runtime: {error}".encode(errors="replace")
         view = memoryview(report)
         while view:
             view = view[os.write(writing, view) :]
