@@ -323,8 +323,20 @@ class AesGcm:
         lib = self._lib
         context = self._context(False, nonce)
         ctx = context.handle
-        self._update(lib.EVP_DecryptUpdate, context, 0, _address(aad), len(aad))
-        written = self._update(lib.EVP_DecryptUpdate, context, out, source, size)
+        update = lib.EVP_DecryptUpdate
+        if size <= _MAX_UPDATE and len(aad) <= _MAX_UPDATE:
+            # The unsealer comes here for every chunk, so the common case makes its two update
+            # calls directly, the associated data passed as bytes without taking its address.
+            length_ref = context.length_ref
+            if (
+                update(ctx, None, length_ref, aad, len(aad)) != 1
+                or update(ctx, out, length_ref, source, size) != 1
+            ):
+                lib.check(0, "GCM update")
+            written = context.length.value
+        else:
+            self._update(update, context, 0, _address(aad), len(aad))
+            written = self._update(update, context, out, source, size)
         lib.check(
             lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_TAG, TAG_SIZE, source + size),
             "setting the GCM tag",
