@@ -170,7 +170,7 @@ def obtain_configuration(
 ) -> Configuration:
     """Get the configuration from the insecure debug file or, normally, from the CAS.
 
-    ``measured()`` returns the measurement; it is called only when the evidence needs it.
+    ``measured()`` returns the measurement; it is called before the CAS's challenge is awaited.
     ``early`` is a challenge the entrypoint started asking for.
     """
     insecure = environ.get(INSECURE_CONFIG_VARIABLE)
@@ -224,6 +224,9 @@ def _cas_configuration(
 
     address, config_id = settings.address, settings.config_id
     log.debug("requesting configuration %s from the CAS at %s", config_id, address)
+    # Measured before waiting for the early challenge: this process hashes the binary while
+    # the challenge's TLS handshake and round trip go on in their thread.
+    measured()
     client, nonce = None, None
     if early is not None:
         # Wait in every case, so that no thread runs when the unsealer forks.
