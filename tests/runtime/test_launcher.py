@@ -370,6 +370,20 @@ def test_start_up_imports_stay_lean() -> None:
         assert heavy not in loaded, f"{heavy} is imported at start-up"
 
 
+def test_connecting_to_the_cas_imports_no_codec() -> None:
+    # getaddrinfo encodes a str host name with the IDNA codec, which imports re and stringprep.
+    loaded = _modules_loaded_by(
+        "import _socket",
+        "listener = _socket.socket(); listener.bind(('127.0.0.1', 0)); listener.listen(1)",
+        "from enclavify.cas import tls",
+        "tls._open_socket('localhost', listener.getsockname()[1], 5.0).close()",
+    )
+
+    assert "enclavify.cas.tls" in loaded
+    for heavy in ("encodings.idna", "stringprep", "re", "socket"):
+        assert heavy not in loaded, f"{heavy} is imported when connecting"
+
+
 def test_measuring_child_imports_stay_lean() -> None:
     # The measuring child runs beside the launcher's imports on a busy CPU, and json and re
     # (with enum and functools) would cost it about 7 ms. These are the child's imports.

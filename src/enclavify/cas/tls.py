@@ -155,8 +155,11 @@ class _Socket(_socket.socket):
 def _open_socket(host: str, port: int, timeout: float) -> _Socket:
     """Connect a TCP socket to the first address of ``host`` that accepts, as socket does."""
     failure: OSError | None = None
+    # getaddrinfo encodes a str host with the IDNA codec, whose import (with re and
+    # stringprep) took about 10 ms in a container. An ASCII name goes as bytes, unchanged.
+    name: str | bytes = host.encode("ascii") if host.isascii() else host
     for family, kind, protocol, _, address in _socket.getaddrinfo(
-        host, port, 0, _socket.SOCK_STREAM
+        name, port, 0, _socket.SOCK_STREAM
     ):
         sock = _Socket(family, kind, protocol)
         try:
