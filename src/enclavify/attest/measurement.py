@@ -163,18 +163,30 @@ def binary_digest(files: Any, binary: str, regions: Sequence[str]) -> str:
     image and the result is :data:`PROTECTED_BINARY`. Raises UsageError when the binary is
     missing or not a regular file.
     """
+    resolved = resolve_binary(files, binary, regions)
+    if resolved is None:
+        return PROTECTED_BINARY
+    with files.open(resolved) as stream:
+        return sha256_stream(stream)
+
+
+def resolve_binary(files: Any, binary: str, regions: Sequence[str]) -> str | None:
+    """Return the path of the regular file that ``binary`` names, or None when it is protected.
+
+    ``files`` and ``regions`` are as for :func:`binary_digest`. Raises UsageError when the
+    binary is missing or not a regular file.
+    """
     if not posixpath.isabs(binary):
         raise UsageError(f"binary {binary!r} must be an absolute path")
     resolved = resolve_path(files, binary, regions)
     if resolved is None:
-        return PROTECTED_BINARY
+        return None
     entry = files.entry(resolved)
     if entry is None:
         raise UsageError(f"binary {binary!r} not found in the image")
     if entry.type not in ("file", "hardlink"):
         raise UsageError(f"binary {binary!r} is not a regular file")
-    with files.open(resolved) as stream:
-        return sha256_stream(stream)
+    return str(resolved)
 
 
 def resolve_path(files: Any, path: str, regions: Sequence[str] = ()) -> str | None:
