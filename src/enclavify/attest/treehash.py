@@ -2,10 +2,10 @@
 
 :func:`tree_entries` lists every entry below a directory with its type, permission bits and
 the SHA-256 of a regular file's content or a symlink's target. :mod:`.measurement` turns the
-list into the runtime digest. This is a module of its own because it needs only hashlib.
-The launcher's measuring child hashes the runtime with it first and imports json and re,
-which the rest of the measurement needs, only afterwards, so hashing starts about 5 ms
-sooner.
+list into the runtime digest. This is a module of its own because it needs only hashlib:
+the launcher's measuring child imports nothing else before it starts hashing.
+:func:`sha256_and_compare` lets the launcher take the digest of a file that is a copy of one
+it hashes anyway (see :mod:`enclavify.runtime.measuring`).
 
 This module is carried into confidential images: standard library only, Python 3.8 syntax.
 """
