@@ -8,8 +8,9 @@ A longer one is decrypted into a temporary file next to its destination and rena
 place only after every chunk verified. Either way a tampered object leaves no plaintext of
 that file. With many files and more than one CPU, forked children restore part of them.
 
-This runs at every confidential start, so it keeps system calls few: one read of the pack for
-each file, and files restored grouped by directory. While the umask is 0, a new entry is
+This runs at every confidential start, so it keeps system calls few: files are restored in
+batches in the order of their objects in the pack, and the objects of a batch are read with
+one call. While the umask is 0, a new entry is
 created with its final permission bits, and when the kernel already gives it the right owner
 it needs no chown or chmod. Below a directory with a default ACL or the set-group-ID bit,
 owner and mode are set explicitly.
@@ -43,6 +44,7 @@ from enclavify.protect.format import (
     chunk_count,
     chunk_nonce,
     parse_manifest,
+    sealed_size,
     split_fspf,
 )
 
@@ -84,7 +86,10 @@ _FILE_COST = 32768
 _BATCH_WORK = 512 << 10
 _MAX_BATCHES = 4096
 _BATCH_RECORD = 4
-# Directories kept open while restoring; files are restored grouped by directory.
+# The objects of a batch are read with one call when they fit in this many bytes, which a
+# batch of files up to _SEGMENT bytes each always does.
+_BATCH_READ = _BATCH_WORK + _SEGMENT + (_SEGMENT // 512) * 16
+# Directories kept open while restoring.
 _DIR_CACHE_SIZE = 128
 
 if TYPE_CHECKING:
@@ -171,8 +176,8 @@ class _Restorer:
         self._euid = os.geteuid()
         self._egid = os.getegid()
         self._as_root = self._euid == 0
-        # Open directories below the target root by path, least recently used first; files
-        # arrive grouped by directory.
+        # Open directories below the target root by path, least recently used first. Files
+        # come in pack order, where those of one directory mostly follow each other.
         self._dirs: dict[str, _Directory] = {}
         self._pack_fd = -1
         # Files of up to this many chunks are decrypted whole in memory; longer ones in
@@ -188,6 +193,8 @@ class _Restorer:
         self._made: dict[str, tuple[tuple[int, int] | None, int]] = {}
         # Forked children that reported success but may still be exiting.
         self._reporting_done: list[int] = []
+        # The range of the pack in the ciphertext buffer, read for the batch being restored.
+        self._batch: tuple[int, int] | None = None
         try:
             root_fd = os.open(target_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -333,8 +340,8 @@ class _Restorer:
         # that is unknown (it existed before, or a default ACL applied).
         after_mkdir: dict[str, tuple[int, int, int] | None] = {}
         directories: list[Entry] = []
-        # Files by parent directory, so that each directory is opened once per process.
-        groups: dict[str, list[tuple[str, Entry]]] = {}
+        # Files in manifest order, which is the order of their objects in the pack.
+        files: list[_File] = []
         # Files come after directories and symlinks, hardlinks after every file they may name.
         hardlinks: list[Entry] = []
         for entry in self._manifest.entries:
@@ -342,10 +349,7 @@ class _Restorer:
             try:
                 if kind == "file":
                     parent, _, name = entry.path.rpartition("/")
-                    group = groups.get(parent)
-                    if group is None:
-                        group = groups[parent] = []
-                    group.append((name, entry))
+                    files.append((parent, name, entry))
                 elif kind == "dir":
                     after_mkdir[entry.path] = self._make_directory(entry)
                     directories.append(entry)
@@ -356,11 +360,6 @@ class _Restorer:
             except OSError as exc:
                 raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
 
-        files = [
-            (parent, name, entry)
-            for parent, group in sorted(groups.items())
-            for name, entry in group
-        ]
         processes = min(_CPUS, _MAX_PROCESSES, 2 * len(files) // _FORK_FILES)
         if processes > 1 and hasattr(os, "fork"):
             self._restore_files_in_parallel(files, processes)
@@ -444,34 +443,66 @@ class _Restorer:
 
     def _restore_files(self, files: list[_File]) -> None:
         self._allocate_buffers_for(files)
-        self._restore_batch(files)
+        for batch in _batches(files):
+            self._restore_batch(batch)
 
     def _allocate_buffers_for(self, files: list[_File]) -> None:
-        # Buffers for the largest segment of these files, made once: a buffer is filled with
-        # zeros when made, and growing it file by file costs more.
+        # Buffers for the largest segment of these files and the objects of a batch, made
+        # once: a buffer is filled with zeros when made, and growing it costs more.
         largest = max((entry.size for _, _, entry in files), default=0)
+        chunks = min(self._segment_chunks, chunk_count(largest, self._chunk_size))
+        plain_size = min(largest, self._segment_chunks * self._chunk_size)
+        objects = _objects_size(files, self._chunk_size) if files else 0
         self._allocate_buffers(
-            min(largest, self._segment_chunks * self._chunk_size),
-            min(self._segment_chunks, chunk_count(largest, self._chunk_size)),
+            plain_size, chunks, max(plain_size + chunks * TAG_SIZE, min(objects, _BATCH_READ))
         )
 
     def _restore_batch(self, files: list[_File]) -> None:
+        """Restore consecutive files of the manifest, whose objects follow each other."""
+        if not files:
+            return
+        self._batch = self._read_batch(files)
         current = None
         directory = self._root
-        for parent, name, entry in files:
-            if parent != current:
-                directory = self._directory(parent, entry.path)
-                current = parent
-            try:
-                self._restore_file(directory, name, entry)
-            except OSError as exc:
-                raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
+        try:
+            for parent, name, entry in files:
+                if parent != current:
+                    directory = self._directory(parent, entry.path)
+                    current = parent
+                try:
+                    self._restore_file(directory, name, entry)
+                except OSError as exc:
+                    raise ProtectError(f"cannot restore {entry.path!r}: {exc.strerror}") from exc
+        finally:
+            self._batch = None
 
-    def _allocate_buffers(self, plain_size: int, chunks: int) -> None:
-        """Make this process's buffers for ``chunks`` chunks of ``plain_size`` bytes in all."""
+    def _read_batch(self, files: list[_File]) -> tuple[int, int] | None:
+        """Read the objects of ``files`` into the ciphertext buffer with one call if they fit.
+
+        Returns the range of the pack now in the buffer, or None when the objects are read
+        file by file instead.
+        """
+        buffers = self._buffers
+        assert buffers is not None
+        start = files[0][2].offset
+        size = _objects_size(files, self._chunk_size)
+        if size > buffers.sealed.nbytes:
+            return None
+        got = os.preadv(self._pack_fd, [buffers.sealed[:size]], start)
+        if got < size:
+            got += _read_at(self._pack_fd, buffers.sealed[got:size], start + got)
+        # A short read means the pack changed since its size was checked; each file's own
+        # read then names the file it breaks.
+        return (start, start + size) if got == size else None
+
+    def _allocate_buffers(self, plain_size: int, chunks: int, batch_size: int = 0) -> None:
+        """Make this process's buffers for ``chunks`` chunks of ``plain_size`` bytes in all.
+
+        The ciphertext buffer has at least ``batch_size`` bytes, for reading a batch.
+        """
         # At least a byte each: an empty buffer has no address to pin.
         self._buffers = crypto.Buffers(
-            bytearray(plain_size + chunks * TAG_SIZE),
+            bytearray(max(plain_size + chunks * TAG_SIZE, batch_size)),
             bytearray(max(1, plain_size)),
             backend=self._backend,
         )
@@ -648,20 +679,26 @@ class _Restorer:
         """
         chunk_size = self._chunk_size
         plain_size = min(entry.size, end * chunk_size) - first * chunk_size
-        sealed_size = plain_size + (end - first) * TAG_SIZE
+        segment_size = plain_size + (end - first) * TAG_SIZE
         buffers = self._buffers
         assert buffers is not None
         sealed = buffers.sealed
-        # One call reads the segment from the pack; only a short read needs more. Reading at
-        # an offset leaves the descriptor's position alone, so forked children share it.
         position = entry.offset + first * (chunk_size + TAG_SIZE)
-        got = os.preadv(self._pack_fd, [sealed[:sealed_size]], position)
-        if got < sealed_size:
-            got += _read_at(self._pack_fd, sealed[got:sealed_size], position + got)
-        if got != sealed_size:
-            raise _failed(entry)
+        batch = self._batch
+        if batch is not None and batch[0] <= position and position + segment_size <= batch[1]:
+            offset = position - batch[0]  # read with the batch
+        else:
+            # One call reads the segment; only a short read needs more. Reading at an offset
+            # leaves the descriptor's position alone, so forked children share it.
+            self._batch = None  # the buffer no longer contains it
+            got = os.preadv(self._pack_fd, [sealed[:segment_size]], position)
+            if got < segment_size:
+                got += _read_at(self._pack_fd, sealed[got:segment_size], position + got)
+            if got != segment_size:
+                raise _failed(entry)
+            offset = 0
         file_id = entry.file_id
-        offset = plain_offset = 0
+        plain_offset = 0
         for index in range(first, end):
             size = min(chunk_size, entry.size - index * chunk_size)
             try:
@@ -726,8 +763,14 @@ class _Restorer:
             os.close(source_parent)
 
 
+def _objects_size(files: list[_File], chunk_size: int) -> int:
+    """Return the bytes from the first object of ``files`` to the end of the last one."""
+    last = files[-1][2]
+    return last.offset + sealed_size(last.size, chunk_size) - files[0][2].offset
+
+
 def _batches(files: list[_File]) -> list[list[_File]]:
-    """Cut ``files`` (grouped by directory) into consecutive batches of about equal work."""
+    """Cut ``files`` (in pack order) into consecutive batches of about equal work."""
     total = sum(entry.size + _FILE_COST for _, _, entry in files)
     target = max(_BATCH_WORK, -(-total // _MAX_BATCHES))
     batches: list[list[_File]] = [[]]
@@ -770,7 +813,7 @@ def _collect(child: int, reading: int, done: list[int]) -> ProtectError | None:
                 break
             report += data
     except OSError:
-        pass  # the exit status tells what happened
+        pass  # the exit status reports what happened
     os.close(reading)
     _, status = os.waitpid(child, 0)
     if not report and status == 0:
