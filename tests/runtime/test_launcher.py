@@ -185,10 +185,15 @@ def test_filesystem_type_from_mount_table(tmp_path: Path) -> None:
     assert mounts.filesystem_type(f"{spaced}/x", table) == "ramfs"
     assert mounts.is_memory_backed(str(app), table)
     assert not mounts.is_memory_backed(f"{app}/data", table)
+    read_once = mounts.MountTable(table)
+    Path(table).write_text("")  # a table read once does not see later changes
+    assert read_once.is_memory_backed(str(app))
+    assert not read_once.is_memory_backed(f"{app}/data/x")
+    assert read_once.filesystem_type(f"{tmp_path}/application") == "overlay"
 
 
 def test_injection_outside_memory_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mounts, "is_memory_backed", lambda path, mountinfo=None: False)
+    monkeypatch.setattr(mounts, "is_memory_backed", lambda path, mountinfo=None, table=None: False)
     item = InjectionFile("/etc/app/token", b"secret", 0o600)
     with pytest.raises(LaunchError, match="--tmpfs /etc/app"):
         launcher.write_injection_files([item], User(os.getuid(), os.getgid(), []), tmp_path)
@@ -196,7 +201,7 @@ def test_injection_outside_memory_rejected(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_injection_writes_file_with_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mounts, "is_memory_backed", lambda path, mountinfo=None: True)
+    monkeypatch.setattr(mounts, "is_memory_backed", lambda path, mountinfo=None, table=None: True)
     item = InjectionFile("/run/app/deep/token", b"secret", 0o640)
     launcher.write_injection_files([item], User(os.getuid(), os.getgid(), []), tmp_path)
     target = tmp_path / "run/app/deep/token"

@@ -254,8 +254,10 @@ def unseal(config: RuntimeConfig, configuration: Configuration, root: _PathText)
         raise LaunchError(
             "the configuration has no fspf_key and fspf_tag for the protected regions"
         )
+    table = mounts.MountTable()
     for region in config.regions:
-        mounts.ensure_memory_backed(_inside(root, region))
+        if mounts.ensure_memory_backed(_inside(root, region), table=table):
+            table = mounts.MountTable()
     sealed = os.path.dirname(_inside(root, config.fspf_path))
     manifest = unseal_tree(sealed, configuration.fspf_key, configuration.fspf_tag, root)
     log.debug("decrypted %d entries", len(manifest.entries))
@@ -325,10 +327,11 @@ def _read_table(path: str) -> List[List[str]]:
 
 def write_injection_files(files: Sequence[InjectionFile], user: User, root: _PathText) -> None:
     """Write injected files; each must land on a memory-backed mount."""
+    table = mounts.MountTable() if files else None
     for item in files:
         target = _inside(root, item.path)
         directory, name = os.path.split(target)
-        if not mounts.is_memory_backed(directory):
+        if not mounts.is_memory_backed(directory, table=table):
             raise LaunchError(
                 f"injected file {item.path!r} is not on a memory-backed file system; make its "
                 f"directory a protected region or run with --tmpfs {posixpath.dirname(item.path)}"
