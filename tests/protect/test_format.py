@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -81,11 +83,11 @@ def test_objects_decrypt_as_documented() -> None:
     volume = sealer.finish()
 
     # Decrypt the fspf by hand: header, 12-byte nonce, ciphertext with the header as AAD.
-    assert volume.fspf.startswith(b"ENCLAVIFY-FSPF\x00\x02")
+    assert volume.fspf.startswith(b"ENCLAVIFY-FSPF\x00\x03")
     nonce = volume.fspf[16:28]
     plaintext = AESGCM(volume.key).decrypt(nonce, volume.fspf[28:], volume.fspf[:16])
     assert volume.tag == volume.fspf[-16:]
-    document = json.loads(plaintext)
+    document = decode_manifest(plaintext)
     assert list(document) == sorted(document)
     assert document["format"] == FORMAT_VERSION
     assert document["chunk_size"] == CHUNK_SIZE
@@ -94,12 +96,17 @@ def test_objects_decrypt_as_documented() -> None:
     assert entries["/app"] == {
         "type": "dir",
         "path": "/app",
+        "target": "",
         "mode": 0o755,
         "uid": 0,
         "gid": 0,
         "mtime": 1.5,
+        "size": 0,
     }
-    assert entries["/app/h"] == {"type": "hardlink", "path": "/app/h", "target": "/app/x.py"}
+    assert entries["/app/h"] == {
+        "type": "hardlink", "path": "/app/h", "target": "/app/x.py",
+        "mode": 0, "uid": 0, "gid": 0, "mtime": 0.0, "size": 0,
+    }
     assert entries["/app/l"]["target"] == "x.py"
 
     # Re-seal each file independently of the code under test and compare byte for byte: the
@@ -117,6 +124,30 @@ def test_objects_decrypt_as_documented() -> None:
         expected_pack += expected
     assert bytes(pack.data) == expected_pack
     assert sealer.pack_size == len(expected_pack)
+
+
+def decode_manifest(plaintext: bytes) -> dict[str, Any]:
+    """Read a manifest as the format describes it, independently of the code under test."""
+    line, _, rest = plaintext.partition(b"\n")
+    document = json.loads(line)
+    records = struct.Struct("<HHIIdQII")
+    names = memoryview(rest)[document["entries"] * records.size :]
+    entries = []
+    for fields in records.iter_unpack(rest[: document["entries"] * records.size]):
+        kind, mode, uid, gid, mtime, size, path_size, target_size = fields
+        entry = {
+            "type": ("dir", "file", "symlink", "hardlink")[kind],
+            "path": bytes(names[:path_size]).decode(),
+            "target": bytes(names[path_size : path_size + target_size]).decode(),
+            "mode": mode, "uid": uid, "gid": gid, "mtime": mtime, "size": size,
+        }
+        names = names[path_size + target_size :]
+        if entry["type"] == "file":
+            entry["key"], entry["file_id"] = bytes(names[:32]).hex(), bytes(names[32:48]).hex()
+            names = names[48:]
+        entries.append(entry)
+    assert not names, "bytes after the last entry"
+    return {**document, "entries": entries}
 
 
 def test_sealing_is_deterministic_with_injected_randomness() -> None:
@@ -171,10 +202,10 @@ def test_other_header_version_is_rejected(version: int) -> None:
 
 def test_unknown_manifest_version_is_rejected() -> None:
     key = os.urandom(32)
-    document = {"format": 3, "chunk_size": CHUNK_SIZE, "regions": [], "entries": []}
+    document = {"format": 4, "chunk_size": CHUNK_SIZE, "regions": [], "entries": []}
     fspf = seal_manifest(document, key)
 
-    with pytest.raises(ProtectError, match=r"^'vol/fspf': unsupported fspf format version 3"):
+    with pytest.raises(ProtectError, match=r"^'vol/fspf': unsupported fspf format version 4"):
         open_fspf(fspf, key, fspf[-TAG_SIZE:], name="vol/fspf")
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import stat
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,46 @@ def seal_object(key: bytes, file_id: bytes, data: bytes, chunk_size: int = CHUNK
     return b"".join(sealed)
 
 
+# The types of entries, numbered as the manifest stores them.
+ENTRY_CODES = {"dir": 0, "file": 1, "symlink": 2, "hardlink": 3}
+
+
+def encode_manifest(document: dict[str, Any]) -> bytes:
+    """Encode a manifest document as the format describes, independently of the code.
+
+    ``document`` has ``format``, ``chunk_size``, ``regions`` and ``entries``: dictionaries
+    with ``type`` (a name or a number), ``path`` and ``target`` (text or bytes), ``mode``,
+    ``uid``, ``gid``, ``mtime`` and ``size`` (0 when missing), and for a file ``key`` and
+    ``file_id`` in hex. Values are packed as given, so that a test can write what the sealer
+    never would. ``entry_count``, when present, replaces the number of entries in the header.
+    """
+    entries = document["entries"]
+    header = {
+        name: value for name, value in document.items() if name not in ("entries", "entry_count")
+    }
+    header["entries"] = document.get("entry_count", len(entries))
+    records = b""
+    names = b""
+    for entry in entries:
+        kind = entry.get("type", "file")
+        path, target = (
+            text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+            for text in (entry.get("path", ""), entry.get("target", ""))
+        )
+        records += struct.pack(
+            "<HHIIdQII", ENTRY_CODES.get(kind, kind), entry.get("mode", 0), entry.get("uid", 0),
+            entry.get("gid", 0), entry.get("mtime", 0.0), entry.get("size", 0), len(path),
+            len(target),
+        )
+        names += path + target
+        if kind == "file":
+            names += bytes.fromhex(entry["key"]) + bytes.fromhex(entry["file_id"])
+    line = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return line + b"\n" + records + names
+
+
 def seal_manifest(document: dict[str, Any], key: bytes, header: bytes = FSPF_HEADER) -> bytes:
-    """Encrypt a manifest document into an fspf, as the format describes."""
+    """Encrypt a manifest document (see :func:`encode_manifest`) into an fspf."""
     nonce = os.urandom(12)
-    plaintext = json.dumps(document, sort_keys=True).encode()
+    plaintext = encode_manifest(document)
     return header + nonce + AESGCM(key).encrypt(nonce, plaintext, header)

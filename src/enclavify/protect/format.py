@@ -1,4 +1,4 @@
-"""The protected file system format, version 2: constants, sizes, chunk layout and the manifest.
+"""The protected file system format, version 3: constants, sizes, chunk layout and the manifest.
 
 A sealed volume is two files: the fspf and the pack, which contains the ciphertext object of
 every regular file.
@@ -15,8 +15,16 @@ every regular file.
   no longer shows each protected file's size in the image, only their sum.
 * The fspf is :data:`FSPF_HEADER` (magic and format version), a 12-byte nonce and the
   AES-256-GCM encryption, under the volume key with the header as associated data, of the
-  manifest as JSON with sorted keys. The volume key and the fspf's GCM tag (its last 16 bytes)
-  are kept outside the image, so the tag pins one exact fspf and an older one is rejected.
+  manifest. The volume key and the fspf's GCM tag (its last 16 bytes) are kept outside the
+  image, so the tag pins one exact fspf and an older one is rejected.
+* The manifest is a header line, canonical JSON (sorted keys, ASCII) followed by ``\n``, with
+  ``chunk_size``, ``entries`` (their number), ``format`` and ``regions``. Then come one
+  :data:`RECORD` per entry, little-endian: type (the index in :data:`ENTRY_TYPES`), mode,
+  uid, gid, mtime (a double), size, and the lengths of path and target in bytes. Then, for
+  each entry in order, its path and target (UTF-8, with bytes that are not UTF-8 kept as they
+  are) and, for a file, its key and file id. Nothing follows. Version 2 stored the whole
+  manifest as JSON: reading and parsing 1750 entries took about 7 ms of each confidential
+  start in a container, 4.5 ms in this layout.
 
 This module is carried into confidential images, so it uses only the standard library and
 Python 3.8 syntax.
@@ -36,7 +44,7 @@ if TYPE_CHECKING:  # typing costs about 2 ms at every container start
     from collections.abc import Callable
     from typing import Any
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CHUNK_SIZE = 65536
 TAG_SIZE = 16
 NONCE_SIZE = 12
@@ -58,6 +66,12 @@ MIN_CHUNK_SIZE = 512
 MAX_CHUNK_SIZE = 1 << 24
 
 ENTRY_TYPES = ("dir", "file", "symlink", "hardlink")
+_DIRECTORY, _FILE, _SYMLINK, _HARDLINK = range(len(ENTRY_TYPES))
+_TYPE_CODES = {name: code for code, name in enumerate(ENTRY_TYPES)}
+
+# An entry's fixed part in the manifest: type, mode, uid, gid, mtime, size, path length and
+# target length.
+RECORD = struct.Struct("<HHIIdQII")
 
 _MAX_ID = (1 << 32) - 1
 
@@ -145,26 +159,6 @@ class Entry:
                           if name != "key")
         return f"Entry({shown})"
 
-    def to_json(self) -> dict[str, Any]:
-        """Return the entry as stored in the manifest."""
-        if self.type == "hardlink":
-            return {"type": self.type, "path": self.path, "target": self.target}
-        data: dict[str, Any] = {
-            "type": self.type,
-            "path": self.path,
-            "mode": self.mode,
-            "uid": self.uid,
-            "gid": self.gid,
-            "mtime": self.mtime,
-        }
-        if self.type == "file":
-            data["size"] = self.size
-            data["key"] = self.key.hex()
-            data["file_id"] = self.file_id.hex()
-        elif self.type == "symlink":
-            data["target"] = self.target
-        return data
-
 
 class Manifest(Value):
     """The verified content of an fspf: protected regions and their entries in sealing order."""
@@ -192,18 +186,29 @@ class Manifest(Value):
             sealed_size(entry.size, chunk_size) for entry in self.entries if entry.type == "file"
         )
 
-    def to_json_bytes(self) -> bytes:
-        """Return the manifest as canonical JSON (sorted keys, ASCII only)."""
-        # Imported here: the launcher only parses manifests, and json imports re.
-        import json  # noqa: PLC0415
-
-        document = {
-            "format": self.format,
+    def to_bytes(self) -> bytes:
+        """Return the manifest in the layout the module's docstring describes."""
+        header = {
             "chunk_size": self.chunk_size,
+            "entries": len(self.entries),
+            "format": self.format,
             "regions": list(self.regions),
-            "entries": [entry.to_json() for entry in self.entries],
         }
-        return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("ascii")
+        records: list[bytes] = []
+        names: list[bytes] = []
+        for entry in self.entries:
+            path = entry.path.encode("utf-8", "surrogateescape")
+            target = entry.target.encode("utf-8", "surrogateescape")
+            records.append(
+                RECORD.pack(
+                    _TYPE_CODES[entry.type], entry.mode, entry.uid, entry.gid,
+                    float(entry.mtime), entry.size, len(path), len(target),
+                )
+            )
+            names += (path, target)
+            if entry.type == "file":
+                names += (entry.key, entry.file_id)
+        return jsontext.dumps(header).encode("ascii") + b"\n" + b"".join(records + names)
 
 
 def read_exactly(read: Callable[[int], bytes], size: int) -> bytes:
@@ -270,191 +275,79 @@ def check_metadata(where: str, *, mode: int, uid: int, gid: int, mtime: float) -
 
 def _field(raw: dict[str, Any], name: str, kind: type, where: str) -> Any:
     value = raw.get(name)
-    # bool is an int subclass, and JSON true must not pass as a mode or an owner.
+    # bool is an int subclass, and JSON true must not pass as a number.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ProtectError(f"invalid fspf: {where}: field {name!r} missing or not {kind.__name__}")
     return value
 
 
-def _hex_field(raw: dict[str, Any], name: str, size: int, where: str) -> bytes:
-    text = _field(raw, name, str, where)
+def _parse_header(plaintext: bytes) -> tuple[int, int, tuple[str, ...], int]:
+    """Return chunk size, number of entries, regions and where the records start."""
+    line_end = plaintext.find(b"\n")
+    if line_end < 0:
+        raise ProtectError("invalid fspf: the manifest has no header line")
     try:
-        value = bytes.fromhex(text)
-    except ValueError:
-        value = b""
-    if len(value) != size or value.hex() != text:
-        raise ProtectError(f"invalid fspf: {where}: field {name!r} is not {size} bytes of hex")
-    return value
-
-
-def _metadata(raw: dict[str, Any], where: str) -> dict[str, Any]:
-    mode = _field(raw, "mode", int, where)
-    uid = _field(raw, "uid", int, where)
-    gid = _field(raw, "gid", int, where)
-    mtime = raw.get("mtime")
-    if isinstance(mtime, bool) or not isinstance(mtime, (int, float)):
-        raise ProtectError(f"invalid fspf: {where}: field 'mtime' missing or not a number")
-    check_metadata(f"invalid fspf: {where}", mode=mode, uid=uid, gid=gid, mtime=mtime)
-    return {"mode": mode, "uid": uid, "gid": gid, "mtime": float(mtime)}
-
-
-def _parse_entry(raw: Any, regions: tuple[str, ...], index: int, offset: int) -> Entry:
-    """Validate one entry thoroughly; used when the fast checks of :func:`parse_manifest` fail.
-
-    ``offset`` is where a file's object starts in the pack. Raises the precise
-    :class:`ProtectError` for the first problem found.
-    """
-    if not isinstance(raw, dict):
-        raise ProtectError(f"invalid fspf: entry {index} is not an object")
-    path = check_path(_field(raw, "path", str, f"entry {index}"), "entry path")
-    if region_of(path, regions) is None:
-        raise ProtectError(f"invalid fspf: entry {path!r} lies outside every protected region")
-    kind = raw.get("type")
-    if kind == "hardlink":
-        target = check_path(_field(raw, "target", str, path), "hardlink target")
-        return Entry(type="hardlink", path=path, target=target)
-    if kind == "dir":
-        return Entry(type="dir", path=path, **_metadata(raw, path))
-    if kind == "symlink":
-        target = _field(raw, "target", str, path)
-        if not target or "\x00" in target:
-            raise ProtectError(f"invalid fspf: symlink {path!r} has an empty or NUL target")
-        return Entry(type="symlink", path=path, target=target, **_metadata(raw, path))
-    if kind == "file":
-        size = _field(raw, "size", int, path)
-        if size < 0:
-            raise ProtectError(f"invalid fspf: file {path!r} has negative size")
-        return Entry(
-            type="file",
-            path=path,
-            size=size,
-            offset=offset,
-            key=_hex_field(raw, "key", KEY_SIZE, path),
-            file_id=_hex_field(raw, "file_id", FILE_ID_SIZE, path),
-            **_metadata(raw, path),
+        header = jsontext.loads(plaintext[:line_end].decode("ascii"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtectError("invalid fspf: the manifest header is not JSON") from exc
+    if not isinstance(header, dict):
+        raise ProtectError("invalid fspf: the manifest header is not a JSON object")
+    version = header.get("format")
+    if version != FORMAT_VERSION:
+        raise ProtectError(
+            f"unsupported fspf format version {version!r}; this version reads {FORMAT_VERSION}"
         )
-    raise ProtectError(f"invalid fspf: entry {path!r} has unknown type {kind!r}")
+    chunk_size = _field(header, "chunk_size", int, "manifest")
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ProtectError(f"invalid fspf: chunk size {chunk_size} out of range")
+    raw_regions = header.get("regions")
+    if not isinstance(raw_regions, list):
+        raise ProtectError("invalid fspf: 'regions' is not a list")
+    regions = tuple(check_path(region, "region") for region in raw_regions)
+    count = _field(header, "entries", int, "manifest")
+    if count < 0:
+        raise ProtectError(f"invalid fspf: the manifest has {count} entries")
+    return chunk_size, count, regions, line_end + 1
 
 
-def _is_normal(path: str) -> bool:
-    """Return whether ``path`` is absolute and normalized (False for "/", unlike check_path)."""
-    padded = path + "/"
-    return (
-        path[:1] == "/"
-        and "//" not in padded
-        and "/./" not in padded
-        and "/../" not in padded
-        and "\x00" not in path
-    )
+def _entry_error(
+    record: tuple[Any, ...],
+    path: str,
+    target: str,
+    regions: tuple[str, ...],
+    earlier: dict[str, int],
+) -> ProtectError:
+    """Return the error of an entry that failed the quick checks of :func:`parse_manifest`.
 
-
-_new_object = object.__new__
-# Default values of the fields an entry of each type lacks. Calling Entry's __init__ with 11
-# keyword arguments costs about 1 µs an entry, so _quick_entry turns the entry's JSON object
-# into the instance dictionary instead.
-_SYMLINK_REST: dict[str, Any] = {"size": 0, "offset": 0, "key": b"", "file_id": b""}
-_DIRECTORY_REST: dict[str, Any] = {**_SYMLINK_REST, "target": ""}
-_HARDLINK_REST: dict[str, Any] = {**_SYMLINK_REST, "mode": 0, "uid": 0, "gid": 0, "mtime": 0.0}
-
-
-def _quick_entry(
-    raw: Any, exact: frozenset[str], below: tuple[str, ...], offset: int
-) -> Entry | None:
-    """Return the entry ``raw`` describes if it passes cheap checks, else None.
-
-    On success ``raw`` itself becomes the entry's instance dictionary, changed in place. A
-    file's object starts at ``offset`` in the pack.
-
-    ``exact`` and ``below`` are from :func:`_region_test`. The checks here only accept what
-    :func:`_parse_entry` accepts; anything else, including every malformed entry, gets None
-    and then the thorough checks and their messages. Duplicates and hardlink targets are
-    checked by the caller either way. Helpers are written out here, because this runs for
-    every entry at every confidential start.
+    ``earlier`` maps the paths of the entries before it to their types.
     """
-    if type(raw) is not dict:
-        return None
-    get = raw.get
-    path = get("path")
-    if type(path) is not str:
-        return None
-    padded = path + "/"
-    if (
-        path[:1] != "/"
-        or "//" in padded
-        or "/./" in padded
-        or "/../" in padded
-        or "\x00" in path
-        or not (path in exact or path.startswith(below))
-    ):
-        return None
-    kind = get("type")
-    if kind == "hardlink":
-        target = get("target")
-        if type(target) is not str or not _is_normal(target) or len(raw) != 3:
-            return None
-        raw.update(_HARDLINK_REST)
-    else:
-        mode = get("mode")
-        uid = get("uid")
-        gid = get("gid")
-        mtime = get("mtime")
-        if not (
-            type(mode) is int
-            and type(uid) is int
-            and type(gid) is int
-            and type(mtime) is float
-            and 0 <= mode <= 0o7777
-            and 0 <= uid <= _MAX_ID
-            and 0 <= gid <= _MAX_ID
-            and _isfinite(mtime)
-        ):
-            return None
-        if kind == "file":
-            size = get("size")
-            key_text = get("key")
-            file_id_text = get("file_id")
-            if (
-                type(size) is not int
-                or size < 0
-                or type(key_text) is not str
-                or len(key_text) != 2 * KEY_SIZE
-                or type(file_id_text) is not str
-                or len(file_id_text) != 2 * FILE_ID_SIZE
-                or len(raw) != 9
-            ):
-                return None
-            try:
-                key = bytes.fromhex(key_text)
-                file_id = bytes.fromhex(file_id_text)
-            except ValueError:
-                return None
-            # fromhex also takes upper case and spaces, which the canonical form never has.
-            if key.hex() != key_text or file_id.hex() != file_id_text:
-                return None
-            raw["key"] = key
-            raw["file_id"] = file_id
-            raw["offset"] = offset
-            raw["target"] = ""
-        elif kind == "symlink":
-            target = get("target")
-            if type(target) is not str or not target or "\x00" in target or len(raw) != 7:
-                return None
-            raw.update(_SYMLINK_REST)
-        elif kind == "dir" and len(raw) == 6:
-            raw.update(_DIRECTORY_REST)
-        else:
-            return None
-    # Now exactly the fields of an Entry, so the dictionary becomes the entry's own.
-    entry: Entry = _new_object(Entry)
-    entry.__dict__ = raw
-    return entry
-
-
-_isfinite = math.isfinite
+    kind, mode, uid, gid, mtime, size = record[:6]
+    try:
+        check_path(path, "entry path")
+        if region_of(path, regions) is None:
+            return ProtectError(f"invalid fspf: entry {path!r} lies outside every protected region")
+        if path in earlier:
+            return ProtectError(f"invalid fspf: entry {path!r} occurs twice")
+        if kind >= len(ENTRY_TYPES):
+            return ProtectError(f"invalid fspf: entry {path!r} has unknown type {kind}")
+        name = ENTRY_TYPES[kind]
+        if kind == _HARDLINK:
+            if (mode, uid, gid, mtime, size) != (0, 0, 0, 0.0, 0):
+                return ProtectError(f"invalid fspf: hardlink {path!r} has metadata of its own")
+            check_path(target, "hardlink target")
+            return ProtectError(f"invalid fspf: hardlink {path!r} does not name an earlier file")
+        check_metadata(f"invalid fspf: {path}", mode=mode, uid=uid, gid=gid, mtime=mtime)
+        if kind == _SYMLINK and (not target or "\x00" in target):
+            return ProtectError(f"invalid fspf: symlink {path!r} has an empty or NUL target")
+        if kind != _SYMLINK and target:
+            return ProtectError(f"invalid fspf: {name} {path!r} has a target")
+        return ProtectError(f"invalid fspf: {name} {path!r} has a size")
+    except ProtectError as error:
+        return error
 
 
 def _region_test(regions: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
-    """Return ``exact`` and ``below`` for :func:`_quick_entry`.
+    """Return ``exact`` and ``below`` for the quick region check of :func:`parse_manifest`.
 
     A normalized path lies in a region if it is one of ``exact`` or starts with one of
     ``below`` (the regions with a slash appended, "/" itself for the region "/").
@@ -462,8 +355,13 @@ def _region_test(regions: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, .
     return frozenset(regions), tuple(region.rstrip("/") + "/" for region in regions)
 
 
+_new_object = object.__new__
+_isfinite = math.isfinite
+_FILE_SECRETS = KEY_SIZE + FILE_ID_SIZE
+
+
 def parse_manifest(plaintext: bytes) -> Manifest:
-    """Parse and validate the decrypted manifest JSON.
+    """Parse and validate a decrypted manifest.
 
     Besides types and ranges this checks that every path is absolute and normalized, lies
     within a region, occurs once, and that every hardlink names an earlier file entry. Each
@@ -472,48 +370,73 @@ def parse_manifest(plaintext: bytes) -> Manifest:
     Raises:
         ProtectError: the manifest is malformed or of an unsupported format version.
     """
-    try:
-        document = jsontext.loads(plaintext.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtectError("invalid fspf: manifest is not JSON") from exc
-    if not isinstance(document, dict):
-        raise ProtectError("invalid fspf: manifest is not a JSON object")
-    version = document.get("format")
-    if version != FORMAT_VERSION:
-        raise ProtectError(
-            f"unsupported fspf format version {version!r}; this version reads {FORMAT_VERSION}"
-        )
-    chunk_size = _field(document, "chunk_size", int, "manifest")
-    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-        raise ProtectError(f"invalid fspf: chunk size {chunk_size} out of range")
-    raw_regions = document.get("regions")
-    if not isinstance(raw_regions, list):
-        raise ProtectError("invalid fspf: 'regions' is not a list")
-    regions = tuple(check_path(region, "region") for region in raw_regions)
-    raw_entries = document.get("entries")
-    if not isinstance(raw_entries, list):
-        raise ProtectError("invalid fspf: 'entries' is not a list")
+    chunk_size, count, regions, records_start = _parse_header(plaintext)
+    names_start = records_start + count * RECORD.size
+    end = len(plaintext)
+    if names_start > end:
+        raise ProtectError(f"invalid fspf: the manifest ends within its {count} entry records")
 
     # This loop runs for every entry at every confidential start, so it is kept lean: cheap
-    # checks first (_quick_entry), the thorough ones with their messages only when those fail.
+    # checks written out, and _entry_error for the message when one of them fails.
     exact, below = _region_test(regions)
-    entries = []
-    kinds: dict[str, str] = {}
+    entries: list[Entry] = []
+    kinds: dict[str, int] = {}
     offset = 0
-    for index, raw in enumerate(raw_entries):
-        entry = _quick_entry(raw, exact, below, offset) or _parse_entry(
-            raw, regions, index, offset
-        )
-        path = entry.path
-        kind = entry.type
-        if path in kinds:
-            raise ProtectError(f"invalid fspf: entry {path!r} occurs twice")
-        if kind == "file":
-            offset += sealed_size(entry.size, chunk_size)
-        elif kind == "hardlink" and kinds.get(entry.target) != "file":
-            raise ProtectError(f"invalid fspf: hardlink {path!r} does not name an earlier file")
+    position = names_start
+    records = memoryview(plaintext)[records_start:names_start]
+    for record in RECORD.iter_unpack(records):
+        kind, mode, uid, gid, mtime, size, path_size, target_size = record
+        path_end = position + path_size
+        stop = path_end + target_size + (_FILE_SECRETS if kind == _FILE else 0)
+        if stop > end:
+            raise ProtectError(
+                f"invalid fspf: entry {len(entries)} runs past the end of the manifest"
+            )
+        path = plaintext[position:path_end].decode("utf-8", "surrogateescape")
+        target = plaintext[path_end : path_end + target_size].decode("utf-8", "surrogateescape")
+        padded = path + "/"
+        if (
+            path[:1] != "/"
+            or ("//" in padded and path != "/")
+            or "/./" in padded
+            or "/../" in padded
+            or "\x00" in path
+            or not (path in exact or path.startswith(below))
+            or path in kinds
+        ):
+            raise _entry_error(record, path, target, regions, kinds)
+        if kind == _HARDLINK:
+            if mode or uid or gid or mtime or size or kinds.get(target) != _FILE:
+                raise _entry_error(record, path, target, regions, kinds)
+            fields = {"mode": 0, "uid": 0, "gid": 0, "mtime": 0.0, "size": 0, "offset": 0,
+                      "key": b"", "file_id": b""}
+        else:
+            if kind > _HARDLINK or mode > 0o7777 or not _isfinite(mtime):
+                raise _entry_error(record, path, target, regions, kinds)
+            if kind == _FILE:
+                if target_size:
+                    raise _entry_error(record, path, target, regions, kinds)
+                fields = {"mode": mode, "uid": uid, "gid": gid, "mtime": mtime, "size": size,
+                          "offset": offset, "key": plaintext[path_end : path_end + KEY_SIZE],
+                          "file_id": plaintext[path_end + KEY_SIZE : stop]}
+                offset += sealed_size(size, chunk_size)
+            else:
+                if size or (target_size if kind == _DIRECTORY else not target or "\x00" in target):
+                    raise _entry_error(record, path, target, regions, kinds)
+                fields = {"mode": mode, "uid": uid, "gid": gid, "mtime": mtime, "size": 0,
+                          "offset": 0, "key": b"", "file_id": b""}
+        fields["type"] = ENTRY_TYPES[kind]
+        fields["path"] = path
+        fields["target"] = target
+        # Exactly the fields of an Entry, so the dictionary becomes the entry's own. Calling
+        # Entry's __init__ with 11 keyword arguments costs about 1 µs an entry more.
+        entry: Entry = _new_object(Entry)
+        entry.__dict__ = fields
         kinds[path] = kind
         entries.append(entry)
+        position = stop
+    if position != end:
+        raise ProtectError(f"invalid fspf: {end - position} bytes follow the last entry")
     return Manifest(regions=regions, entries=tuple(entries), chunk_size=chunk_size)
 
 

@@ -252,7 +252,7 @@ class Sealer:
         )
         key = self._random(KEY_SIZE)
         nonce = self._random(NONCE_SIZE)
-        sealed = crypto.aes_gcm_encrypt(key, nonce, manifest.to_json_bytes(), FSPF_HEADER)
+        sealed = crypto.aes_gcm_encrypt(key, nonce, manifest.to_bytes(), FSPF_HEADER)
         fspf = FSPF_HEADER + nonce + sealed
         log.debug(
             "sealed fspf with %d entries in %d regions", len(self._entries), len(self._regions)

@@ -89,8 +89,10 @@ _BATCH_RECORD = 4
 # The objects of a batch are read with one call when they fit in this many bytes, which a
 # batch of files up to _SEGMENT bytes each always does.
 _BATCH_READ = _BATCH_WORK + _SEGMENT + (_SEGMENT // 512) * 16
-# Directories kept open while restoring.
-_DIR_CACHE_SIZE = 128
+# Directories kept open while restoring. Files come in pack order, which the converter
+# shuffles, so the cache should hold every directory of a tree; a quarter of the descriptors
+# this process may open leaves plenty for the rest.
+_DIR_CACHE_SIZE = max(16, min(1024, os.sysconf("SC_OPEN_MAX") // 4))
 
 if TYPE_CHECKING:
     # A file to restore: its parent directory's path ("" for the target root), its name and
