@@ -61,7 +61,7 @@ def test_pending_measurement_is_what_the_launcher_would_measure(tmp_path: Path) 
 @pytest.mark.parametrize("copy", ["same", "changed at the end", "shorter", "longer", "symlink"])
 def test_runtime_copy_of_the_binary_is_measured_as_it_is(tmp_path: Path, copy: str) -> None:
     # The launcher takes the digest of the runtime's interpreter from the binary only when
-    # both are the same bytes; any other copy is hashed, so the measurement is the full one.
+    # both are the same bytes. Any other copy is hashed, so the measurement is the full one.
     runtime = _image(tmp_path, interpreter=b"")
     content = (tmp_path / "usr" / "bin" / "python3").read_bytes()
     interpreter = runtime / "bin" / "python3"

@@ -83,7 +83,7 @@ def _sorted_tree(root: str) -> list[str]:
 
 
 def sha256_and_compare(stream: IO[bytes], other: IO[bytes]) -> tuple[str, bool]:
-    """Return the SHA-256 of what is left in ``stream``, and whether ``other`` holds the same.
+    """Return the SHA-256 of what is left in ``stream``, and whether ``other`` has the same bytes.
 
     Comparing costs about a third of hashing, so a file known to be identical to one already
     hashed need not be hashed again. Comparing stops at the first difference.

@@ -41,7 +41,7 @@ DIRECT = callable(getattr(_ssl._SSLContext, "_wrap_socket", None))
 
 
 class Context:
-    """What connections trust and present: a CA certificate or nothing, and a client identity.
+    """The trust and identity of client connections: a CA certificate or none, a client key.
 
     ``ca_pem`` is the only CA trusted, and the server's certificate must name the host.
     Without it the server is not verified at all, for fetching a certificate that the caller

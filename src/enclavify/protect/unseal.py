@@ -90,8 +90,8 @@ _BATCH_RECORD = 4
 # batch of files up to _SEGMENT bytes each always does.
 _BATCH_READ = _BATCH_WORK + _SEGMENT + (_SEGMENT // 512) * 16
 # Directories kept open while restoring. Files come in pack order, which the converter
-# shuffles, so the cache should hold every directory of a tree; a quarter of the descriptors
-# this process may open leaves plenty for the rest.
+# shuffles, so the cache should have room for every directory of a tree. A quarter of the
+# descriptors this process may open leaves plenty for the rest.
 _DIR_CACHE_SIZE = max(16, min(1024, os.sysconf("SC_OPEN_MAX") // 4))
 
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@
 Hashing the runtime and the binary (about 27 MB) takes about 20 ms, and the evidence needs the
 measurement only after the launcher has imported its modules, connected to the CAS and
 received a challenge. So the work is split: a forked child hashes the runtime tree while the
-launcher imports, and the launcher hashes the binary and the fspf once it asks for the
+launcher imports, and the launcher hashes the binary and the fspf once it needs the
 measurement, while the CAS challenge is under way. A thread would be slower than the child.
 hashlib releases the GIL while it hashes a block, but the thread must take the GIL back after
 each block, and the importing main thread keeps it for up to the 5 ms switch interval each

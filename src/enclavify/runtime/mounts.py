@@ -69,7 +69,7 @@ class MountTable:
         try:
             self._mounts: Optional[List[Tuple[str, str]]] = read_mounts(mountinfo)
         except OSError:
-            self._mounts = None  # each lookup asks statfs(2) instead
+            self._mounts = None  # each lookup calls statfs(2) instead
 
     def filesystem_type(self, path: str) -> Optional[str]:
         """Return the type of the file system that contains ``path`` (or would, once created).
