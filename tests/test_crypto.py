@@ -162,6 +162,45 @@ def test_decrypt_between_rejects_ranges_outside_buffers(
     assert bytes(buffers.plain) == bytes(100)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [0, 1, 4096, 70000])
+def test_buffers_decrypt_under_each_key_as_a_cipher_does(backend: str, size: int) -> None:
+    keys = [os.urandom(32), os.urandom(32)]
+    texts = [os.urandom(size), os.urandom(size)]
+    objects = [
+        crypto.AesGcm(key, backend=backend).encrypt(bytes(12), text, b"aad")
+        for key, text in zip(keys, texts, strict=True)
+    ]
+    sealed = bytearray(3) + bytearray(b"".join(objects))
+    buffers = crypto.Buffers(sealed, bytearray(size + 10), backend=backend)
+
+    # Keys alternate, as they do from file to file, and back to the first.
+    for index in (0, 1, 0):
+        buffers.decrypt(
+            keys[index], bytes(12), b"aad", sealed_offset=3 + index * (size + 16), size=size,
+            plain_offset=5,
+        )
+        assert bytes(buffers.plain) == bytes(5) + texts[index] + bytes(5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_buffers_decrypt_zeroes_output_on_failure(backend: str) -> None:
+    key = os.urandom(32)
+    sealed = bytearray(crypto.AesGcm(key, backend=backend).encrypt(bytes(12), b"x" * 100, b""))
+    buffers = crypto.Buffers(sealed, bytearray(100), backend=backend)
+
+    for wrong_key, aad in ((os.urandom(32), b""), (key, b"other")):
+        with pytest.raises(crypto.AuthenticationError):
+            buffers.decrypt(wrong_key, bytes(12), aad, sealed_offset=0, size=100, plain_offset=0)
+        assert bytes(buffers.plain) == bytes(100)
+    with pytest.raises(ValueError, match="do not fit the buffers"):
+        buffers.decrypt(key, bytes(12), b"", sealed_offset=1, size=100, plain_offset=0)
+    with pytest.raises(ValueError, match="32-byte key"):
+        buffers.decrypt(key[:16], bytes(12), b"", sealed_offset=0, size=100, plain_offset=0)
+    with pytest.raises(ValueError, match="nonce must be 12 bytes"):
+        buffers.decrypt(key, bytes(8), b"", sealed_offset=0, size=100, plain_offset=0)
+
+
 def test_empty_decryption_buffers_are_rejected() -> None:
     with pytest.raises(ValueError, match="must not be empty"):
         crypto.Buffers(bytearray(16), bytearray())

@@ -156,6 +156,16 @@ class _LibcryptoBackend:
     def pin(self, buffer: bytearray) -> tuple[Any, int]:
         return self._module.pin(buffer)
 
+    def decrypt_with_key(
+        self, key: bytes, nonce: bytes, aad: bytes, *, source: int, size: int, out: int
+    ) -> None:
+        try:
+            self._module.decrypt_with_key(
+                self._lib, key, nonce, aad, source=source, size=size, out=out
+            )
+        except self._module.TagMismatchError:
+            raise AuthenticationError() from None
+
     def x25519_generate(self) -> tuple[bytes, bytes]:
         return self._module.x25519_generate(self._lib)
 
@@ -301,16 +311,7 @@ class AesGcm:
             ValueError: a range lies outside its buffer.
         """
         _check_nonce(nonce)
-        if (
-            size < 0
-            or sealed_offset < 0
-            or plain_offset < 0
-            or sealed_offset + size + TAG_SIZE > buffers.sealed.nbytes
-            or plain_offset + size > buffers.plain.nbytes
-        ):
-            raise ValueError(
-                f"{size} bytes at {sealed_offset} and {plain_offset} do not fit the buffers"
-            )
+        buffers.check_range(sealed_offset, size, plain_offset)
         self._cipher.decrypt_between(
             nonce, aad, buffers, sealed_offset=sealed_offset, size=size, plain_offset=plain_offset
         )
@@ -334,9 +335,53 @@ class Buffers:
         plain_pin = implementation.pin(plain)
         # The pins keep the buffers in place; the addresses are None for pyca/cryptography.
         self._pins = (sealed_pin, plain_pin)
+        self._implementation = implementation
         self.addresses: tuple[int, int] | None = None
         if sealed_pin is not None and plain_pin is not None:
             self.addresses = (sealed_pin[1], plain_pin[1])
+
+    def check_range(self, sealed_offset: int, size: int, plain_offset: int) -> None:
+        """Raise ValueError unless ``size`` bytes and a tag fit at these offsets."""
+        if (
+            size < 0
+            or sealed_offset < 0
+            or plain_offset < 0
+            or sealed_offset + size + TAG_SIZE > self.sealed.nbytes
+            or plain_offset + size > self.plain.nbytes
+        ):
+            raise ValueError(
+                f"{size} bytes at {sealed_offset} and {plain_offset} do not fit the buffers"
+            )
+
+    def decrypt(
+        self, key: bytes, nonce: bytes, aad: bytes, *, sealed_offset: int, size: int,
+        plain_offset: int,
+    ) -> None:
+        """Decrypt ``size`` bytes and their tag at ``sealed_offset`` of ``sealed`` under ``key``.
+
+        The plaintext goes to ``plain_offset`` of ``plain``, as with
+        ``AesGcm(key).decrypt_between(nonce, aad, self, ...)``. The libcrypto backend makes no
+        cipher object for the key: the unsealer decrypts each file under a key of its own, and
+        making one took about a quarter of the time of decrypting an 18 KB chunk. After a
+        failed check those bytes contain no plaintext.
+
+        Raises:
+            AuthenticationError: the tag does not verify.
+            ValueError: a range lies outside its buffer, or the key or nonce has the wrong size.
+        """
+        _check_key(key)
+        _check_nonce(nonce)
+        self.check_range(sealed_offset, size, plain_offset)
+        if self.addresses is None:
+            self._implementation.aes_gcm(key).decrypt_between(
+                nonce, aad, self, sealed_offset=sealed_offset, size=size, plain_offset=plain_offset
+            )
+            return
+        sealed_address, plain_address = self.addresses
+        self._implementation.decrypt_with_key(
+            key, nonce, aad, source=sealed_address + sealed_offset, size=size,
+            out=plain_address + plain_offset,
+        )
 
 
 def aes_gcm_encrypt(

@@ -186,7 +186,7 @@ class _Restorer:
         # segments of this many chunks.
         self._segment_chunks = max(1, _SEGMENT // manifest.chunk_size)
         self._buffers: crypto.Buffers | None = None
-        # Named once, so that each file's cipher skips the backend choice.
+        # Named once, so that the buffers of every process use the same backend.
         self._backend = crypto.backend_name()
         # Directories made only to hold restored entries (for example the parents of
         # regions) get what the caller's umask would have given them.
@@ -251,8 +251,7 @@ class _Restorer:
         self._allocate_buffers(self._segment_chunks * self._chunk_size, self._segment_chunks)
         for entry in self._manifest.entries:
             if entry.type == "file":
-                cipher = crypto.AesGcm(entry.key, backend=self._backend)
-                for _ in self._segments(cipher, entry, chunk_count(entry.size, self._chunk_size)):
+                for _ in self._segments(entry, chunk_count(entry.size, self._chunk_size)):
                     pass
         raise IntegrityError(
             f"pack {pack!r} failed verification: it has {status.st_size} bytes, "
@@ -597,13 +596,12 @@ class _Restorer:
     def _restore_file(self, directory: _Directory, name: str, entry: Entry) -> None:
         """Decrypt the object of ``entry`` into ``name`` in ``directory``."""
         count = chunk_count(entry.size, self._chunk_size)
-        cipher = crypto.AesGcm(entry.key, backend=self._backend)
         if count > self._segment_chunks:
-            segments = self._segments(cipher, entry, count)
+            segments = self._segments(entry, count)
             self._write_replacing(directory.fd, name, entry, segments)
             return
         # The whole file is verified in memory before its name is created.
-        plain = self._decrypt_segment(cipher, entry, 0, count, count)
+        plain = self._decrypt_segment(entry, 0, count, count)
         if not self._write_new(directory, name, entry, plain):
             self._write_replacing(directory.fd, name, entry, iter((plain,)))
 
@@ -666,13 +664,13 @@ class _Restorer:
             _unlink_if_present(temporary, parent)
             raise
 
-    def _segments(self, cipher: crypto.AesGcm, entry: Entry, count: int) -> Iterator[memoryview]:
+    def _segments(self, entry: Entry, count: int) -> Iterator[memoryview]:
         step = self._segment_chunks
         for first in range(0, count, step):
-            yield self._decrypt_segment(cipher, entry, first, min(count, first + step), count)
+            yield self._decrypt_segment(entry, first, min(count, first + step), count)
 
     def _decrypt_segment(
-        self, cipher: crypto.AesGcm, entry: Entry, first: int, end: int, count: int
+        self, entry: Entry, first: int, end: int, count: int
     ) -> memoryview:
         """Read, verify and decrypt chunks ``first`` to ``end - 1`` of the object of ``entry``.
 
@@ -699,15 +697,16 @@ class _Restorer:
             if got != segment_size:
                 raise _failed(entry)
             offset = 0
+        key = entry.key
         file_id = entry.file_id
         plain_offset = 0
         for index in range(first, end):
             size = min(chunk_size, entry.size - index * chunk_size)
             try:
-                cipher.decrypt_between(
+                buffers.decrypt(
+                    key,
                     _FIRST_NONCE if index == 0 else chunk_nonce(index),
                     chunk_aad(file_id, index, index == count - 1),
-                    buffers,
                     sealed_offset=offset,
                     size=size,
                     plain_offset=plain_offset,

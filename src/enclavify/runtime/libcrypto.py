@@ -196,12 +196,7 @@ class AesGcm:
         """Return this thread's context for ``encrypt``, keyed for this object, at ``nonce``."""
         if len(nonce) != NONCE_SIZE:
             raise ValueError(f"AES-GCM nonce must be {NONCE_SIZE} bytes, got {len(nonce)} bytes")
-        threads = self._lib.threads
-        name = "encrypt" if encrypt else "decrypt"
-        context: Optional[_Context] = getattr(threads, name, None)
-        if context is None:
-            context = _Context(self._lib, encrypt)
-            setattr(threads, name, context)
+        context = _thread_context(self._lib, encrypt)
         if context.owner == self._token:
             # A NULL cipher and key keep the key schedule and restart GCM at this nonce.
             result = context.init(context.handle, None, None, None, bytes(nonce))
@@ -346,6 +341,56 @@ class AesGcm:
             raise TagMismatchError
         if written + context.length.value != size:
             raise LibcryptoError(f"{lib.name} produced a plaintext of unexpected length")
+
+
+def _thread_context(lib: Libcrypto, encrypt: bool) -> _Context:
+    """Return this thread's cipher context for one direction, making it on first use."""
+    name = "encrypt" if encrypt else "decrypt"
+    context: Optional[_Context] = getattr(lib.threads, name, None)
+    if context is None:
+        context = _Context(lib, encrypt)
+        setattr(lib.threads, name, context)
+    return context
+
+
+def decrypt_with_key(
+    lib: Libcrypto, key: bytes, nonce: bytes, aad: bytes, *, source: int, size: int, out: int
+) -> None:
+    """Decrypt ``size`` bytes at address ``source``, followed by their tag, to ``out``.
+
+    As :meth:`AesGcm.decrypt_at` does under ``key``, without an :class:`AesGcm`: the unsealer
+    decrypts each file under a key of its own, mostly a single chunk, and making the object
+    and going through its layers cost more than the libcrypto calls. ``key`` and ``nonce``
+    must have 32 and 12 bytes. On a tag mismatch the ``size`` bytes at ``out`` are zeroed.
+
+    Raises:
+        TagMismatchError: the tag does not match (wrong key, nonce, data or aad).
+        ValueError: ``size`` or the associated data is longer than one update call takes.
+    """
+    if size > _MAX_UPDATE or len(aad) > _MAX_UPDATE:
+        raise ValueError(f"decrypt_with_key takes at most {_MAX_UPDATE} bytes at once")
+    context = _thread_context(lib, False)
+    context.owner = 0  # keyed now with a key no AesGcm object knows
+    handle = context.handle
+    length_ref = context.length_ref
+    update = lib.EVP_DecryptUpdate
+    if (
+        context.init(handle, None, None, key, nonce) != 1
+        or update(handle, None, length_ref, aad, len(aad)) != 1
+        or update(handle, out, length_ref, source, size) != 1
+    ):
+        lib.check(0, "GCM decryption")
+    written = context.length.value
+    lib.check(
+        lib.EVP_CIPHER_CTX_ctrl(handle, _EVP_CTRL_GCM_SET_TAG, TAG_SIZE, source + size),
+        "setting the GCM tag",
+    )
+    if lib.EVP_DecryptFinal_ex(handle, out + written, length_ref) != 1:
+        lib.ERR_clear_error()
+        ctypes.memset(out, 0, size)
+        raise TagMismatchError
+    if written + context.length.value != size:
+        raise LibcryptoError(f"{lib.name} produced a plaintext of unexpected length")
 
 
 def pin(buffer: Any) -> tuple[Any, int]:
