@@ -207,27 +207,6 @@ class AesGcm:
         context.owner = self._token
         return context
 
-    def _update(self, update: Any, context: _Context, out: int, address: int, length: int) -> int:
-        """Feed ``length`` bytes at ``address`` through ``update`` into the memory at ``out``.
-
-        ``out`` is 0 for associated data. Returns how many bytes were written to ``out``.
-        """
-        check = self._lib.check
-        if length <= _MAX_UPDATE:
-            check(
-                update(context.handle, out or None, context.length_ref, address, length),
-                "GCM update",
-            )
-            return context.length.value
-        written = 0
-        for start in range(0, length, _MAX_UPDATE):
-            piece = min(_MAX_UPDATE, length - start)
-            target = (out + written) if out else None
-            check(update(context.handle, target, context.length_ref, address + start, piece),
-                  "GCM update")
-            written += context.length.value
-        return written
-
     def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
         """Return ``ciphertext || tag``."""
         lib = self._lib
@@ -238,9 +217,10 @@ class AesGcm:
         out_address = ctypes.addressof(out)
         context = self._context(True, nonce)
         ctx = context.handle
-        self._update(lib.EVP_EncryptUpdate, context, 0, _address(aad), len(aad))
-        written = self._update(
-            lib.EVP_EncryptUpdate, context, out_address, _address(plaintext), size
+        encrypt = lib.EVP_EncryptUpdate
+        _update(lib, encrypt, context, out=0, address=_address(aad), length=len(aad))
+        written = _update(
+            lib, encrypt, context, out=out_address, address=_address(plaintext), length=size
         )
         # GCM is a stream mode, so the final call outputs nothing.
         lib.check(
@@ -315,32 +295,8 @@ class AesGcm:
 
     def _decrypt(self, nonce: bytes, source: int, size: int, aad: bytes, out: int) -> None:
         """Decrypt ``size`` bytes at ``source``, followed by their tag, into ``out``."""
-        lib = self._lib
         context = self._context(False, nonce)
-        ctx = context.handle
-        update = lib.EVP_DecryptUpdate
-        if size <= _MAX_UPDATE and len(aad) <= _MAX_UPDATE:
-            # The unsealer comes here for every chunk, so the common case makes its two update
-            # calls directly, the associated data passed as bytes without taking its address.
-            length_ref = context.length_ref
-            if (
-                update(ctx, None, length_ref, aad, len(aad)) != 1
-                or update(ctx, out, length_ref, source, size) != 1
-            ):
-                lib.check(0, "GCM update")
-            written = context.length.value
-        else:
-            self._update(update, context, 0, _address(aad), len(aad))
-            written = self._update(update, context, out, source, size)
-        lib.check(
-            lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_TAG, TAG_SIZE, source + size),
-            "setting the GCM tag",
-        )
-        if lib.EVP_DecryptFinal_ex(ctx, out + written, context.length_ref) != 1:
-            lib.ERR_clear_error()
-            raise TagMismatchError
-        if written + context.length.value != size:
-            raise LibcryptoError(f"{lib.name} produced a plaintext of unexpected length")
+        _decrypt_keyed(self._lib, context, aad, source=source, size=size, out=out)
 
 
 def _thread_context(lib: Libcrypto, encrypt: bool) -> _Context:
@@ -358,39 +314,82 @@ def decrypt_with_key(
 ) -> None:
     """Decrypt ``size`` bytes at address ``source``, followed by their tag, to ``out``.
 
-    As :meth:`AesGcm.decrypt_at` does under ``key``, without an :class:`AesGcm`: the unsealer
+    This is :meth:`AesGcm.decrypt_at` under ``key`` without an :class:`AesGcm`. The unsealer
     decrypts each file under a key of its own, mostly a single chunk, and making the object
-    and going through its layers cost more than the libcrypto calls. ``key`` and ``nonce``
-    must have 32 and 12 bytes. On a tag mismatch the ``size`` bytes at ``out`` are zeroed.
+    cost more than the libcrypto calls. ``key`` and ``nonce`` must have 32 and 12 bytes. On a
+    tag mismatch the ``size`` bytes at ``out`` are zeroed.
 
     Raises:
         TagMismatchError: the tag does not match (wrong key, nonce, data or aad).
-        ValueError: ``size`` or the associated data is longer than one update call takes.
     """
-    if size > _MAX_UPDATE or len(aad) > _MAX_UPDATE:
-        raise ValueError(f"decrypt_with_key takes at most {_MAX_UPDATE} bytes at once")
     context = _thread_context(lib, False)
-    context.owner = 0  # keyed now with a key no AesGcm object knows
+    context.owner = 0  # no AesGcm object has this key
+    lib.check(context.init(context.handle, None, None, key, nonce), "setting the key and nonce")
+    try:
+        _decrypt_keyed(lib, context, aad, source=source, size=size, out=out)
+    except TagMismatchError:
+        ctypes.memset(out, 0, size)
+        raise
+
+
+def _decrypt_keyed(
+    lib: Libcrypto, context: _Context, aad: bytes, *, source: int, size: int, out: int
+) -> None:
+    """Decrypt ``size`` bytes at ``source``, followed by their tag, with ``context`` as keyed.
+
+    Raises:
+        TagMismatchError: the tag does not match.
+    """
     handle = context.handle
     length_ref = context.length_ref
     update = lib.EVP_DecryptUpdate
-    if (
-        context.init(handle, None, None, key, nonce) != 1
-        or update(handle, None, length_ref, aad, len(aad)) != 1
-        or update(handle, out, length_ref, source, size) != 1
-    ):
-        lib.check(0, "GCM decryption")
-    written = context.length.value
+    if size <= _MAX_UPDATE and len(aad) <= _MAX_UPDATE:
+        # The unsealer comes here for every chunk, so the common case makes its two update
+        # calls directly, with the associated data passed as bytes instead of an address.
+        if (
+            update(handle, None, length_ref, aad, len(aad)) != 1
+            or update(handle, out, length_ref, source, size) != 1
+        ):
+            lib.check(0, "GCM update")
+        written = context.length.value
+    else:
+        _update(lib, update, context, out=0, address=_address(aad), length=len(aad))
+        written = _update(lib, update, context, out=out, address=source, length=size)
     lib.check(
         lib.EVP_CIPHER_CTX_ctrl(handle, _EVP_CTRL_GCM_SET_TAG, TAG_SIZE, source + size),
         "setting the GCM tag",
     )
     if lib.EVP_DecryptFinal_ex(handle, out + written, length_ref) != 1:
         lib.ERR_clear_error()
-        ctypes.memset(out, 0, size)
         raise TagMismatchError
     if written + context.length.value != size:
         raise LibcryptoError(f"{lib.name} produced a plaintext of unexpected length")
+
+
+def _update(
+    lib: Libcrypto, update: Any, context: _Context, *, out: int, address: int, length: int
+) -> int:
+    """Feed ``length`` bytes at ``address`` through ``update`` into the memory at ``out``.
+
+    ``out`` is 0 for associated data. Returns how many bytes were written to ``out``.
+    EVP update calls take an int length, so longer inputs go through in pieces.
+    """
+    if length <= _MAX_UPDATE:
+        lib.check(
+            update(context.handle, out or None, context.length_ref, address, length),
+            "GCM update",
+        )
+        return context.length.value
+    written = 0
+    for start in range(0, length, _MAX_UPDATE):
+        piece = min(_MAX_UPDATE, length - start)
+        target = (out + written) if out else None
+        lib.check(
+            update(context.handle, target, context.length_ref, address + start, piece),
+            "GCM update",
+        )
+        written += context.length.value
+    return written
 
 
 def pin(buffer: Any) -> tuple[Any, int]:
