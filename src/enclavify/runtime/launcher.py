@@ -474,7 +474,7 @@ def launch(
             check_loaded_libraries(runtime_dir)
             pin_libcrypto(runtime_dir)
         configuration = obtain_configuration(
-            config, pending.result, environ, runtime_dir, early
+            config, lambda: pending.result(config), environ, runtime_dir, early
         )
     finally:
         # Reaped in every case, so that the application never inherits the child.

@@ -10,10 +10,10 @@ each block, and the importing main thread keeps it for up to the 5 ms switch int
 time.
 
 The binary is usually the interpreter that the runtime carries a copy of (``bin/python3``, a
-quarter of the runtime's bytes). The child leaves that copy out, and the launcher compares it
+third of the runtime's bytes). The child leaves that copy out, and the launcher compares it
 with the binary while it hashes the binary: when they are the same bytes, they have the same
-digest. Comparing costs about a third of hashing. The digest is the one a full hash gives, so
-the measurement does not change.
+digest. Comparing costs less than half of hashing. The digest is the one a full hash gives,
+so the measurement does not change.
 
 The entrypoint (``enclavify.runtime.__main__``) imports this module first and starts the child
 right away, so that the second CPU starts hashing while the launcher imports its modules. The
@@ -37,7 +37,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs about 2 ms at every container start
     from collections.abc import Callable
     from os import PathLike
-    from typing import IO, Optional
+    from typing import IO, Any, Optional
 
     from enclavify.attest.treehash import TreeEntry
     from enclavify.runtime.config import RuntimeConfig
@@ -66,26 +66,13 @@ def measure(
     with the digest of :data:`INTERPRETER` deferred. It is called after the binary is hashed,
     so that both are hashed at once.
     """
-    from enclavify.attest import measurement, treehash  # noqa: PLC0415 - see the docstring
+    from enclavify.attest import measurement  # noqa: PLC0415 - see the module's docstring
     from enclavify.runtime.config import CONFIG_NAME  # noqa: PLC0415
 
     files = measurement.RootFiles(root)
-    # The interpreter's digest when the binary is the same bytes.
-    interpreter_digest: Optional[str] = None
+    compare = runtime_entries is not None
     try:
-        binary = measurement.resolve_binary(files, config.binary, config.regions)
-        if binary is None:
-            binary_digest = measurement.PROTECTED_BINARY
-        else:
-            with files.open(binary) as stream:
-                copy = None if runtime_entries is None else _open_interpreter(runtime_dir)
-                if copy is None:
-                    binary_digest = treehash.sha256_stream(stream)
-                else:
-                    with copy:
-                        binary_digest, identical = treehash.sha256_and_compare(stream, copy)
-                    if identical:
-                        interpreter_digest = binary_digest
+        binary_digest, interpreter_digest = _hash_binary(files, config, runtime_dir, compare)
     except OSError as error:
         raise LaunchError(f"cannot measure the binary: {error}") from error
     except Error as error:
@@ -95,15 +82,7 @@ def measure(
         entries = _runtime_entries(runtime_dir)
     else:
         entries = runtime_entries()
-        for entry in entries:
-            if entry[1] == INTERPRETER and entry[3] == treehash.DEFERRED:
-                if interpreter_digest is None:
-                    try:
-                        entry[3] = treehash.entry_of(runtime_dir, INTERPRETER)[3]
-                    except OSError as error:
-                        raise LaunchError(f"cannot measure the runtime: {error}") from error
-                else:
-                    entry[3] = interpreter_digest
+        _fill_deferred(entries, runtime_dir, interpreter_digest)
     digest = measurement.entries_digest(entries)
     try:
         return measurement.compute(
@@ -117,6 +96,46 @@ def measure(
         )
     except Error as error:
         raise LaunchError(f"{CONFIG_NAME}: {error.diagnostics()}") from error
+
+
+def _hash_binary(
+    files: Any, config: RuntimeConfig, runtime_dir: str | PathLike[str], compare: bool
+) -> tuple[str, Optional[str]]:
+    """Return the binary's digest, and the interpreter copy's digest if it is the same bytes.
+
+    With ``compare`` false, or when there is no copy to compare, the second value is None.
+    Raises OSError or UsageError when the binary cannot be read.
+    """
+    from enclavify.attest import measurement, treehash  # noqa: PLC0415 - see the module's docstring
+
+    binary = measurement.resolve_binary(files, config.binary, config.regions)
+    if binary is None:
+        return measurement.PROTECTED_BINARY, None
+    with files.open(binary) as stream:
+        copy = _open_interpreter(runtime_dir) if compare else None
+        if copy is None:
+            return treehash.sha256_stream(stream), None
+        with copy:
+            digest, identical = treehash.sha256_and_compare(stream, copy)
+    return digest, digest if identical else None
+
+
+def _fill_deferred(
+    entries: list[TreeEntry], runtime_dir: str | PathLike[str], interpreter_digest: Optional[str]
+) -> None:
+    """Put the interpreter copy's digest into its deferred entry, hashing the copy if need be."""
+    from enclavify.attest import treehash  # noqa: PLC0415 - see the module's docstring
+
+    for entry in entries:
+        if entry[1] != INTERPRETER or entry[3] != treehash.DEFERRED:
+            continue
+        if interpreter_digest is not None:
+            entry[3] = interpreter_digest
+            continue
+        try:
+            entry[3] = treehash.entry_of(runtime_dir, INTERPRETER)[3]
+        except OSError as error:
+            raise LaunchError(f"cannot measure the runtime: {error}") from error
 
 
 class PendingMeasurement:
@@ -149,17 +168,20 @@ class PendingMeasurement:
         os.close(writing)
         self._reading = reading
 
-    def result(self) -> str:
+    def result(self, config: Optional[RuntimeConfig] = None) -> str:
         """Return the measurement, computing it on the first call.
+
+        ``config`` is the runtime's settings if the caller loaded them already.
 
         Raises:
             LaunchError: the measurement failed; the message gives the reason.
         """
         if self._value is None and self._error is None:
             try:
-                from enclavify.runtime.config import CONFIG_NAME, RuntimeConfig  # noqa: PLC0415
+                if config is None:
+                    from enclavify.runtime.config import CONFIG_NAME, RuntimeConfig  # noqa: PLC0415
 
-                config = RuntimeConfig.load(os.path.join(self._runtime_dir, CONFIG_NAME))
+                    config = RuntimeConfig.load(os.path.join(self._runtime_dir, CONFIG_NAME))
                 self._value = measure(config, self._runtime_dir, self._root, self._entries)
             except LaunchError as error:
                 self._error = str(error)
