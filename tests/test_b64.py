@@ -69,7 +69,7 @@ def without_strict_mode(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("without_strict_mode")
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(texts)
-def test_decode_before_python_3_11_checks_as_base64_did(text: str) -> None:
+def test_decode_matches_pre_3_11_check(text: str) -> None:
     # Before 3.11 b64decode(validate=True) matched this expression, then decoded leniently.
     data = text.encode("utf-8")
 

@@ -163,3 +163,11 @@ def test_non_json_configuration_hides_plaintext() -> None:
     assert caught.value.__cause__ is None
     assert caught.value.__suppress_context__
     assert "hunter2" not in str(caught.value)
+
+
+def test_unusable_ca_certificate_is_a_cas_error() -> None:
+    pem = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    client = CasClient("127.0.0.1:9", ca_pem=pem, attempts=1)
+
+    with pytest.raises(CasError, match="not a usable PEM certificate"):
+        client.challenge()

@@ -59,7 +59,7 @@ def test_pending_measurement_is_what_the_launcher_would_measure(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("copy", ["same", "changed at the end", "shorter", "longer", "symlink"])
-def test_runtime_copy_of_the_binary_is_measured_as_it_is(tmp_path: Path, copy: str) -> None:
+def test_interpreter_copy_measured_fully(tmp_path: Path, copy: str) -> None:
     # The launcher takes the digest of the runtime's interpreter from the binary only when
     # both are the same bytes. Any other copy is hashed, so the measurement is the full one.
     runtime = _image(tmp_path, interpreter=b"")
@@ -80,7 +80,7 @@ def test_runtime_copy_of_the_binary_is_measured_as_it_is(tmp_path: Path, copy: s
     assert PendingMeasurement(runtime, tmp_path).result() == expected
 
 
-def test_identical_copy_of_the_binary_is_not_hashed_again(
+def test_identical_copy_not_hashed_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runtime = _image(tmp_path, interpreter=b"")
@@ -147,7 +147,7 @@ def test_child_failure_is_raised_with_its_reason(tmp_path: Path) -> None:
     assert _reaped(pending)
 
 
-def test_runtime_failure_in_the_child_is_raised_with_its_reason(
+def test_runtime_hash_failure_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def unreadable(runtime_dir: object, deferred: object = None) -> list[object]:

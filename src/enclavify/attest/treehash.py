@@ -85,8 +85,9 @@ def _sorted_tree(root: str) -> list[str]:
 def sha256_and_compare(stream: IO[bytes], other: IO[bytes]) -> tuple[str, bool]:
     """Return the SHA-256 of what is left in ``stream``, and whether ``other`` has the same bytes.
 
-    Comparing costs about a third of hashing, so a file known to be identical to one already
-    hashed need not be hashed again. Comparing stops at the first difference.
+    Comparing costs less than half of hashing (1.9 against 4.8 ms for 6.8 MB on the
+    development machine), so a copy of a file hashed anyway need not be hashed again.
+    Comparing stops at the first difference.
     """
     digest = hashlib.sha256()
     block, other_block = bytearray(BLOCK), bytearray(BLOCK)

@@ -281,7 +281,12 @@ class CasClient:
             return self._context
         if self._ca_pem is None:
             self._ca_pem = self._fetch_pinned_ca()
-        context = tls.Context(ca_pem=self._ca_pem.decode("ascii"))
+        try:
+            context = tls.Context(ca_pem=self._ca_pem.decode("ascii"))
+        except (UnicodeDecodeError, tls.TlsError) as error:
+            raise CasError(
+                f"the CAS CA certificate is not a usable PEM certificate: {error}"
+            ) from error
         if self.identity is not None:
             try:
                 context.load_identity(self.identity.path)

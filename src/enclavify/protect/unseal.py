@@ -86,9 +86,10 @@ _FILE_COST = 32768
 _BATCH_WORK = 512 << 10
 _MAX_BATCHES = 4096
 _BATCH_RECORD = 4
-# The objects of a batch are read with one call when they fit in this many bytes, which a
-# batch of files up to _SEGMENT bytes each always does.
-_BATCH_READ = _BATCH_WORK + _SEGMENT + (_SEGMENT // 512) * 16
+# The objects of a batch are read with one call when they fit in this many bytes: a batch of
+# about _BATCH_WORK, its last file up to _SEGMENT bytes, with the tags of 64 KiB chunks. A
+# larger batch (a large file, or more than _MAX_BATCHES batches of work) is read file by file.
+_BATCH_READ = _BATCH_WORK + _SEGMENT + (_BATCH_WORK + _SEGMENT) // 65536 * TAG_SIZE
 # Directories kept open while restoring. Files come in pack order, which the converter
 # shuffles, so the cache should have room for every directory of a tree. A quarter of the
 # descriptors this process may open leaves plenty for the rest.

@@ -75,7 +75,7 @@ class MountTable:
         """Return the type of the file system that contains ``path`` (or would, once created).
 
         Uses the mount table when it was readable, else statfs(2) (then only tmpfs and ramfs
-        are told apart; other types are reported as ``"other"``). None when neither works.
+        are recognized, and other types are reported as ``"other"``). None when neither works.
         """
         target = _existing_ancestor(path)
         if self._mounts is None:
