@@ -7,6 +7,7 @@ controls framing, limits, closes and connection reuse exactly.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import socket
 import ssl
@@ -20,6 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
 
 from enclavify import crypto
 from enclavify.cas import client as client_module
@@ -501,6 +507,41 @@ def test_attestation_uses_one_connection(
     ]
     assert server.connections == 1
     assert server.wait_closed(1), "request_configuration left its connection open"
+
+
+def test_certificate_must_name_the_host(tmp_path: Path) -> None:
+    # The client trusts this certificate as its CA, but it names another host.
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other.example")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("other.example")]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    certificate_pem = certificate.public_bytes(Encoding.PEM)
+    (tmp_path / "server.pem").write_bytes(
+        certificate_pem
+        + key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "server.pem")
+    server = ScriptedServer(context, [Step(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")])
+    server.start()
+    try:
+        client = CasClient(server.address, ca_pem=certificate_pem, attempts=1)
+
+        with pytest.raises(CasError, match=r"failed certificate verification.*mismatch"):
+            client.challenge()
+    finally:
+        server.stop()
 
 
 def test_pin_fetch_connection_not_reused(

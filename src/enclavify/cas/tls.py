@@ -14,9 +14,13 @@ So this module makes the calls that :mod:`ssl` makes on ``_ssl``, and only those
   ``do_handshake``, ``read``, ``write`` and ``pending``, with a ragged EOF read as the end,
   as ``ssl.SSLSocket`` does by default.
 
-The exceptions are the ones :mod:`ssl` exports, which are ``_ssl``'s own classes. These calls
-have been the same since Python 3.7. A Python whose ``_ssl`` lacks them gets connections made
-with :mod:`ssl` and :mod:`socket` instead, which behave the same; tests run the client on both.
+The exceptions are the ones :mod:`ssl` exports, which are ``_ssl``'s own classes. A TLS
+connection to a local server worked this way on CPython 3.8 to 3.13. A Python whose ``_ssl``
+lacks ``_wrap_socket`` gets connections made with :mod:`ssl` and :mod:`socket` instead, which
+behave the same, and the tests run the client both ways.
+
+NOTE: ``_wrap_socket`` is private to CPython. A later release that keeps the name but changes
+its arguments would make connecting fail with a TypeError rather than fall back.
 
 This module is carried into confidential images: standard library only, Python 3.8 syntax.
 """
