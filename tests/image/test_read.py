@@ -87,6 +87,49 @@ def test_corrupted_layer_blob_names_the_blob(tmp_path: Path, workdir: Path) -> N
     assert list(workdir.iterdir()) == []
 
 
+def test_plain_layers_are_read_where_they_lie(tmp_path: Path, workdir: Path) -> None:
+    second = tar_bytes([file("second", b"2" * 3000)])
+    archive = tmp_path / "d.tar"
+    write_docker_archive(archive, [LAYER, second])
+    write_layout(tmp_path / "l", [LAYER, second], compression="none")
+    blob_dir = tmp_path / "l/blobs/sha256"
+    for reference, holders in (
+        (f"docker-archive:{archive}", [archive, archive]),
+        (f"oci:{tmp_path / 'l'}", [blob_dir / digest(LAYER)[7:], blob_dir / digest(second)[7:]]),
+    ):
+        with open_image(reference, workdir=workdir) as image:
+            assert [layer.tar_path for layer in image.layers] == holders
+            # Nothing was copied to the work directory.
+            assert not any((image.work / "layers").iterdir())
+            for layer, raw in zip(image.layers, (LAYER, second), strict=True):
+                assert layer.diff_id == digest(raw)
+                with layer.open_tar() as stream:
+                    assert stream.read() == raw
+            assert image.filesystem().read_bytes("/app/main.py") == b"print('hi')\n"
+            assert image.filesystem().read_bytes("/second") == b"2" * 3000
+    # In an archive the layers start after other members, and the index holds positions in it.
+    with open_image(f"docker-archive:{archive}", workdir=workdir) as image:
+        assert image.layers[1].tar_offset > image.layers[0].tar_offset > 0
+        entry = image.layers[1].entries[0]
+        with open(archive, "rb") as stream:
+            stream.seek(entry.data_offset)
+            assert stream.read(entry.size) == b"2" * 3000
+
+
+def test_plain_blob_in_a_layout_is_verified(tmp_path: Path, workdir: Path) -> None:
+    descriptor = write_layout(tmp_path / "l", [LAYER], compression="none")
+    manifest = json.loads((tmp_path / "l/blobs/sha256" / descriptor["digest"][7:]).read_bytes())
+    layer_digest = manifest["layers"][0]["digest"]
+    blob = tmp_path / "l/blobs/sha256" / layer_digest[7:]
+    blob.write_bytes(blob.read_bytes().replace(b"print('hi')", b"print('XX')"))
+    with pytest.raises(ImageError, match=f"{layer_digest} failed verification: its content"):
+        open_image(f"oci:{tmp_path / 'l'}", workdir=workdir)
+    blob.write_bytes(LAYER + b"\0" * 512)
+    with pytest.raises(ImageError, match="failed verification: its content has digest"):
+        open_image(f"oci:{tmp_path / 'l'}", workdir=workdir)
+    assert list(workdir.iterdir()) == []
+
+
 def test_uncompressed_content_must_match_diff_id(tmp_path: Path, workdir: Path) -> None:
     writer = LayoutWriter(tmp_path / "l")
     other = tar_bytes([file("other", b"x")])

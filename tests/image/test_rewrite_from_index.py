@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Iterator
+from pathlib import Path
 
-from enclavify.image import ImageBuilder
+import pytest
+
+from enclavify.image import ImageBuilder, SourceImage, open_image
 
 from .conftest import OpenLayers
-from .helpers import device, directory, file, hardlink, symlink, tar_bytes
+from .helpers import (
+    device,
+    directory,
+    file,
+    hardlink,
+    symlink,
+    tar_bytes,
+    write_docker_archive,
+)
 
 LONG = "keep/" + "n" * 150 + ".txt"  # longer than ustar allows: a PAX header carries it
 
@@ -39,8 +51,23 @@ def _members(raw: bytes) -> dict[str, tuple[tarfile.TarInfo, bytes | None]]:
     return found
 
 
-def test_rewrite_keeps_members_exactly_and_materializes_links(open_layers: OpenLayers) -> None:
-    source = open_layers([LAYER])
+@pytest.fixture(params=["gzip layout", "plain layout", "docker archive"])
+def source(
+    request: pytest.FixtureRequest, open_layers: OpenLayers, tmp_path: Path, workdir: Path
+) -> Iterator[SourceImage]:
+    """The layer opened from a copy in the work directory, and in place at two offsets."""
+    if request.param == "docker archive":
+        archive = tmp_path / "d.tar"
+        write_docker_archive(archive, [LAYER])
+        with open_image(f"docker-archive:{archive}", workdir=workdir) as image:
+            assert image.layers[0].tar_offset > 0
+            yield image
+        return
+    compression = "gzip" if request.param == "gzip layout" else "none"
+    yield open_layers([LAYER], compression=compression)
+
+
+def test_rewrite_keeps_members_exactly_and_materializes_links(source: SourceImage) -> None:
     builder = ImageBuilder(source)
     assert builder.copy_layer_without(source.layers[0], ["/secret"]) is True
     with builder.build().layers[0].open_uncompressed() as stream:

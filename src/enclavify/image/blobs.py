@@ -9,6 +9,7 @@ import queue
 import threading
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Protocol, cast
 
@@ -273,6 +274,7 @@ class SliceReader(io.RawIOBase):
 
     def __init__(self, path: Path, offset: int, size: int) -> None:
         self._fd = os.open(path, os.O_RDONLY)
+        self._path = path
         self._offset = offset
         self._size = size
         self._pos = 0
@@ -297,7 +299,10 @@ class SliceReader(io.RawIOBase):
             return 0
         count = os.preadv(self._fd, [memoryview(buffer)[:want]], self._offset + self._pos)
         if count != want:
-            raise ImageError(f"work file of {self._size} bytes at {self._offset} ended early")
+            raise ImageError(
+                f"{self._path}: {self._size} bytes expected at offset {self._offset}, but the "
+                "file ended early"
+            )
         self._pos += count
         return count
 
@@ -310,6 +315,42 @@ class SliceReader(io.RawIOBase):
 def open_slice(path: Path, offset: int, size: int) -> BinaryIO:
     """Open ``size`` bytes of ``path`` from ``offset`` as a buffered binary stream."""
     return cast(BinaryIO, io.BufferedReader(SliceReader(path, offset, size), buffer_size=CHUNK))
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Where a stored blob lies in a local file: ``size`` bytes of ``path`` from ``offset``.
+
+    A blob file of an OCI layout is a whole file; a blob in an archive is one of its members.
+    """
+
+    path: Path
+    offset: int
+    size: int
+
+    def open(self) -> BinaryIO:
+        return open_slice(self.path, self.offset, self.size)
+
+    def head(self, count: int) -> bytes:
+        """Return the first ``count`` bytes (fewer if the range is shorter)."""
+        with open(self.path, "rb", buffering=0) as stream:
+            return os.pread(stream.fileno(), min(count, self.size), self.offset)
+
+
+def hash_range(location: FileRange, progress: Callable[[int], None] | None = None) -> str:
+    """Return the SHA-256 digest of the bytes at ``location``, reading them in chunks.
+
+    Raises:
+        ImageError: the file is shorter than the range.
+    """
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(CHUNK))
+    with SliceReader(location.path, location.offset, location.size) as reader:
+        while count := reader.readinto(buffer):
+            digest.update(buffer[:count])
+            if progress is not None:
+                progress(count)
+    return "sha256:" + digest.hexdigest()
 
 
 def decompressing_reader(stream: IO[bytes], compression: str) -> IO[bytes]:
@@ -378,19 +419,48 @@ def decompress_blob(
         raise
     uncompressed_size = content.count
     diff_id = content.digest if isinstance(content, HashingWriter) else raw.digest
+    try:
+        check_layer_blob(
+            blob_name,
+            digest=raw.digest,
+            size=raw.count,
+            diff_id=diff_id,
+            expected_digest=expected_digest,
+            expected_size=expected_size,
+            expected_diff_id=expected_diff_id,
+        )
+    except ImageError:
+        target.unlink(missing_ok=True)
+        raise
+    return raw.digest, raw.count, compression, diff_id, uncompressed_size
+
+
+def check_layer_blob(
+    blob_name: str,
+    *,
+    digest: str,
+    size: int,
+    diff_id: str,
+    expected_digest: str | None,
+    expected_size: int | None,
+    expected_diff_id: str | None,
+) -> None:
+    """Compare what reading a layer blob found with what the manifest and config say.
+
+    Raises:
+        ImageError: naming the first value that differs.
+    """
     problem = None
-    if expected_digest is not None and raw.digest != expected_digest:
-        problem = f"its content has digest {raw.digest}"
-    elif expected_size is not None and raw.count != expected_size:
-        problem = f"it is {raw.count} bytes long, the manifest says {expected_size}"
+    if expected_digest is not None and digest != expected_digest:
+        problem = f"its content has digest {digest}"
+    elif expected_size is not None and size != expected_size:
+        problem = f"it is {size} bytes long, the manifest says {expected_size}"
     elif expected_diff_id is not None and diff_id != expected_diff_id:
         problem = (
             f"its uncompressed content has digest {diff_id}, the config says {expected_diff_id}"
         )
     if problem is not None:
-        target.unlink(missing_ok=True)
         raise ImageError(f"layer blob {blob_name} failed verification: {problem}")
-    return raw.digest, raw.count, compression, diff_id, uncompressed_size
 
 
 def read_verified(stream: IO[bytes], *, name: str, digest: str | None, limit: int) -> bytes:

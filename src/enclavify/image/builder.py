@@ -252,7 +252,7 @@ class ImageBuilder:
                 uncompressed_size=layer.uncompressed_size,
                 compression=layer.compression,
                 open_blob=layer.open_blob,
-                open_uncompressed=functools.partial(_open_binary, layer.tar_path),
+                open_uncompressed=layer.open_tar,
                 history=self._history_for(layer, rewritten=False),
             )
         )
@@ -481,12 +481,16 @@ def _rewrite_tar(
     label = f"rewriting layer {layer.index}"
     total = layer.uncompressed_size
     latest: dict[str, tarindex.TarEntry] = {}
-    # The bytes from `copied` up to the current member are not yet copied.
-    copied = 0
-    with open(layer.tar_path, "rb") as source, tarfile.open(layer.tar_path, mode="r:") as tar:
+    # The bytes from `copied` up to the current member are not yet copied. Offsets are
+    # positions in the file that holds the tar, which starts at `tar_offset` in it.
+    copied = layer.tar_offset
+    with open(layer.tar_path, "rb") as source:
+        # The reader of hardlink headers shares the file; every read seeks first.
+        source.seek(layer.tar_offset)
+        tar = tarfile.open(fileobj=source, mode="r:")  # noqa: SIM115 (closing leaves source open)
         for entry in layer.entries:
             if progress is not None:
-                progress(entry.header_offset, total, label)
+                progress(entry.header_offset - layer.tar_offset, total, label)
             if stop is not None and stop.is_set():
                 raise RewriteStopped(f"rewriting layer {layer.index} was stopped")
             if entry.kind not in (tarindex.WHITEOUT, tarindex.OPAQUE, tarindex.META):
@@ -559,7 +563,10 @@ def _copy_range(source: IO[bytes], out: IO[bytes], start: int, end: int) -> None
     while remaining > 0:
         chunk = source.read(min(blobs.CHUNK, remaining))
         if not chunk:
-            raise ImageError("a layer tar in the work directory ended early")
+            raise ImageError(
+                f"a layer tar ended {remaining} bytes early at offset {end - remaining} of its "
+                "file; did the file change while the image was open?"
+            )
         out.write(chunk)
         remaining -= len(chunk)
 

@@ -54,6 +54,10 @@ class BlobStore(ABC):
         """Open a manifest by digest (registries keep manifests apart from blobs)."""
         return self.open_blob(digest)
 
+    def locate(self, digest: str) -> blobs.FileRange | None:
+        """Return where the blob lies in a local file, or ``None`` if it is not in one."""
+        return None
+
     def close(self) -> None:  # noqa: B027 (most stores hold nothing open)
         """Release what the store holds open."""
 
@@ -121,12 +125,21 @@ class LayoutStore(BlobStore):
         )
 
     def open_blob(self, digest: str, size: int | None = None) -> IO[bytes]:
-        algorithm, _, hexdigest = check_digest(digest, self.description).partition(":")
-        path = self.path / "blobs" / algorithm / hexdigest
         try:
-            return open(path, "rb")
+            return open(self._blob_path(digest), "rb")
         except FileNotFoundError:
             raise ImageError(f"{self.description}: blob {digest} is missing") from None
+
+    def locate(self, digest: str) -> blobs.FileRange | None:
+        path = self._blob_path(digest)
+        try:
+            return blobs.FileRange(path, 0, path.stat().st_size)
+        except FileNotFoundError:
+            return None  # open_blob says so when the blob is read
+
+    def _blob_path(self, digest: str) -> Path:
+        algorithm, _, hexdigest = check_digest(digest, self.description).partition(":")
+        return self.path / "blobs" / algorithm / hexdigest
 
 
 class TarMembers:
@@ -163,6 +176,10 @@ class TarMembers:
 
     def size(self, name: str) -> int:
         return self.members[name][1]
+
+    def locate(self, name: str) -> blobs.FileRange:
+        offset, size = self.members[name]
+        return blobs.FileRange(self.path, offset, size)
 
     def read(self, name: str, limit: int = MAX_JSON) -> bytes:
         with self.open(name) as stream:
@@ -213,8 +230,15 @@ class OciArchiveStore(BlobStore):
         )
 
     def open_blob(self, digest: str, size: int | None = None) -> IO[bytes]:
-        algorithm, _, hexdigest = check_digest(digest, self.description).partition(":")
-        name = f"blobs/{algorithm}/{hexdigest}"
+        name = self._member(digest)
         if not self.tar.has(name):
             raise ImageError(f"{self.description}: blob {digest} is missing")
         return self.tar.open(name)
+
+    def locate(self, digest: str) -> blobs.FileRange | None:
+        name = self._member(digest)
+        return self.tar.locate(name) if self.tar.has(name) else None
+
+    def _member(self, digest: str) -> str:
+        algorithm, _, hexdigest = check_digest(digest, self.description).partition(":")
+        return f"blobs/{algorithm}/{hexdigest}"

@@ -216,10 +216,14 @@ def normalize_name(name: str, *, layer: str, what: str = "entry") -> tuple[str, 
     return "/" + "/".join(parts), absolute
 
 
-def index_layer(tar_path: Path, layer: str, stream: IO[bytes] | None = None) -> list[TarEntry]:
+def index_layer(
+    tar_path: Path, layer: str, stream: IO[bytes] | None = None, *, start: int = 0
+) -> list[TarEntry]:
     """Read the members of an uncompressed layer tar and return their index, in tar order.
 
-    ``stream``, when given, is read instead of opening ``tar_path``.
+    ``stream``, when given, is read instead of opening ``tar_path``. ``start`` is where the
+    tar starts in the file that holds it (a member of an archive); the entries' offsets are
+    positions in that file.
 
     Raises:
         HostileEntryError: a member would escape the root or abuse a link (see module doc).
@@ -237,7 +241,7 @@ def index_layer(tar_path: Path, layer: str, stream: IO[bytes] | None = None) -> 
                     break
                 # tarfile would otherwise keep every member in memory; the index is enough.
                 tar.members = []  # type: ignore[attr-defined]
-                entry = _index_member(member, layer, stored)
+                entry = _index_member(member, layer, stored, start)
                 if entry is None:
                     continue
                 if entry.kind == SPECIAL:
@@ -311,7 +315,7 @@ def _check_parents(path: str, name: str, layer: str, stored: dict[str, TarEntry]
 
 
 def _index_member(
-    member: tarfile.TarInfo, layer: str, stored: dict[str, TarEntry]
+    member: tarfile.TarInfo, layer: str, stored: dict[str, TarEntry], start: int
 ) -> TarEntry | None:
     path, _ = normalize_name(member.name, layer=layer)
     if path == "/":
@@ -327,7 +331,7 @@ def _index_member(
     kind: str
     linkname = ""
     size = member.size if member.isreg() else 0
-    data_offset = member.offset_data
+    data_offset = start + member.offset_data
 
     if base.startswith(WHITEOUT_PREFIX):
         if base == OPAQUE_MARKER:
@@ -387,8 +391,8 @@ def _index_member(
         mtime=float(member.mtime),
         size=size,
         linkname=linkname,
-        header_offset=member.offset,
+        header_offset=start + member.offset,
         data_offset=data_offset,
-        end_offset=end,
+        end_offset=start + end,
         name=member.name,
     )
