@@ -46,3 +46,23 @@ def test_no_replace_keeps_existing_file(tmp_path: Path) -> None:
         atomic.write_bytes(target, b"second", mode=0o600, replace=False)
     assert target.read_bytes() == b"first"
     assert os.listdir(tmp_path) == ["master.key"]
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_sync_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        synced.append("directory" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "file")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    target = tmp_path / "image.tar"
+    target.write_bytes(b"old")
+    with atomic.writer(target, sync=sync) as stream:
+        stream.write(b"new")
+        assert target.read_bytes() == b"old"
+    assert target.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["image.tar"]
+    assert synced == (["file", "directory"] if sync else [])

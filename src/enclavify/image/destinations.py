@@ -251,7 +251,8 @@ def _atomic_file(target: Path) -> Iterator[IO[bytes]]:
     if target.is_dir():
         raise ImageError(f"{str(target)!r} is a directory; an archive path must name a file")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.writer(target, mode=0o644) as stream:
+    # Not synced: an image can be written again from its source (see enclavify.atomic).
+    with atomic.writer(target, mode=0o644, sync=False) as stream:
         yield stream
 
 
