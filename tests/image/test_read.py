@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from enclavify.errors import ImageError
-from enclavify.image import Platform, blobs, open_image
+from enclavify.image import ImageBuilder, Platform, blobs, open_image
 
 from .helpers import (
     LayoutWriter,
@@ -265,3 +266,25 @@ def test_hashing_reader_rejects_none_read() -> None:
     reader = blobs.HashingReader(NothingReady())  # type: ignore[arg-type]
     with pytest.raises(BlockingIOError, match="returned no data"):
         reader.readinto(bytearray(16))
+
+
+def test_a_file_read_in_place_must_not_change_before_commit(
+    tmp_path: Path, workdir: Path
+) -> None:
+    archive = tmp_path / "d.tar"
+    write_docker_archive(archive, [LAYER, tar_bytes([file("secret/key", b"k")])])
+    with open_image(f"docker-archive:{archive}", workdir=workdir) as image:
+        builder = ImageBuilder(image)
+        builder.copy_layer(image.layers[0])
+        builder.copy_layer_without(image.layers[1], ["/secret"])
+        before = sorted(p.name for p in tmp_path.iterdir())
+        # Written again by another export: same bytes, a new modification time.
+        info = archive.stat()
+        os.utime(archive, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+        with pytest.raises(ImageError, match=r"d\.tar changed while the image was being"):
+            builder.commit(f"oci:{tmp_path / 'out'}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+        archive.unlink()
+        with pytest.raises(ImageError, match=r"d\.tar can no longer be read"):
+            builder.commit(f"oci:{tmp_path / 'out'}")
+        builder.close()

@@ -373,11 +373,15 @@ class ImageBuilder:
         :attr:`config_digest` (the engines' image ID) is set after every commit.
 
         Raises:
-            ImageError: the destination cannot be written; nothing is left behind.
+            ImageError: the destination cannot be written, or a source file read in place
+                changed since it was opened; nothing is left behind.
         """
         reference = parse_reference(dst) if isinstance(dst, str) else dst
         if not self.layers:
             raise ImageError("the image has no layers; copy or add at least one")
+        # Everything read from the source without a digest check was read by now. Layers
+        # copied verbatim while writing are checked against their digests as they are read.
+        self.source.check_unchanged()
         image = self.build()
         destinations.write(
             image,

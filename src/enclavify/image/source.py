@@ -19,6 +19,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -125,6 +126,9 @@ class _Unpacked:
     tar_offset: int
     uncompressed_size: int
     entries: list[tarindex.TarEntry]
+    # For a tar used where it lies: its file's identity when the check began (see
+    # SourceImage.check_unchanged).
+    identity: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -193,6 +197,7 @@ class SourceImage:
         self.layers: list[Layer] = []
         self._sources = resolved.layers
         self._filesystem: MergedFilesystem | None = None
+        self._read_in_place: dict[Path, tuple[int, int, int, int]] = {}
 
     def _unpack(self, progress: blobs.Progress | None) -> None:
         """Check, unpack and index every layer, two at a time.
@@ -248,6 +253,8 @@ class SourceImage:
         target = layer_dir / f"{number}.tar"
         log.debug("unpacking layer %d/%d %s", number + 1, len(self._sources), name)
         unpacked = _unpack_layer(source, target, name=name, diff_id=diff_id, progress=advance)
+        if unpacked.identity is not None:
+            self._read_in_place.setdefault(unpacked.tar_path, unpacked.identity)
         log.debug(
             "layer %d: %s, %d bytes %s, %d bytes uncompressed, %d entries%s",
             number,
@@ -272,6 +279,28 @@ class SourceImage:
             annotations=source.annotations,
             opener=source.open,
         )
+
+    def check_unchanged(self) -> None:
+        """Check that no file whose layers are read where they lie has changed since opening.
+
+        Their content was verified when the image was opened and is read again afterwards
+        (by the merged view and by rewrites), so a file replaced or written to in between
+        would hand out bytes that were never checked. Size, modification time and inode
+        catch a file written to or replaced by another export.
+
+        Raises:
+            ImageError: such a file changed or is gone.
+        """
+        for path, identity in self._read_in_place.items():
+            try:
+                now = _identity(path)
+            except OSError as exc:
+                raise ImageError(f"{self.reference}: {path} can no longer be read: {exc}") from exc
+            if now != identity:
+                raise ImageError(
+                    f"{self.reference}: {path} changed while the image was being converted "
+                    "(its size, modification time or inode differ from when it was opened)"
+                )
 
     def filesystem(self) -> MergedFilesystem:
         """Return the merged view of all layers (built once, then cached)."""
@@ -383,6 +412,7 @@ def _index_in_place(
     tar to the work directory first, as a compressed blob needs, took about 0.1 s for the
     324 MiB of bench/convert's large docker archive, and as much disk again.
     """
+    identity = _identity(location.path)
     # The stream is closed last, after the pool has waited for the indexer.
     with (
         location.open() as headers,
@@ -422,7 +452,13 @@ def _index_in_place(
         location.offset,
         location.size,
         entries,
+        identity,
     )
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def open_image(
