@@ -49,7 +49,9 @@ def test_no_replace_keeps_existing_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sync", [True, False])
-def test_sync_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool) -> None:
+def test_writer_syncs_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool
+) -> None:
     synced: list[str] = []
     real_fsync = os.fsync
 

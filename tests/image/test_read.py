@@ -108,7 +108,7 @@ def test_plain_layers_are_read_where_they_lie(tmp_path: Path, workdir: Path) -> 
                     assert stream.read() == raw
             assert image.filesystem().read_bytes("/app/main.py") == b"print('hi')\n"
             assert image.filesystem().read_bytes("/second") == b"2" * 3000
-    # In an archive the layers start after other members, and the index holds positions in it.
+    # In an archive the layers start after other members, and the index contains positions in it.
     with open_image(f"docker-archive:{archive}", workdir=workdir) as image:
         assert image.layers[1].tar_offset > image.layers[0].tar_offset > 0
         entry = image.layers[1].entries[0]
@@ -268,9 +268,7 @@ def test_hashing_reader_rejects_none_read() -> None:
         reader.readinto(bytearray(16))
 
 
-def test_a_file_read_in_place_must_not_change_before_commit(
-    tmp_path: Path, workdir: Path
-) -> None:
+def test_commit_checks_in_place_file_unchanged(tmp_path: Path, workdir: Path) -> None:
     archive = tmp_path / "d.tar"
     write_docker_archive(archive, [LAYER, tar_bytes([file("secret/key", b"k")])])
     with open_image(f"docker-archive:{archive}", workdir=workdir) as image:

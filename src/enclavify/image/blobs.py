@@ -319,7 +319,7 @@ def open_slice(path: Path, offset: int, size: int) -> BinaryIO:
 
 @dataclass(frozen=True)
 class FileRange:
-    """Where a stored blob lies in a local file: ``size`` bytes of ``path`` from ``offset``.
+    """A stored blob's place in a local file: ``size`` bytes of ``path`` from ``offset``.
 
     A blob file of an OCI layout is a whole file; a blob in an archive is one of its members.
     """
@@ -445,7 +445,7 @@ def check_layer_blob(
     expected_size: int | None,
     expected_diff_id: str | None,
 ) -> None:
-    """Compare what reading a layer blob found with what the manifest and config say.
+    """Compare the digests and size found by reading a layer blob with the expected ones.
 
     Raises:
         ImageError: naming the first value that differs.

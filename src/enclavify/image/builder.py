@@ -486,7 +486,7 @@ def _rewrite_tar(
     total = layer.uncompressed_size
     latest: dict[str, tarindex.TarEntry] = {}
     # The bytes from `copied` up to the current member are not yet copied. Offsets are
-    # positions in the file that holds the tar, which starts at `tar_offset` in it.
+    # positions in the file that contains the tar, which starts at `tar_offset` in it.
     copied = layer.tar_offset
     with open(layer.tar_path, "rb") as source:
         # The reader of hardlink headers shares the file; every read seeks first.

@@ -10,7 +10,7 @@ uncompressed tars, inside the work directory.
 
 An uncompressed blob that lies in a local file (a docker archive's layers, an OCI layout's
 plain blobs) is its own tar, so it is checked and indexed where it is, not copied: the index
-then holds positions in that file. The file must not change while the image is open.
+then contains positions in that file. The file must not change while the image is open.
 """
 
 from __future__ import annotations
@@ -360,7 +360,7 @@ def _unpack_layer(
 ) -> _Unpacked:
     """Check a layer blob's digests and index its tar, decompressing it to ``target`` unless
     it is an uncompressed blob in a local file, which is used where it lies. Decompressing
-    holds ``inflating``.
+    acquires the ``inflating`` lock first.
 
     A worker thread indexes the tar as it reaches the disk. Header parsing holds the GIL,
     while inflating and hashing release it for each chunk and need it back between chunks.

@@ -135,7 +135,7 @@ class LayoutStore(BlobStore):
         try:
             return blobs.FileRange(path, 0, path.stat().st_size)
         except FileNotFoundError:
-            return None  # open_blob says so when the blob is read
+            return None  # open_blob reports the missing blob when it is read
 
     def _blob_path(self, digest: str) -> Path:
         algorithm, _, hexdigest = check_digest(digest, self.description).partition(":")
