@@ -237,3 +237,27 @@ def test_open_uses_constant_memory(open_layers: OpenLayers) -> None:
         tracemalloc.stop()
     assert read == size
     assert peak < 4 * 1024 * 1024, f"reading used {peak} bytes at peak"
+
+
+def test_content_key_names_layer_bytes(open_layers: OpenLayers) -> None:
+    base = tar_bytes([file("lib/a", b"same"), file("lib/b", b"other"), symlink("lib/c", "a")])
+    image = open_layers([base, tar_bytes([file("lib/b", b"upper"), hardlink("lib/d", "lib/b")])])
+    view = image.filesystem()
+    lower, upper = image.layers
+    key_a = view.content_key("/lib/a")
+    assert key_a is not None
+    assert key_a.startswith(f"{lower.diff_id}@")
+    assert key_a.endswith("+4")
+    # A symlink names its target's bytes; a hardlink shares them.
+    assert view.content_key("/lib/c") == key_a
+    key_b = view.content_key("/lib/b")
+    assert key_b is not None
+    assert key_b.startswith(f"{upper.diff_id}@")
+    assert view.content_key("/lib/d") == key_b
+    # Directories, missing paths and links that lead nowhere have none, as open() raises.
+    for path in ("/lib", "/missing", "/lib/a/x"):
+        assert view.content_key(path) is None
+    # The same layer in another image gives the same names.
+    again = open_layers([base]).filesystem()
+    assert again.content_key("/lib/a") == key_a
+    assert again.content_key("/lib/b") != key_b

@@ -286,3 +286,15 @@ def test_commit_checks_in_place_file_unchanged(tmp_path: Path, workdir: Path) ->
         with pytest.raises(ImageError, match=r"d\.tar can no longer be read"):
             builder.commit(f"oci:{tmp_path / 'out'}")
         builder.close()
+
+
+def test_content_key_same_in_place_and_unpacked(tmp_path: Path, workdir: Path) -> None:
+    archive = tmp_path / "d.tar"
+    write_docker_archive(archive, [LAYER])
+    write_layout(tmp_path / "l", [LAYER])
+    keys = []
+    for reference in (f"docker-archive:{archive}", f"oci:{tmp_path / 'l'}"):
+        with open_image(reference, workdir=workdir) as image:
+            keys.append(image.filesystem().content_key("/app/main.py"))
+    assert keys[0] is not None
+    assert keys[0] == keys[1]

@@ -84,6 +84,57 @@ class _EditedFiles(DirectoryFiles):
         return io.BytesIO(data)
 
 
+class _KeyedFiles(DirectoryFiles):
+    """The host root with content keys, as an image's merged view has, counting file reads."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.opened: list[str] = []
+
+    def content_key(self, path: str) -> str | None:
+        resolved = self.resolve(path)
+        return None if resolved is None else f"host:{resolved}"
+
+    def open(self, path: str) -> IO[bytes]:
+        self.opened.append(path)
+        return super().open(path)
+
+
+def test_known_contents_are_not_read_again(host_files: DirectoryFiles, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    cold_files = _KeyedFiles(Path("/"))
+    _build(cold_files, tmp_path / "cold", cache_dir)
+    contents = json.loads((cache_dir / "contents.json").read_text())
+    assert cold_files.opened
+    assert set(contents) == {cold_files.content_key(path) for path in cold_files.opened}
+
+    warm_files = _KeyedFiles(Path("/"))
+    _, cached = _build(warm_files, tmp_path / "warm", cache_dir)
+
+    assert cached
+    assert warm_files.opened == []
+    assert runtime_digest(tmp_path / "warm") == runtime_digest(tmp_path / "cold")
+
+
+def test_wrong_content_digest_rebuilds(host_files: DirectoryFiles, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    _build(_KeyedFiles(Path("/")), tmp_path / "cold", cache_dir)
+    contents_file = cache_dir / "contents.json"
+    contents = json.loads(contents_file.read_text())
+    contents_file.write_text(json.dumps(dict.fromkeys(contents, "0" * 64)))
+
+    _, cached = _build(_KeyedFiles(Path("/")), tmp_path / "rebuilt", cache_dir)
+
+    # A wrong digest matches no entry: the runtime is built from the files themselves.
+    assert not cached
+    assert runtime_digest(tmp_path / "rebuilt") == runtime_digest(tmp_path / "cold")
+    assert json.loads(contents_file.read_text()) == contents
+    contents_file.write_text("{not json")
+    _, cached = _build(_KeyedFiles(Path("/")), tmp_path / "again", cache_dir)
+    assert cached
+    assert json.loads(contents_file.read_text()) == contents
+
+
 def test_cached_build_is_identical(
     host_files: DirectoryFiles, tmp_path: Path
 ) -> None:

@@ -8,8 +8,8 @@ whose parent is not a directory in the view below (a symlink, say) makes that pa
 directory, because each layer is unpacked on its own and then stacked, not unpacked through
 the links of the layers below.
 
-File content stays in the uncompressed layer tars in the work directory; :meth:`open`
-returns a stream over the file's bytes in place.
+File content stays in the uncompressed layer tars; :meth:`open` returns a stream over the
+file's bytes in place.
 """
 
 from __future__ import annotations
@@ -82,13 +82,25 @@ class MergedFilesystem:
 
     def __init__(self) -> None:
         self._root = _Node(FileEntry("/", "dir", 0o755, 0, 0, 0.0))
+        self._layer_identities: list[tuple[str, int]] | None = None
 
     @classmethod
     def from_layers(
-        cls, layers: Sequence[tuple[Path, Sequence[tarindex.TarEntry]]]
+        cls,
+        layers: Sequence[tuple[Path, Sequence[tarindex.TarEntry]]],
+        *,
+        identities: Sequence[tuple[str, int]] | None = None,
     ) -> MergedFilesystem:
-        """Build the view from ``(uncompressed tar path, index)`` pairs, lowest layer first."""
+        """Build the view from ``(uncompressed tar path, index)`` pairs, lowest layer first.
+
+        ``identities`` gives each layer's verified diff_id and where its tar starts in its
+        file, so that :meth:`content_key` can name a file's bytes.
+        """
         view = cls()
+        if identities is not None:
+            if len(identities) != len(layers):
+                raise ValueError(f"{len(identities)} identities for {len(layers)} layers")
+            view._layer_identities = list(identities)
         for number, (tar_path, entries) in enumerate(layers):
             view._apply_layer(number, tar_path, entries)
         view._downgrade_broken_hardlinks()
@@ -268,6 +280,29 @@ class MergedFilesystem:
         if entry.type not in ("file", "hardlink") or entry.data_path is None:
             raise ImageError(f"{path!r} is a {entry.type} in the image, not a regular file")
         return open_slice(entry.data_path, entry.data_offset, entry.size)
+
+    def content_key(self, path: str) -> str | None:
+        """Return a name for the bytes :meth:`open` reads at ``path``, or ``None``.
+
+        The name is the layer's diff_id with the file's offset and size in that layer's tar:
+        the diff_id fixes every byte of the tar, so equal names mean equal content. It lets
+        the runtime cache recognise a file it has hashed before without reading it again.
+        ``None`` when the view was built without identities or ``open`` would raise.
+        """
+        if self._layer_identities is None:
+            return None
+        try:
+            resolved = self.resolve(path)
+        except ImageError:
+            return None
+        node = self._node(split_path(resolved)) if resolved is not None else None
+        if node is None:
+            return None
+        entry = node.entry
+        if entry.type not in ("file", "hardlink") or entry.data_path is None or entry.layer < 0:
+            return None
+        diff_id, tar_offset = self._layer_identities[entry.layer]
+        return f"{diff_id}@{entry.data_offset - tar_offset}+{entry.size}"
 
     def read_bytes(self, path: str) -> bytes:
         """Return the whole content of a (small) regular file."""

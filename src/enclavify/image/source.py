@@ -321,7 +321,8 @@ class SourceImage:
         """Return the merged view of all layers (built once, then cached)."""
         if self._filesystem is None:
             self._filesystem = MergedFilesystem.from_layers(
-                [(layer.tar_path, layer.entries) for layer in self.layers]
+                [(layer.tar_path, layer.entries) for layer in self.layers],
+                identities=[(layer.diff_id, layer.tar_offset) for layer in self.layers],
             )
         return self._filesystem
 

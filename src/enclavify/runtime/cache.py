@@ -11,6 +11,8 @@ and compiles the bytecode, and the builder itself. The cache is keyed by both:
         the build's :class:`RuntimeInfo` (without ``source``) and the digest of the tree
     <cache>/runtime/<key>/tree/
         the runtime as the builder left it, before ``runtime.json`` is added
+    <cache>/runtime/contents.json
+        the SHA-256 of image files already read, by content key (see below)
 
 The host key covers the enclavify version, the code of the builder and of this module, the
 host Python (version, build, executable and standard library directory), the platform, the
@@ -24,6 +26,13 @@ fingerprints (file contents as SHA-256). The builder decides what to call next o
 earlier results, so equal results mean the same calls (perhaps in another order, as it walks
 sets) and the same output. The image's other files (an application layer that changed) do
 not count.
+
+An image's merged view names a file's bytes by its layer's verified diff_id and the file's
+place in that layer's tar (``content_key``). A replay looks an ``open`` call's fingerprint up
+by that name and reads the file only when the name is new: for a Debian base image that
+skips reading and hashing 17 MiB, about 0.05 s of a 0.55 s conversion. A name that is wrong
+in ``contents.json`` can only give a fingerprint that matches no entry, so the runtime is built
+again, as if the file had changed.
 
 Entries are written under a temporary name and renamed into place: a second writer that loses
 the race drops its copy. Every use checks the tree against the stored digest while it links
@@ -64,8 +73,11 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MAX_ENTRIES = 8
 MAX_LOOKUPS = 8
+# Content digests kept in contents.json; a Debian base image's runtime reads about 90 files.
+MAX_CONTENT_DIGESTS = 20_000
 _ENTRY_FILE = "entry.json"
 _TREE_DIR = "tree"
+_CONTENTS_FILE = "contents.json"
 
 
 @dataclass(frozen=True)
@@ -108,10 +120,11 @@ def build_runtime_cached(
         raise ImageError(f"runtime output directory {str(output)!r} already exists")
     host_key = _host_key(python)
     lookups = cache_dir / "lookups" / host_key
+    contents = _ContentDigests(cache_dir / _CONTENTS_FILE)
     for calls_file in _newest_first(lookups, suffix=".json"):
         try:
             calls = json.loads(calls_file.read_text())
-            key = _entry_key(host_key, _replay(files, calls))
+            key = _entry_key(host_key, _replay(files, calls, contents))
         except (OSError, ValueError, TypeError) as error:
             log.debug("runtime cache: unusable call list %s (%s); skipped", calls_file, error)
             continue
@@ -120,12 +133,13 @@ def build_runtime_cached(
             log.debug("runtime cache: using %s", cache_dir / key)
             _touch(calls_file)
             _touch(lookups)
+            contents.save()
             return CachedBuild(from_cache[0], cached=True, listing=from_cache[1])
 
-    recorder = _Recorder(files)
+    recorder = _Recorder(files, contents)
     info = build_runtime(recorder, output, python=python, source=source)
     calls = recorder.calls + _source_calls(output)
-    fingerprints = recorder.fingerprints + _replay(files, calls[len(recorder.calls) :])
+    fingerprints = recorder.fingerprints + _replay(files, calls[len(recorder.calls) :], contents)
     if not _carried_as_read(output, fingerprints):
         # An enclavify module changed while the build read it: the tree may mix both versions.
         log.debug("runtime cache: enclavify's sources changed during the build; not stored")
@@ -136,6 +150,7 @@ def build_runtime_cached(
         listing = _store(cache_dir, key, output, info)
         _write_atomic(lookups, calls)
         _prune(cache_dir, lookups.parent)
+        contents.save()
     except (OSError, ValueError) as error:
         log.debug("runtime cache: not stored in %s (%s)", cache_dir, error)
     return CachedBuild(info, cached=False, listing=listing)
@@ -282,18 +297,84 @@ def _source_path(relative: str) -> Path:
     return builder.SOURCE_ROOT.joinpath(*parts)
 
 
-def _replay(files: ImageFiles, calls: list[list[str]]) -> list[Any]:
+def _replay(files: ImageFiles, calls: list[list[str]], contents: _ContentDigests) -> list[Any]:
     fingerprints = []
-    for op, path in calls:
-        fingerprints.append([op, path, _fingerprint(op, _perform(files, str(op), str(path)))])
+    for recorded_op, recorded_path in calls:
+        op, path = str(recorded_op), str(recorded_path)
+        known = contents.lookup(files, path) if op == "open" else None
+        if known is None:
+            result = _perform(files, op, path)
+            known = _fingerprint(op, result)
+            if op == "open" and not isinstance(result, BaseException):
+                contents.remember(files, path, known)
+        fingerprints.append([op, path, known])
     return fingerprints
+
+
+class _ContentDigests:
+    """The SHA-256 of image files by content key, kept in ``contents.json`` between builds.
+
+    The file is a JSON object from content key to hex digest. One that cannot be read or
+    parsed counts as empty; saving writes a new file under a temporary name and renames it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._known: dict[str, str] = {}
+        self._added: dict[str, str] = {}
+        try:
+            loaded = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(loaded, dict):
+            self._known = {
+                key: value
+                for key, value in loaded.items()
+                if isinstance(key, str) and isinstance(value, str)
+            }
+
+    def lookup(self, files: ImageFiles, path: str) -> str | None:
+        key = _content_key(files, path)
+        return None if key is None else self._known.get(key)
+
+    def remember(self, files: ImageFiles, path: str, digest: str) -> None:
+        key = _content_key(files, path)
+        if key is not None and self._known.get(key) != digest:
+            self._known[key] = self._added[key] = digest
+
+    def save(self) -> None:
+        """Write the digests added since loading, with those another build wrote meanwhile."""
+        if not self._added:
+            return
+        merged = _ContentDigests(self._path)._known
+        merged.update(self._added)
+        # The oldest go first: a dict keeps insertion order, and new ones were added last.
+        newest = dict(list(merged.items())[-MAX_CONTENT_DIGESTS:])
+        encoded = json.dumps(newest, separators=(",", ":")).encode()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=".contents-", dir=self._path.parent)
+        try:
+            with os.fdopen(descriptor, "wb") as stream:
+                stream.write(encoded)
+            os.replace(temporary, self._path)
+        except BaseException:
+            _unlink(temporary)
+            raise
+        self._added.clear()
+
+
+def _content_key(files: ImageFiles, path: str) -> str | None:
+    # A host directory (DirectoryFiles) has no such names: its files are read every time.
+    content_key = getattr(files, "content_key", None)
+    return None if content_key is None else content_key(path)
 
 
 class _Recorder:
     """An :class:`ImageFiles` that notes each distinct call and its fingerprint."""
 
-    def __init__(self, files: ImageFiles) -> None:
+    def __init__(self, files: ImageFiles, contents: _ContentDigests) -> None:
         self._files = files
+        self._contents = contents
         self._seen: set[tuple[str, str]] = set()
         self.calls: list[list[str]] = []
         self.fingerprints: list[Any] = []
@@ -303,7 +384,10 @@ class _Recorder:
         if (op, path) not in self._seen:
             self._seen.add((op, path))
             self.calls.append([op, path])
-            self.fingerprints.append([op, path, _fingerprint(op, result)])
+            fingerprint = _fingerprint(op, result)
+            self.fingerprints.append([op, path, fingerprint])
+            if op == "open" and not isinstance(result, BaseException):
+                self._contents.remember(self._files, path, fingerprint)
         if isinstance(result, BaseException):
             raise result
         return result
