@@ -272,6 +272,7 @@ def test_commit_checks_in_place_file_unchanged(tmp_path: Path, workdir: Path) ->
     archive = tmp_path / "d.tar"
     write_docker_archive(archive, [LAYER, tar_bytes([file("secret/key", b"k")])])
     with open_image(f"docker-archive:{archive}", workdir=workdir) as image:
+        assert image.filesystem().sources_unchanged()
         builder = ImageBuilder(image)
         builder.copy_layer(image.layers[0])
         builder.copy_layer_without(image.layers[1], ["/secret"])
@@ -282,6 +283,7 @@ def test_commit_checks_in_place_file_unchanged(tmp_path: Path, workdir: Path) ->
         with pytest.raises(ImageError, match=r"d\.tar changed while the image was being"):
             builder.commit(f"oci:{tmp_path / 'out'}")
         assert sorted(p.name for p in tmp_path.iterdir()) == before
+        assert not image.filesystem().sources_unchanged()
         archive.unlink()
         with pytest.raises(ImageError, match=r"d\.tar can no longer be read"):
             builder.commit(f"oci:{tmp_path / 'out'}")

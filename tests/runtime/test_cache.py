@@ -87,9 +87,13 @@ class _EditedFiles(DirectoryFiles):
 class _KeyedFiles(DirectoryFiles):
     """The host root with content keys, as an image's merged view has, counting file reads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, unchanged: bool = True) -> None:
         super().__init__(root)
         self.opened: list[str] = []
+        self.unchanged = unchanged
+
+    def sources_unchanged(self) -> bool:
+        return self.unchanged
 
     def content_key(self, path: str) -> str | None:
         resolved = self.resolve(path)
@@ -114,6 +118,14 @@ def test_known_contents_are_not_read_again(host_files: DirectoryFiles, tmp_path:
     assert cached
     assert warm_files.opened == []
     assert runtime_digest(tmp_path / "warm") == runtime_digest(tmp_path / "cold")
+
+
+def test_changed_sources_keep_no_digests(host_files: DirectoryFiles, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    changed = _KeyedFiles(Path("/"), unchanged=False)
+    _build(changed, tmp_path / "cold", cache_dir)
+    assert changed.opened
+    assert not (cache_dir / "contents.json").exists()
 
 
 def test_wrong_content_digest_rebuilds(host_files: DirectoryFiles, tmp_path: Path) -> None:

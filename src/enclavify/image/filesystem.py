@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -83,6 +83,7 @@ class MergedFilesystem:
     def __init__(self) -> None:
         self._root = _Node(FileEntry("/", "dir", 0o755, 0, 0, 0.0))
         self._layer_identities: list[tuple[str, int]] | None = None
+        self._check_sources: Callable[[], None] | None = None
 
     @classmethod
     def from_layers(
@@ -90,17 +91,20 @@ class MergedFilesystem:
         layers: Sequence[tuple[Path, Sequence[tarindex.TarEntry]]],
         *,
         identities: Sequence[tuple[str, int]] | None = None,
+        check_sources: Callable[[], None] | None = None,
     ) -> MergedFilesystem:
         """Build the view from ``(uncompressed tar path, index)`` pairs, lowest layer first.
 
         ``identities`` gives each layer's verified diff_id and where its tar starts in its
-        file, so that :meth:`content_key` can name a file's bytes.
+        file, so that :meth:`content_key` can name a file's bytes. ``check_sources`` raises
+        ImageError if a tar file changed since it was verified (see :meth:`sources_unchanged`).
         """
         view = cls()
         if identities is not None:
             if len(identities) != len(layers):
                 raise ValueError(f"{len(identities)} identities for {len(layers)} layers")
             view._layer_identities = list(identities)
+        view._check_sources = check_sources
         for number, (tar_path, entries) in enumerate(layers):
             view._apply_layer(number, tar_path, entries)
         view._downgrade_broken_hardlinks()
@@ -303,6 +307,20 @@ class MergedFilesystem:
             return None
         diff_id, tar_offset = self._layer_identities[entry.layer]
         return f"{diff_id}@{entry.data_offset - tar_offset}+{entry.size}"
+
+    def sources_unchanged(self) -> bool:
+        """Return whether every layer tar still is the file that was verified.
+
+        A name from :meth:`content_key` stands for the verified bytes, so what was read from
+        a file changed in the meantime must not be remembered under it.
+        """
+        if self._check_sources is None:
+            return True
+        try:
+            self._check_sources()
+        except ImageError:
+            return False
+        return True
 
     def read_bytes(self, path: str) -> bytes:
         """Return the whole content of a (small) regular file."""

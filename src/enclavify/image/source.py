@@ -323,6 +323,7 @@ class SourceImage:
             self._filesystem = MergedFilesystem.from_layers(
                 [(layer.tar_path, layer.entries) for layer in self.layers],
                 identities=[(layer.diff_id, layer.tar_offset) for layer in self.layers],
+                check_sources=self.check_unchanged,
             )
         return self._filesystem
 

@@ -133,7 +133,7 @@ def build_runtime_cached(
             log.debug("runtime cache: using %s", cache_dir / key)
             _touch(calls_file)
             _touch(lookups)
-            contents.save()
+            contents.save(files)
             return CachedBuild(from_cache[0], cached=True, listing=from_cache[1])
 
     recorder = _Recorder(files, contents)
@@ -150,7 +150,7 @@ def build_runtime_cached(
         listing = _store(cache_dir, key, output, info)
         _write_atomic(lookups, calls)
         _prune(cache_dir, lookups.parent)
-        contents.save()
+        contents.save(files)
     except (OSError, ValueError) as error:
         log.debug("runtime cache: not stored in %s (%s)", cache_dir, error)
     return CachedBuild(info, cached=False, listing=listing)
@@ -342,9 +342,17 @@ class _ContentDigests:
         if key is not None and self._known.get(key) != digest:
             self._known[key] = self._added[key] = digest
 
-    def save(self) -> None:
-        """Write the digests added since loading, with those another build wrote meanwhile."""
+    def save(self, files: ImageFiles) -> None:
+        """Write the digests added since loading, with those another build wrote meanwhile.
+
+        Nothing is written if one of the files behind ``files`` changed since it was verified:
+        what was read from it may not be the bytes its content key stands for.
+        """
         if not self._added:
+            return
+        sources_unchanged = getattr(files, "sources_unchanged", None)
+        if sources_unchanged is not None and not sources_unchanged():
+            log.debug("runtime cache: the image's files changed; their digests are not kept")
             return
         merged = _ContentDigests(self._path)._known
         merged.update(self._added)
