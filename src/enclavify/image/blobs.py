@@ -337,14 +337,21 @@ class FileRange:
             return os.pread(stream.fileno(), min(count, self.size), self.offset)
 
 
+# Piece size of hash_range. Each read and each hash update releases the GIL and must take it
+# back, while a layer's indexer, which holds it, gives it up only every switch interval.
+# Opening the small docker archive of bench/convert took 0.17 s with 1 MiB pieces, 0.13 s
+# with 4 MiB and 0.12 s with 8 MiB.
+_HASH_PIECE = 4 << 20
+
+
 def hash_range(location: FileRange, progress: Callable[[int], None] | None = None) -> str:
-    """Return the SHA-256 digest of the bytes at ``location``, reading them in chunks.
+    """Return the SHA-256 digest of the bytes at ``location``, reading them in pieces.
 
     Raises:
         ImageError: the file is shorter than the range.
     """
     digest = hashlib.sha256()
-    buffer = memoryview(bytearray(CHUNK))
+    buffer = memoryview(bytearray(_HASH_PIECE))
     with SliceReader(location.path, location.offset, location.size) as reader:
         while count := reader.readinto(buffer):
             digest.update(buffer[:count])
