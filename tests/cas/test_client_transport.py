@@ -22,16 +22,15 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from enclavify import crypto
 from enclavify.cas import client as client_module
 from enclavify.cas.client import CONFIG_INFO, CasClient, _quote, parse_address
 from enclavify.cas.pki import ServerPki, ensure_server_pki
 from enclavify.errors import CasError, CasRejected
+from enclavify.secrets.certificates import private_key_pem, self_signed_certificate
 
 # Every test runs with both ways enclavify.cas.tls makes connections.
 pytestmark = pytest.mark.usefixtures("each_tls_path")
@@ -512,25 +511,18 @@ def test_attestation_uses_one_connection(
 def test_certificate_must_name_the_host(tmp_path: Path) -> None:
     # The client trusts this certificate as its CA, but it names another host.
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other.example")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("other.example")]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
+    certificate = self_signed_certificate(
+        key,
+        "other.example",
+        now=datetime.datetime.now(datetime.UTC),
+        valid_for=datetime.timedelta(days=1),
+        extensions=[
+            (x509.SubjectAlternativeName([x509.DNSName("other.example")]), False),
+            (x509.BasicConstraints(ca=True, path_length=None), True),
+        ],
     )
     certificate_pem = certificate.public_bytes(Encoding.PEM)
-    (tmp_path / "server.pem").write_bytes(
-        certificate_pem
-        + key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    )
+    (tmp_path / "server.pem").write_bytes(certificate_pem + private_key_pem(key))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "server.pem")
     server = ScriptedServer(context, [Step(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")])
