@@ -60,9 +60,11 @@ def writer(
         raise
 
 
-def write_bytes(path: Path, data: bytes, *, mode: int = 0o644, replace: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically; see :func:`writer` for ``mode`` and ``replace``."""
-    with writer(path, mode=mode, replace=replace) as stream:
+def write_bytes(
+    path: Path, data: bytes, *, mode: int = 0o644, replace: bool = True, sync: bool = True
+) -> None:
+    """Write ``data`` to ``path`` atomically; see :func:`writer` for the options."""
+    with writer(path, mode=mode, replace=replace, sync=sync) as stream:
         stream.write(data)
 
 

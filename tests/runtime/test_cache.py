@@ -128,6 +128,23 @@ def test_changed_sources_keep_no_digests(host_files: DirectoryFiles, tmp_path: P
     assert not (cache_dir / "contents.json").exists()
 
 
+def test_unwritable_contents_file_is_no_error(
+    host_files: DirectoryFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache_dir = tmp_path / "cache"
+    _build(_KeyedFiles(Path("/")), tmp_path / "cold", cache_dir)
+    (cache_dir / "contents.json").unlink()
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(cache.atomic, "write_bytes", read_only)
+    _, cached = _build(_KeyedFiles(Path("/")), tmp_path / "warm", cache_dir)
+
+    assert cached
+    assert not (cache_dir / "contents.json").exists()
+
+
 def test_wrong_content_digest_rebuilds(host_files: DirectoryFiles, tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     _build(_KeyedFiles(Path("/")), tmp_path / "cold", cache_dir)

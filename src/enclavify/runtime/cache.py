@@ -60,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from enclavify import __version__
+from enclavify import __version__, atomic
 from enclavify.errors import ImageError
 
 from . import builder
@@ -361,15 +361,12 @@ class _ContentDigests:
         # The oldest go first: a dict keeps insertion order, and new ones were added last.
         newest = dict(list(merged.items())[-MAX_CONTENT_DIGESTS:])
         encoded = json.dumps(newest, separators=(",", ":")).encode()
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=".contents-", dir=self._path.parent)
         try:
-            with os.fdopen(descriptor, "wb") as stream:
-                stream.write(encoded)
-            os.replace(temporary, self._path)
-        except BaseException:
-            _unlink(temporary)
-            raise
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_bytes(self._path, encoded, mode=0o600, sync=False)
+        except OSError as error:
+            log.debug("runtime cache: %s not written (%s)", self._path, error)
+            return
         self._added.clear()
 
 
@@ -563,14 +560,7 @@ def _write_atomic(lookups: Path, calls: list[list[str]]) -> None:
         _touch(target)
         return
     lookups.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=".calls-", dir=lookups)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(encoded)
-        os.replace(temporary, target)
-    except BaseException:
-        _unlink(temporary)
-        raise
+    atomic.write_bytes(target, encoded, mode=0o600, sync=False)
 
 
 def _unlink(path: str) -> None:
