@@ -442,26 +442,19 @@ def _index_in_place(
         indexing = pool.submit(
             tarindex.index_layer, location.path, name, headers, start=location.offset
         )
-        try:
-            digest = blobs.hash_range(location, progress)
-        except BaseException:
-            indexing.cancel()
-            raise
+        digest = blobs.hash_range(location, progress)
         # The digests are compared before the index is used, so that a blob that differs
-        # from its descriptor is reported as such, whatever the indexer made of it.
-        try:
-            blobs.check_layer_blob(
-                name,
-                digest=digest,
-                size=location.size,
-                diff_id=digest,
-                expected_digest=source.digest,
-                expected_size=source.size,
-                expected_diff_id=diff_id,
-            )
-        except ImageError:
-            indexing.exception()  # wait for the worker, and drop what it raised
-            raise
+        # from its descriptor is reported as such, whatever the indexer made of it. On an
+        # error the pool still waits for the indexer, and what it raised is dropped.
+        blobs.check_layer_blob(
+            name,
+            digest=digest,
+            size=location.size,
+            diff_id=digest,
+            expected_digest=source.digest,
+            expected_size=source.size,
+            expected_diff_id=diff_id,
+        )
         entries = indexing.result()
     return _Unpacked(
         digest,
