@@ -29,12 +29,12 @@ not count.
 
 An image's merged view names a file's bytes by its layer's verified diff_id and the file's
 place in that layer's tar (``content_key``). A replay looks an ``open`` call's fingerprint up
-by that name and reads the file only when the name is new: for a Debian base image that
-skips reading and hashing 17 MiB, about 0.05 s of a 0.55 s conversion. A damaged digest in
-``contents.json`` gives a fingerprint that matches no entry, so the runtime is built again, as
-if the file had changed. Digests read from a layer file that changed after its check are not
-kept (``sources_unchanged``). Like the entries, the file is trusted as far as the cache
-directory is.
+by that name and reads the file only when the name is new. For a Debian base image that
+skips reading and hashing 17 MiB: the runtime step took 0.05 s instead of 0.13 s.
+A damaged digest in ``contents.json`` gives a fingerprint that matches no entry, so the
+runtime is built again, as if the file had changed. Digests read from a layer file that
+changed after its check are not kept (``sources_unchanged``). Like the entries, the file is
+trusted as far as the cache directory is.
 
 Entries are written under a temporary name and renamed into place: a second writer that loses
 the race drops its copy. Every use checks the tree against the stored digest while it links
